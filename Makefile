@@ -1,0 +1,52 @@
+# Every target installs what is missing into .venv first, so a fresh clone needs only `make`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PIP := $(BIN)/pip --disable-pip-version-check
+
+.PHONY: install demo test test-fast check lint format typecheck serve worker services clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	# torch first and pinned: an unpinned torch pulls several GB of CUDA packages.
+	$(PIP) install -q -c constraints.txt torch
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/alignd demo
+
+# Postgres and Redis must be up for the service tests; .ci/run starts them when they are down.
+test: install
+	$(BIN)/pytest -q
+
+test-fast: install
+	$(BIN)/pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+typecheck: install
+	$(BIN)/mypy
+
+check: lint typecheck test
+
+serve: install
+	$(BIN)/alignd serve
+
+worker: install
+	$(BIN)/alignd worker
+
+services:
+	bash .ci/services
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""alignd: the command line (``alignd serve|worker|migrate|models|demo|files|jobs``)."""

@@ -1,0 +1,3 @@
+from alignd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,184 @@
+"""``alignd demo``: a real supervised LoRA fine-tune through the whole embedded service.
+
+Creates the tiny model if it is missing, starts ``alignd serve`` (API + embedded worker) on a
+free port, uploads a generated chat dataset, creates the job over HTTP, follows its events
+with a progress bar, downloads and unpacks the adapter, and stops the server. Exits 0 only
+if the job succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+from alignd.client import Client
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
+ANIMALS = ["cat", "dog", "fox", "owl", "bee", "cow", "hen", "ant"]
+
+
+def make_dataset(n: int, seed: int) -> list[dict[str, Any]]:
+    """Small chat rows with a learnable rule: the answer restates the question's parts."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        color, animal = rng.choice(COLORS), rng.choice(ANIMALS)
+        count = rng.randint(2, 9)
+        rows.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "You answer in one short sentence."},
+                    {
+                        "role": "user",
+                        "content": f"How many {color} {animal}s are there? I see {count}.",
+                    },
+                    {"role": "assistant", "content": f"There are {count} {color} {animal}s."},
+                ]
+            }
+        )
+    return rows
+
+
+def write_jsonl(rows: list[dict[str, Any]], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_healthy(base: str, proc: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {proc.returncode}")
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the server did not answer {base}/healthz within {timeout_s:.0f} s")
+
+
+def follow(client: Client, job_id: str, timeout_s: float = 1800) -> dict[str, Any]:
+    """Print a job's events as they come, with a progress bar; return the terminal job."""
+    seen: set[str] = set()
+    bar: tqdm[Any] | None = None
+    deadline = time.monotonic() + timeout_s
+    job: dict[str, Any] = client.get(f"fine_tuning/jobs/{job_id}")
+    while time.monotonic() < deadline:
+        job = client.get(f"fine_tuning/jobs/{job_id}")
+        events = client.get(f"fine_tuning/jobs/{job_id}/events", limit=100)["data"]
+        for event in reversed(events):  # the API lists newest first
+            if event["id"] in seen:
+                continue
+            seen.add(event["id"])
+            if event["type"] != "metrics":
+                (bar.write if bar else print)(f"  [{event['level']}] {event['message']}")
+        progress = job.get("progress")
+        if progress and bar is None:
+            bar = tqdm(total=progress["total_steps"], desc="training", unit="step", file=sys.stdout)
+        if progress and bar is not None:
+            bar.update(progress["step"] - bar.n)
+        if job["status"] in TERMINAL:
+            break
+        time.sleep(0.5)
+    if bar is not None:
+        bar.close()
+    return job
+
+
+def last_train_loss(client: Client, job_id: str) -> float | None:
+    events = client.get(f"fine_tuning/jobs/{job_id}/events", limit=100)["data"]
+    for event in events:
+        if event["type"] == "metrics" and "train_loss" in event["data"]:
+            return float(event["data"]["train_loss"])
+    return None
+
+
+def run_demo(*, port: int = 0, model: str = "tiny-chat") -> int:
+    from alignd.cli import stop_process_group
+    from api.settings import load_settings
+
+    settings = load_settings()
+    model_dir = settings.resolved_models_dir / model
+    if not (model_dir / "config.json").is_file():
+        from trainer_core.tiny_models import create_tiny_model
+
+        print(f"creating the tiny model {model_dir} ...")
+        create_tiny_model(model_dir, size="tiny", seed=0)
+
+    port = port or free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "ALIGND_DATA_DIR": str(settings.data_dir)}
+    print(f"starting alignd serve on {base} (data in {settings.data_dir}) ...")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "alignd", "serve", "--port", str(port), "--log-level", "warning"],
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        wait_healthy(base, server)
+        client = Client(f"{base}/v1")
+        data_dir = settings.data_dir / "demo"
+        train = client.upload(write_jsonl(make_dataset(96, seed=1), data_dir / "train.jsonl"))
+        valid = client.upload(write_jsonl(make_dataset(16, seed=2), data_dir / "valid.jsonl"))
+        print(
+            f"uploaded {train['id']} ({train['num_examples']} examples, {train['status']}) and {valid['id']}"
+        )
+        job = client.post(
+            "fine_tuning/jobs",
+            {
+                "model": model,
+                "training_file": train["id"],
+                "validation_file": valid["id"],
+                "suffix": "demo",
+                "seed": 7,
+                "method": {
+                    "type": "supervised",
+                    # A tiny random model needs a larger step than a pretrained one.
+                    "supervised": {
+                        "hyperparameters": {
+                            "n_epochs": 3,
+                            "batch_size": 8,
+                            "learning_rate_multiplier": 10,
+                        }
+                    },
+                },
+                "adapter": {"type": "lora", "r": 8, "alpha": 16},
+                "max_seq_len": 128,
+            },
+        )
+        print(f"created {job['id']} ({job['status']})")
+        job = follow(client, job["id"])
+        loss = last_train_loss(client, job["id"])
+        adapter_dir = None
+        if job["status"] == "succeeded":
+            adapter_dir = client.download_adapter(job["id"], data_dir / "adapters" / job["id"])
+        print()
+        print(f"job:            {job['id']}")
+        print(f"status:         {job['status']}")
+        print(f"last train loss: {loss:.4f}" if loss is not None else "last train loss: n/a")
+        print(f"fine-tuned:     {job['fine_tuned_model']}")
+        print(f"adapter folder: {adapter_dir}")
+        if job.get("error"):
+            print(f"error:          {job['error']}")
+        return 0 if job["status"] == "succeeded" else 1
+    finally:
+        stop_process_group(server, grace_s=30)

@@ -1,0 +1,88 @@
+"""Base models (folders in the models dir) and finished fine-tunes, as ``/v1/models`` shows them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.errors import invalid, not_found
+from api.models import Job
+from api.settings import Settings
+
+_FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def base_model_dirs(settings: Settings) -> list[Path]:
+    root = settings.resolved_models_dir
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if (p / "config.json").is_file())
+
+
+def resolve_base_model(settings: Settings, name: str) -> str:
+    """Check that ``name`` is a model this server can train; returns the name to store."""
+    if name.startswith("ft:"):
+        raise invalid(
+            "Fine-tuning a fine-tuned model is not supported yet; name its base model.",
+            param="model",
+            code="model_not_supported",
+        )
+    if _FOLDER_NAME.match(name) and (settings.resolved_models_dir / name / "config.json").is_file():
+        return name
+    if settings.allow_hub and _HUB_ID.match(name):
+        return name
+    available = ", ".join(p.name for p in base_model_dirs(settings)) or "none"
+    raise invalid(
+        f"Model '{name}' not found. Available base models: {available}.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def model_path(settings: Settings, name: str) -> str:
+    """Where the worker loads ``name`` from: its folder, or the hub id itself."""
+    folder = settings.resolved_models_dir / name
+    return str(folder) if (folder / "config.json").is_file() else name
+
+
+def fine_tuned_name(job: Job) -> str:
+    return f"ft:{job.model}:{job.owner}:{job.suffix or ''}:{job.id}"
+
+
+def list_models(session: Session, settings: Settings, owner: str) -> list[dict[str, Any]]:
+    models = [
+        {
+            "id": p.name,
+            "object": "model",
+            "created": int((p / "config.json").stat().st_mtime),
+            "owned_by": "system",
+        }
+        for p in base_model_dirs(settings)
+    ]
+    jobs = session.scalars(
+        select(Job)
+        .where(Job.owner == owner, Job.status == "succeeded", Job.fine_tuned_model.is_not(None))
+        .order_by(Job.id.desc())
+    )
+    models += [
+        {
+            "id": job.fine_tuned_model,
+            "object": "model",
+            "created": job.finished_at or job.created_at,
+            "owned_by": owner,
+        }
+        for job in jobs
+    ]
+    return models
+
+
+def get_model(session: Session, settings: Settings, owner: str, model_id: str) -> dict[str, Any]:
+    for model in list_models(session, settings, owner):
+        if model["id"] == model_id:
+            return model
+    raise not_found("model", model_id, param="model")

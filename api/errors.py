@@ -1,0 +1,134 @@
+"""Errors in OpenAI's shape, ``{"error": {message, type, param, code}}``, from one place.
+
+Services raise ``APIError`` with the HTTP status it means; the handlers here render it, and
+turn FastAPI's and Starlette's own errors (validation, 404, 405) into the same shape, because
+the openai SDK reads ``body["error"]`` and shows a bare "Error code: 422" otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("alignd.api")
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or _TYPES.get(
+            status, "server_error" if status >= 500 else "invalid_request_error"
+        )
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+def invalid(message: str, *, param: str | None = None, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def not_found(kind: str, ident: str, *, param: str | None = None) -> APIError:
+    return APIError(404, f"No such {kind}: '{ident}'", param=param, code="not_found")
+
+
+def param_from_loc(loc: Sequence[int | str], prefix: str = "") -> str | None:
+    """``("body", "method", "supervised", "n_epochs", "int")`` → ``"method.supervised.n_epochs"``.
+
+    Pydantic appends the name of the union branch that failed ("int", "literal['auto']",
+    "constrained-int"); those are not fields the user wrote, so they are dropped.
+    """
+    parts: list[str] = []
+    for item in loc:
+        if item in ("body", "query", "path", "header"):
+            continue
+        if isinstance(item, int):
+            if parts:
+                parts[-1] = f"{parts[-1]}[{item}]"
+            continue
+        if "[" in item or item in ("int", "float", "str", "bool", "dict", "list") or "-" in item:
+            continue
+        parts.append(item)
+    joined = ".".join(parts)
+    if prefix:
+        return f"{prefix}.{joined}" if joined else prefix
+    return joined or None
+
+
+def from_validation_error(
+    exc: ValidationError | RequestValidationError, prefix: str = ""
+) -> APIError:
+    first = exc.errors()[0]
+    param = param_from_loc(first.get("loc", ()), prefix)
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return APIError(400, "The request body is not valid JSON.", code="invalid_json")
+    if kind == "extra_forbidden":
+        return invalid(f"Unknown parameter: '{param}'.", param=param, code="unknown_parameter")
+    if kind == "missing":
+        return invalid(
+            f"Missing required parameter: '{param}'.",
+            param=param,
+            code="missing_required_parameter",
+        )
+    message = first.get("msg", "invalid value")
+    value = first.get("input")
+    shown = f" (got {value!r})" if value is not None and not isinstance(value, dict | list) else ""
+    return invalid(f"Invalid value for '{param}': {message}{shown}.", param=param)
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = from_validation_error(exc)
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            err = APIError(
+                404, f"Unknown route: {request.method} {request.url.path}", code="unknown_url"
+            )
+        else:
+            err = APIError(exc.status_code, str(exc.detail), code=None)
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)

@@ -1,0 +1,401 @@
+"""Fine-tuning jobs: creation (validate, resolve "auto", store, enqueue), cancel, rendering."""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sqlalchemy import Select, select, update
+from sqlalchemy.orm import Session
+
+from api import catalog
+from api.errors import APIError, from_validation_error, invalid, not_found
+from api.files import get_file
+from api.models import Checkpoint, Job, JobEvent, new_id, now
+from api.services import Services
+from trainer_core.specs import (
+    METHOD_DATASET_FORMATS,
+    METHOD_HYPERPARAMETERS,
+    AdapterSpec,
+    resolve_hyperparameters,
+)
+
+log = logging.getLogger("alignd.api")
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+# Method types this service knows of but whose trainers have not landed yet.
+PLANNED_METHODS = (
+    "dpo",
+    "reinforcement",
+    "reward_model",
+    "kto",
+    "orpo",
+    "simpo",
+    "grpo",
+    "rloo",
+    "ppo",
+)
+DEFAULT_MAX_SEQ_LEN = 1024
+_SUFFIX = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class JobCreate(BaseModel):
+    """The body of ``POST /v1/fine_tuning/jobs``: OpenAI's fields plus our extensions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Annotated[str, Field(min_length=1, max_length=512)]
+    training_file: Annotated[str, Field(min_length=1, max_length=64)]
+    validation_file: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    suffix: str | None = None
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    metadata: dict[str, str] | None = None
+    method: dict[str, Any] | None = None
+    hyperparameters: dict[str, Any] | None = None  # OpenAI's deprecated top-level form
+    integrations: list[dict[str, Any]] | None = None
+    # Ours (the SDK sends them through extra_body).
+    adapter: AdapterSpec | None = None
+    max_seq_len: Annotated[int, Field(ge=8, le=1_048_576)] | None = None
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, value: str | None) -> str | None:
+        # The suffix becomes part of a model name split on ':', so keep it to a safe alphabet.
+        if value is not None and not _SUFFIX.match(value):
+            raise ValueError("must be 1-64 characters of letters, digits, '.', '_' or '-'")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return None
+        if len(value) > 16:
+            raise ValueError("at most 16 key-value pairs")
+        for key, item in value.items():
+            if len(key) > 64 or len(item) > 512:
+                raise ValueError("keys are at most 64 characters and values at most 512")
+        return value
+
+
+def parse_body(raw: Any) -> JobCreate:
+    if not isinstance(raw, dict):
+        raise invalid("The request body must be a JSON object.", code="invalid_body")
+    try:
+        return JobCreate.model_validate(raw)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+def _method_request(body: JobCreate) -> tuple[str, BaseModel, str]:
+    """Return (method type, its hyperparameters request, the param path they came from)."""
+    if body.method is None:
+        return (
+            "supervised",
+            _hyperparameters("supervised", body.hyperparameters, "hyperparameters"),
+            "hyperparameters",
+        )
+    if body.hyperparameters is not None:
+        raise invalid(
+            "Give hyperparameters inside 'method', not also at the top level.",
+            param="hyperparameters",
+        )
+    method_type = body.method.get("type")
+    if not isinstance(method_type, str):
+        raise invalid(
+            "Missing required parameter: 'method.type'.",
+            param="method.type",
+            code="missing_required_parameter",
+        )
+    if method_type not in METHOD_HYPERPARAMETERS:
+        supported = ", ".join(METHOD_HYPERPARAMETERS)
+        planned = (
+            " (planned, not yet available on this server)" if method_type in PLANNED_METHODS else ""
+        )
+        raise invalid(
+            f"Unsupported method type '{method_type}'{planned}. Supported: {supported}.",
+            param="method.type",
+            code="unsupported_method",
+        )
+    for key in body.method:
+        if key not in ("type", method_type):
+            raise invalid(
+                f"Unknown parameter: 'method.{key}'.",
+                param=f"method.{key}",
+                code="unknown_parameter",
+            )
+    block = body.method.get(method_type) or {}
+    if not isinstance(block, dict):
+        raise invalid(f"'method.{method_type}' must be an object.", param=f"method.{method_type}")
+    for key in block:
+        if key != "hyperparameters":
+            raise invalid(
+                f"Unknown parameter: 'method.{method_type}.{key}'.",
+                param=f"method.{method_type}.{key}",
+                code="unknown_parameter",
+            )
+    prefix = f"method.{method_type}.hyperparameters"
+    return method_type, _hyperparameters(method_type, block.get("hyperparameters"), prefix), prefix
+
+
+def _hyperparameters(method_type: str, raw: Any, prefix: str) -> BaseModel:
+    if raw is not None and not isinstance(raw, dict):
+        raise invalid(f"'{prefix}' must be an object.", param=prefix)
+    try:
+        return METHOD_HYPERPARAMETERS[method_type].model_validate(raw or {})
+    except ValidationError as exc:
+        raise from_validation_error(exc, prefix=prefix) from None
+
+
+def _check_file(session: Session, owner: str, file_id: str, param: str, method_type: str) -> int:
+    """The file must exist, be processed, and be in a format the method trains on."""
+    try:
+        row = get_file(session, owner, file_id, param=param)
+    except APIError:
+        raise invalid(f"File '{file_id}' not found.", param=param, code="file_not_found") from None
+    if row.status == "error":
+        raise invalid(
+            f"File '{file_id}' failed validation: {row.status_details}",
+            param=param,
+            code="invalid_file",
+        )
+    if row.status != "processed":
+        raise invalid(
+            f"File '{file_id}' is not processed yet (status {row.status}).",
+            param=param,
+            code="file_not_ready",
+        )
+    formats = METHOD_DATASET_FORMATS[method_type]
+    if row.format not in formats:
+        raise invalid(
+            f"File '{file_id}' is in the {row.format} format, which a {method_type} job cannot "
+            f"train on (it takes: {', '.join(formats)}).",
+            param=param,
+            code="invalid_file_format",
+        )
+    return row.num_examples or 0
+
+
+def add_event(
+    session: Session,
+    job: Job,
+    message: str,
+    *,
+    level: str = "info",
+    type: str = "message",
+    data: dict[str, Any] | None = None,
+) -> None:
+    session.add(
+        JobEvent(
+            id=new_id("ftevent"),
+            job_id=job.id,
+            owner=job.owner,
+            created_at=now(),
+            level=level,
+            type=type,
+            message=message,
+            data=data,
+        )
+    )
+
+
+def create_job(services: Services, session: Session, owner: str, raw: Any) -> Job:
+    body = parse_body(raw)
+    method_type, request, _ = _method_request(body)
+    model = catalog.resolve_base_model(services.settings, body.model)
+    n_examples = _check_file(session, owner, body.training_file, "training_file", method_type)
+    if body.validation_file is not None:
+        _check_file(session, owner, body.validation_file, "validation_file", method_type)
+    adapter = body.adapter or AdapterSpec()
+    resolved = resolve_hyperparameters(
+        method_type, request, adapter_type=adapter.type, n_examples=n_examples
+    )
+    job = Job(
+        id=new_id("ftjob"),
+        owner=owner,
+        created_at=now(),
+        model=model,
+        status="queued",
+        training_file=body.training_file,
+        validation_file=body.validation_file,
+        method={"type": method_type, method_type: {"hyperparameters": resolved.model_dump()}},
+        extensions={
+            "adapter": adapter.model_dump(),
+            "max_seq_len": body.max_seq_len or DEFAULT_MAX_SEQ_LEN,
+            "integrations": body.integrations or [],
+        },
+        # OpenAI picks a random seed when none is given, and reports it on the job.
+        seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
+        suffix=body.suffix,
+        user_metadata=body.metadata,
+        result_files=[],
+        cancel_requested=False,
+    )
+    session.add(job)
+    session.flush()
+    add_event(session, job, f"Created fine-tuning job: {job.id}")
+    return job
+
+
+def enqueue_committed(services: Services, job: Job) -> None:
+    """Hand a committed job to the broker; if that fails, fail the job rather than lose it."""
+    try:
+        services.queue.enqueue(job.id)
+    except Exception as exc:
+        log.exception("could not enqueue %s", job.id)
+        with services.sessions() as session, session.begin():
+            session.execute(
+                update(Job)
+                .where(Job.id == job.id, Job.status == "queued")
+                .values(
+                    status="failed",
+                    finished_at=now(),
+                    error={
+                        "code": "queue_unavailable",
+                        "message": f"The job queue is unreachable: {exc}",
+                        "param": None,
+                    },
+                )
+            )
+        raise APIError(
+            503, "The job queue is unreachable; the job was not started.", code="queue_unavailable"
+        ) from exc
+
+
+def get_job(session: Session, owner: str, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.owner != owner:
+        raise not_found("fine-tuning job", job_id, param="fine_tuning_job_id")
+    return job
+
+
+def cancel_job(session: Session, owner: str, job_id: str) -> Job:
+    """Queued: cancelled at once. Running: flagged; the worker stops at the next step."""
+    job = get_job(session, owner, job_id)
+    if job.status in TERMINAL:
+        # 400, not 409: the openai SDK retries 409s.
+        raise invalid(
+            f"Job {job_id} is already {job.status} and cannot be cancelled.", code="invalid_state"
+        )
+    if job.status in ("queued", "validating_files", "paused"):
+        done = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == job.status)
+            .values(status="cancelled", finished_at=now(), substatus=None)
+        )
+        if done.rowcount:  # type: ignore[attr-defined]
+            session.refresh(job)
+            add_event(session, job, "Job cancelled")
+            return job
+        session.refresh(job)  # a worker claimed it meanwhile: cancel it as a running job
+    if job.status == "running" and not job.cancel_requested:
+        job.cancel_requested = True
+        job.substatus = "cancelling"
+        add_event(session, job, "Cancellation requested; the job stops at its next step")
+    return job
+
+
+def list_jobs_query(owner: str, after: str | None) -> Select[Any]:
+    query = select(Job).where(Job.owner == owner)
+    if after:
+        query = query.where(Job.id < after)
+    return query.order_by(Job.id.desc())
+
+
+def events_query(session: Session, job: Job, after: str | None) -> Select[Any]:
+    query = select(JobEvent).where(JobEvent.job_id == job.id)
+    if after:
+        seq = session.scalar(
+            select(JobEvent.seq).where(JobEvent.id == after, JobEvent.job_id == job.id)
+        )
+        if seq is None:
+            raise invalid(f"No event '{after}' in job {job.id}.", param="after")
+        query = query.where(JobEvent.seq < seq)
+    return query.order_by(JobEvent.seq.desc())
+
+
+def checkpoints_query(job: Job, after: str | None) -> Select[Any]:
+    query = select(Checkpoint).where(Checkpoint.job_id == job.id)
+    if after:
+        query = query.where(Checkpoint.id < after)
+    return query.order_by(Checkpoint.id.desc())
+
+
+def get_checkpoint(session: Session, job: Job, checkpoint_id: str) -> Checkpoint:
+    row = session.get(Checkpoint, checkpoint_id)
+    if row is None or row.job_id != job.id:
+        raise not_found("checkpoint", checkpoint_id, param="checkpoint_id")
+    return row
+
+
+def render_job(job: Job) -> dict[str, Any]:
+    method_type = job.method["type"]
+    hyperparameters = job.method[method_type]["hyperparameters"]
+    progress = None
+    if job.total_steps:
+        step = job.step or 0
+        progress = {
+            "step": step,
+            "total_steps": job.total_steps,
+            "percent": round(100.0 * step / job.total_steps, 1),
+        }
+    return {
+        "id": job.id,
+        "object": "fine_tuning.job",
+        "created_at": job.created_at,
+        "finished_at": job.finished_at,
+        "model": job.model,
+        "fine_tuned_model": job.fine_tuned_model,
+        "organization_id": job.owner,
+        "status": job.status,
+        "training_file": job.training_file,
+        "validation_file": job.validation_file,
+        "result_files": job.result_files,
+        "trained_tokens": job.trained_tokens,
+        # OpenAI shows the supervised three at the top level too (deprecated there).
+        "hyperparameters": {
+            key: hyperparameters[key]
+            for key in ("n_epochs", "batch_size", "learning_rate_multiplier")
+            if key in hyperparameters
+        },
+        "method": job.method,
+        "seed": job.seed,
+        "error": job.error,
+        "estimated_finish": job.estimated_finish if job.status == "running" else None,
+        "integrations": job.extensions.get("integrations", []),
+        "metadata": job.user_metadata,
+        "suffix": job.suffix,
+        "user_provided_suffix": job.suffix,
+        # Ours.
+        "substatus": job.substatus,
+        "progress": progress,
+        "adapter": job.extensions.get("adapter"),
+        "max_seq_len": job.extensions.get("max_seq_len"),
+    }
+
+
+def render_event(row: JobEvent) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "object": "fine_tuning.job.event",
+        "created_at": row.created_at,
+        "level": row.level,
+        "message": row.message,
+        "type": row.type,
+        "data": row.data or {},
+    }
+
+
+def render_checkpoint(job: Job, row: Checkpoint) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "object": "fine_tuning.job.checkpoint",
+        "created_at": row.created_at,
+        "fine_tuned_model_checkpoint": f"{catalog.fine_tuned_name(job)}:ckpt-step-{row.step}",
+        "fine_tuning_job_id": job.id,
+        "step_number": row.step,
+        "metrics": {"step": float(row.step), **row.metrics},
+    }

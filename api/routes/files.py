@@ -1,0 +1,76 @@
+"""``/v1/files``: OpenAI's file endpoints."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi.responses import StreamingResponse
+
+from api import files
+from api.deps import OwnerDep, ServicesDep, SessionDep
+from api.pagination import page
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+
+
+@router.post("")
+def create_file(
+    services: ServicesDep,
+    session: SessionDep,
+    owner: OwnerDep,
+    purpose: Annotated[str, Form()],
+    file: Annotated[UploadFile, File()],
+) -> dict[str, Any]:
+    settings = services.settings
+    with session.begin():
+        row = files.store_upload(
+            session,
+            owner=owner,
+            purpose=purpose,
+            filename=file.filename or "upload.jsonl",
+            stream=file.file,
+            chunk_bytes=settings.upload_chunk_bytes,
+            max_bytes=settings.max_upload_bytes,
+        )
+    return files.render_file(row)
+
+
+@router.get("")
+def list_files(
+    session: SessionDep,
+    owner: OwnerDep,
+    purpose: str | None = None,
+    after: str | None = None,
+    limit: Annotated[int, Query()] = 10_000,
+    order: Literal["asc", "desc"] = "desc",
+) -> dict[str, Any]:
+    query = files.list_files(owner, purpose=purpose, after=after, order=order)
+    return page(session, query, limit, files.render_file)
+
+
+@router.get("/{file_id}")
+def retrieve_file(session: SessionDep, owner: OwnerDep, file_id: str) -> dict[str, Any]:
+    return files.render_file(files.get_file(session, owner, file_id))
+
+
+@router.delete("/{file_id}")
+def delete_file(session: SessionDep, owner: OwnerDep, file_id: str) -> dict[str, Any]:
+    with session.begin():
+        return files.delete_file(session, owner, file_id)
+
+
+@router.get("/{file_id}/content")
+def file_content(
+    services: ServicesDep, session: SessionDep, owner: OwnerDep, file_id: str
+) -> StreamingResponse:
+    row = files.get_file(session, owner, file_id)
+    chunks = files.chunk_count(session, file_id)
+    return StreamingResponse(
+        files.iter_content(services.sessions, file_id, chunks),
+        media_type="application/octet-stream",
+        headers={
+            "content-length": str(row.bytes),
+            "content-disposition": f'attachment; filename="{row.filename}"',
+        },
+    )

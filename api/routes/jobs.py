@@ -1,0 +1,129 @@
+"""``/v1/fine_tuning/jobs``: OpenAI's job endpoints plus adapter downloads."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Query
+from fastapi.responses import StreamingResponse
+
+from api import jobs
+from api.artifacts import ArtifactStore
+from api.deps import OwnerDep, ServicesDep, SessionDep
+from api.errors import APIError, not_found
+from api.pagination import page
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+
+
+@router.post("")
+def create_job(
+    services: ServicesDep, owner: OwnerDep, body: Annotated[Any, Body()] = None
+) -> dict[str, Any]:
+    # The body is taken as plain JSON and validated by the service, so that every field
+    # error comes back in OpenAI's error shape with the ``param`` the user wrote.
+    with services.sessions() as session:
+        with session.begin():
+            job = jobs.create_job(services, session, owner, body)
+        # Enqueue only after the commit: a worker must never receive an id it cannot load.
+        jobs.enqueue_committed(services, job)
+        return jobs.render_job(job)
+
+
+@router.get("")
+def list_jobs(
+    session: SessionDep,
+    owner: OwnerDep,
+    after: str | None = None,
+    limit: Annotated[int, Query()] = 20,
+) -> dict[str, Any]:
+    return page(session, jobs.list_jobs_query(owner, after), limit, jobs.render_job)
+
+
+@router.get("/{job_id}")
+def retrieve_job(session: SessionDep, owner: OwnerDep, job_id: str) -> dict[str, Any]:
+    return jobs.render_job(jobs.get_job(session, owner, job_id))
+
+
+@router.post("/{job_id}/cancel")
+def cancel_job(session: SessionDep, owner: OwnerDep, job_id: str) -> dict[str, Any]:
+    with session.begin():
+        job = jobs.cancel_job(session, owner, job_id)
+    return jobs.render_job(job)
+
+
+@router.get("/{job_id}/events")
+def list_events(
+    session: SessionDep,
+    owner: OwnerDep,
+    job_id: str,
+    after: str | None = None,
+    limit: Annotated[int, Query()] = 20,
+) -> dict[str, Any]:
+    job = jobs.get_job(session, owner, job_id)
+    return page(session, jobs.events_query(session, job, after), limit, jobs.render_event)
+
+
+@router.get("/{job_id}/checkpoints")
+def list_checkpoints(
+    session: SessionDep,
+    owner: OwnerDep,
+    job_id: str,
+    after: str | None = None,
+    limit: Annotated[int, Query()] = 10,
+) -> dict[str, Any]:
+    job = jobs.get_job(session, owner, job_id)
+    return page(
+        session,
+        jobs.checkpoints_query(job, after),
+        limit,
+        lambda row: jobs.render_checkpoint(job, row),
+    )
+
+
+@router.get("/{job_id}/adapter")
+def download_adapter(
+    services: ServicesDep, session: SessionDep, owner: OwnerDep, job_id: str
+) -> StreamingResponse:
+    job = jobs.get_job(session, owner, job_id)
+    if not job.adapter_key:
+        raise APIError(
+            404,
+            f"Job {job_id} has no final adapter (status {job.status}).",
+            param="fine_tuning_job_id",
+            code="adapter_not_found",
+        )
+    return _tar_response(services.artifacts, job.adapter_key, f"{job.id}-adapter.tar")
+
+
+@router.get("/{job_id}/checkpoints/{checkpoint_id}/adapter")
+def download_checkpoint_adapter(
+    services: ServicesDep, session: SessionDep, owner: OwnerDep, job_id: str, checkpoint_id: str
+) -> StreamingResponse:
+    job = jobs.get_job(session, owner, job_id)
+    row = jobs.get_checkpoint(session, job, checkpoint_id)
+    return _tar_response(
+        services.artifacts,
+        f"{row.artifact_key}/adapter.tar",
+        f"{job.id}-step-{row.step}-adapter.tar",
+    )
+
+
+def _tar_response(store: ArtifactStore, key: str, filename: str) -> StreamingResponse:
+    if not store.exists(key):
+        raise not_found("artifact", key)
+
+    def body() -> Iterator[bytes]:
+        with store.open(key) as fh:
+            while chunk := fh.read(1024 * 1024):
+                yield chunk
+
+    return StreamingResponse(
+        body(),
+        media_type="application/x-tar",
+        headers={
+            "content-length": str(store.size(key)),
+            "content-disposition": f'attachment; filename="{filename}"',
+        },
+    )

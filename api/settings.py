@@ -1,0 +1,96 @@
+"""Service settings, read from ``ALIGND_*`` environment variables.
+
+The defaults are the embedded single-machine setup: SQLite and a filesystem broker under the
+data dir, artifacts in a folder. Setting ``ALIGND_DATABASE_URL`` and ``ALIGND_BROKER_URL`` runs
+the same code distributed.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LOCAL_OWNER = "local"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ALIGND_", extra="ignore")
+
+    data_dir: Path = Field(Path("./var"), description="Root of everything the service writes.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default SQLite in data_dir."
+    )
+    broker_url: str | None = Field(
+        None, description="Celery broker; default filesystem in data_dir."
+    )
+    artifacts_url: str | None = Field(None, description="Folder path or file:// URL for artifacts.")
+    models_dir: Path | None = Field(None, description="Base models, one folder each.")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    # Operator-only switches: a request can never turn these on.
+    allow_hub: bool = False
+    trust_remote_code: bool = False
+
+    # Celery queue the API sends jobs to and the worker listens on.
+    default_queue: str = "default"
+    # Redis re-delivers an unacked message after this long; a job may run longer than this
+    # only because the claim refuses a second run of a job whose heartbeat is fresh.
+    broker_visibility_timeout_s: int = 12 * 3600
+    # The filesystem broker polls its folder; 1 s (kombu's default) adds a second to every hand-off.
+    broker_polling_interval_s: float = 0.05
+    # A running job whose heartbeat is older than this may be claimed again (its worker died).
+    stale_heartbeat_s: int = 600
+
+    max_upload_bytes: int = 8 * 1024 * 1024 * 1024
+    upload_chunk_bytes: int = 1024 * 1024
+    torch_threads: int | None = None
+
+    @field_validator("data_dir", "models_dir", mode="after")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        return value.expanduser().resolve() if value is not None else None
+
+    @cached_property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'alignd.db'}"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url is None or self.broker_url.startswith("filesystem://")
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.data_dir / "broker"
+
+    @property
+    def resolved_models_dir(self) -> Path:
+        return self.models_dir or self.data_dir / "models"
+
+    @property
+    def artifacts_root(self) -> Path:
+        url = self.artifacts_url
+        if url is None:
+            return self.data_dir / "artifacts"
+        if url.startswith("s3://"):
+            raise ValueError(
+                "ALIGND_ARTIFACTS_URL: the S3 store is not implemented yet; use a folder "
+                "(a shared volume between the API and the workers)"
+            )
+        return Path(url.removeprefix("file://")).expanduser().resolve()
+
+    @property
+    def work_dir(self) -> Path:
+        return self.data_dir / "work"
+
+
+def load_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,191 @@
+"""One job, start to end: claim it, fetch its files, run the method, record how it ended.
+
+Safe to deliver twice: the claim is a conditional update (queued → running), so a second
+delivery finds nothing to claim and returns. Whatever happens in training, the job ends in a
+terminal status with a reason; it is never left ``running`` by an exception.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from sqlalchemy import and_, or_, select, update
+
+import trainer_core
+from api.catalog import fine_tuned_name, model_path
+from api.files import chunk_count, iter_content
+from api.jobs import add_event
+from api.models import File, Job, now
+from api.services import Services
+from trainer_core.seams import RunResult
+from trainer_core.specs import TrainSpec
+from worker.sinks import ArtifactCheckpointStore, DatabaseSink, StopFlag
+
+log = logging.getLogger("alignd.worker")
+
+
+def claim(services: Services, job_id: str, worker: str) -> Job | None:
+    stale = now() - services.settings.stale_heartbeat_s
+    with services.sessions() as session, session.begin():
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .where(
+                or_(
+                    Job.status == "queued",
+                    # A running job whose worker stopped beating was lost with its worker.
+                    and_(Job.status == "running", Job.heartbeat_at < stale),
+                )
+            )
+            .values(
+                status="running",
+                started_at=now(),
+                heartbeat_at=now(),
+                worker=worker,
+                substatus=None,
+            )
+        )
+        if not result.rowcount:  # type: ignore[attr-defined]
+            return None
+        job = session.get_one(Job, job_id)
+        add_event(session, job, "Fine-tuning job started", data={"worker": worker})
+        return job
+
+
+def fetch_file(services: Services, owner: str, file_id: str, dest: Path) -> Path:
+    with services.sessions() as session:
+        row = session.scalar(select(File).where(File.id == file_id, File.owner == owner))
+        if row is None:
+            raise FileNotFoundError(f"file {file_id} no longer exists")
+        chunks = chunk_count(session, file_id)
+    with open(dest, "wb") as fh:
+        for data in iter_content(services.sessions, file_id, chunks):
+            fh.write(data)
+    return dest
+
+
+def build_spec(
+    services: Services, job: Job, train_path: Path, valid_path: Path | None
+) -> TrainSpec:
+    settings = services.settings
+    method_type = job.method["type"]
+    return TrainSpec.model_validate(
+        {
+            "method": method_type,
+            "model": model_path(settings, job.model),
+            "train_file": str(train_path),
+            "validation_file": str(valid_path) if valid_path else None,
+            "seed": job.seed,
+            "max_seq_len": job.extensions["max_seq_len"],
+            "adapter": job.extensions["adapter"],
+            "hyperparameters": job.method[method_type]["hyperparameters"],
+            "trust_remote_code": settings.trust_remote_code,
+            "allow_hub": settings.allow_hub,
+            "num_threads": settings.torch_threads,
+        }
+    )
+
+
+def finish(
+    services: Services,
+    job_id: str,
+    status: str,
+    *,
+    result: RunResult | None = None,
+    error: dict[str, str | None] | None = None,
+) -> None:
+    with services.sessions() as session, session.begin():
+        job = session.get_one(Job, job_id)
+        job.status = status
+        job.substatus = None
+        job.finished_at = now()
+        job.estimated_finish = None
+        if result is not None:
+            job.trained_tokens = result.trained_tokens
+            job.step = result.step
+        if status == "succeeded":
+            job.fine_tuned_model = fine_tuned_name(job)
+            add_event(session, job, f"New fine-tuned model created: {job.fine_tuned_model}")
+            add_event(session, job, "The job has successfully completed")
+        elif status == "cancelled":
+            add_event(session, job, f"Job cancelled at step {job.step or 0}")
+        else:
+            job.error = error
+            add_event(
+                session,
+                job,
+                f"The job failed: {error['message'] if error else 'unknown error'}",
+                level="error",
+            )
+
+
+def execute(services: Services, job_id: str, worker: str) -> str | None:
+    """Run one job; returns its terminal status, or None when there was nothing to claim."""
+    job = claim(services, job_id, worker)
+    if job is None:
+        log.info("job %s not claimable (already taken, cancelled or finished)", job_id)
+        return None
+    workdir = services.settings.work_dir / job_id
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    try:
+        train_path = fetch_file(services, job.owner, job.training_file, workdir / "train.jsonl")
+        valid_path = (
+            fetch_file(services, job.owner, job.validation_file, workdir / "valid.jsonl")
+            if job.validation_file
+            else None
+        )
+        spec = build_spec(services, job, train_path, valid_path)
+        result = trainer_core.run(
+            spec,
+            DatabaseSink(services.sessions, job_id, job.owner),
+            ArtifactCheckpointStore(services.sessions, services.artifacts, job_id, job.owner),
+            StopFlag(services.sessions, job_id),
+        )
+        status = "cancelled" if result.status == "stopped" else "succeeded"
+        finish(services, job_id, status, result=result)
+        return status
+    except Exception as exc:
+        log.exception("job %s failed", job_id)
+        code = "file_not_found" if isinstance(exc, FileNotFoundError) else "training_error"
+        message = str(exc) or exc.__class__.__name__
+        finish(
+            services,
+            job_id,
+            "failed",
+            error={"code": code, "message": message[:2000], "param": None},
+        )
+        return "failed"
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def fail_lost(services: Services, job_id: str, reason: str) -> None:
+    """Mark a job failed whose worker process died under it (called from the parent process)."""
+    with services.sessions() as session, session.begin():
+        job = session.get(Job, job_id)
+        if job is None or job.status != "running":
+            return
+    finish(
+        services, job_id, "failed", error={"code": "worker_lost", "message": reason, "param": None}
+    )
+
+
+def pending_jobs(services: Services) -> list[str]:
+    """Jobs a broker may have lost: queued ones, and running ones whose worker went silent."""
+    stale = now() - services.settings.stale_heartbeat_s
+    with services.sessions() as session:
+        return list(
+            session.scalars(
+                select(Job.id)
+                .where(
+                    or_(
+                        Job.status == "queued",
+                        and_(Job.status == "running", Job.heartbeat_at < stale),
+                    )
+                )
+                .order_by(Job.id)
+            )
+        )

@@ -1,0 +1,175 @@
+"""The worker's side of the trainer core's seams: metrics into the database, checkpoints into
+the artifact store."""
+
+from __future__ import annotations
+
+import tarfile
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.artifacts import ArtifactStore
+from api.jobs import add_event
+from api.models import Checkpoint, Job, JobMetric, new_id, now
+
+# A metrics event every this many steps (plus the first and the last): enough to follow a
+# job in the events list without drowning it; every step is a metric point regardless.
+METRICS_EVENT_EVERY = 10
+# How often the training loop may touch the database to look for a cancel request.
+STOP_POLL_S = 0.5
+HEARTBEAT_S = 10.0
+
+
+class DatabaseSink:
+    """MetricSink: each metric point is a row; some also become OpenAI ``metrics`` events."""
+
+    def __init__(self, sessions: sessionmaker[Session], job_id: str, owner: str) -> None:
+        self.sessions = sessions
+        self.job_id = job_id
+        self.owner = owner
+        self.total_steps: int | None = None
+        self.started = time.monotonic()
+
+    def start(self, total_steps: int) -> None:
+        self.total_steps = total_steps
+        self.started = time.monotonic()
+        with self.sessions() as session, session.begin():
+            session.execute(
+                update(Job).where(Job.id == self.job_id).values(total_steps=total_steps, step=0)
+            )
+
+    def metrics(self, step: int, values: Mapping[str, float]) -> None:
+        clean = {k: float(v) for k, v in values.items()}
+        with self.sessions() as session, session.begin():
+            session.add(
+                JobMetric(
+                    job_id=self.job_id, owner=self.owner, created_at=now(), step=step, values=clean
+                )
+            )
+            session.execute(
+                update(Job)
+                .where(Job.id == self.job_id)
+                .values(step=step, heartbeat_at=now(), estimated_finish=self._eta(step))
+            )
+            if step == 1 or step % METRICS_EVENT_EVERY == 0 or step == self.total_steps:
+                job = session.get_one(Job, self.job_id)
+                shown = ", ".join(
+                    f"{k}={v:.4f}" for k, v in clean.items() if k.startswith("train_")
+                )
+                add_event(
+                    session,
+                    job,
+                    f"Step {step}/{self.total_steps}: {shown}",
+                    type="metrics",
+                    data={"step": step, "total_steps": self.total_steps, **clean},
+                )
+
+    def event(
+        self, message: str, *, level: str = "info", data: Mapping[str, Any] | None = None
+    ) -> None:
+        with self.sessions() as session, session.begin():
+            add_event(
+                session,
+                session.get_one(Job, self.job_id),
+                message,
+                level=level,
+                data=dict(data or {}),
+            )
+
+    def _eta(self, step: int) -> int | None:
+        if not self.total_steps or step <= 0:
+            return None
+        per_step = (time.monotonic() - self.started) / step
+        return int(time.time() + per_step * (self.total_steps - step))
+
+
+class StopFlag:
+    """ShouldStop: reads the job's cancel flag, at most every STOP_POLL_S, and beats the heart."""
+
+    def __init__(self, sessions: sessionmaker[Session], job_id: str) -> None:
+        self.sessions = sessions
+        self.job_id = job_id
+        self._last_poll = 0.0
+        self._last_beat = time.monotonic()
+        self._stop = False
+
+    def __call__(self) -> bool:
+        clock = time.monotonic()
+        if self._stop or clock - self._last_poll < STOP_POLL_S:
+            return self._stop
+        self._last_poll = clock
+        with self.sessions() as session, session.begin():
+            self._stop = bool(
+                session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id))
+            )
+            if clock - self._last_beat >= HEARTBEAT_S:
+                self._last_beat = clock
+                session.execute(update(Job).where(Job.id == self.job_id).values(heartbeat_at=now()))
+        return self._stop
+
+
+def tar_folder(folder: Path, dest: Path) -> Path:
+    """Tar a folder's contents at the archive's root, so it unpacks into any chosen folder."""
+    with tarfile.open(dest, "w") as tar:
+        for path in sorted(folder.rglob("*")):
+            tar.add(path, arcname=str(path.relative_to(folder)), recursive=False)
+    return dest
+
+
+class ArtifactCheckpointStore:
+    """CheckpointStore: tar, store atomically, then record the row (in that order).
+
+    A checkpoint row exists only once its files are in the store, so the API never lists a
+    checkpoint it cannot serve.
+    """
+
+    def __init__(
+        self, sessions: sessionmaker[Session], artifacts: ArtifactStore, job_id: str, owner: str
+    ) -> None:
+        self.sessions = sessions
+        self.artifacts = artifacts
+        self.job_id = job_id
+        self.owner = owner
+
+    def save(self, step: int, folder: Path, metrics: Mapping[str, float], *, final: bool) -> None:
+        key = f"jobs/{self.job_id}/checkpoints/step-{step}"
+        with tempfile.TemporaryDirectory(prefix="alignd-ckpt-") as tmp:
+            for part in ("adapter", "state"):
+                if (folder / part).is_dir():
+                    tarball = tar_folder(folder / part, Path(tmp) / f"{part}.tar")
+                    self.artifacts.put_file(f"{key}/{part}.tar", tarball)
+        with self.sessions() as session, session.begin():
+            job = session.get_one(Job, self.job_id)
+            existing = session.scalar(
+                select(Checkpoint).where(Checkpoint.job_id == self.job_id, Checkpoint.step == step)
+            )
+            values = {k: float(v) for k, v in metrics.items()}
+            if existing is None:
+                session.add(
+                    Checkpoint(
+                        id=new_id("ftckpt"),
+                        job_id=self.job_id,
+                        owner=self.owner,
+                        created_at=now(),
+                        step=step,
+                        metrics=values,
+                        artifact_key=key,
+                        final=final,
+                    )
+                )
+            else:  # the final save of a step that already had a checkpoint
+                existing.metrics = values
+                existing.final = existing.final or final
+            if final:
+                job.adapter_key = f"{key}/adapter.tar"
+            add_event(
+                session,
+                job,
+                f"Checkpoint saved at step {step}" + (" (final)" if final else ""),
+                data={"step": step, **values},
+            )
