@@ -8,6 +8,8 @@ Every module here imports torch only inside the command that needs it.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -35,6 +37,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     worker: subprocess.Popen[bytes] | None = None
     if settings.embedded_broker and not args.no_worker:
         worker = start_worker_process(settings.data_dir)
+    # uvicorn restores the previous handlers after its graceful shutdown and re-raises the
+    # signal; with Python's default SIGTERM handler that kills us before `finally` stops the
+    # worker. Our handler turns the re-raised signal into a normal exit instead.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_cleanly)
     try:
         uvicorn.run(
             create_app(settings),
@@ -53,8 +60,19 @@ def start_worker_process(data_dir: Path) -> subprocess.Popen[bytes]:
     in its own process group so that stopping it also stops its pool children."""
     env = {**os.environ, "ALIGND_DATA_DIR": str(data_dir)}
     return subprocess.Popen(
-        [sys.executable, "-m", "alignd", "worker"], env=env, start_new_session=True
+        [sys.executable, "-m", "alignd", "worker"], env=env, preexec_fn=_detach_but_die_with_parent
     )
+
+
+def _detach_but_die_with_parent() -> None:
+    os.setsid()
+    # Linux: SIGTERM the worker if `serve` dies without cleaning up (SIGKILL, a crash).
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _exit_cleanly(_signum: int, _frame: Any) -> None:
+    raise SystemExit(0)
 
 
 def stop_process_group(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:

@@ -104,12 +104,12 @@ def follow(client: Client, job_id: str, timeout_s: float = 1800) -> dict[str, An
     return job
 
 
-def last_train_loss(client: Client, job_id: str) -> float | None:
-    events = client.get(f"fine_tuning/jobs/{job_id}/events", limit=100)["data"]
-    for event in events:
-        if event["type"] == "metrics" and "train_loss" in event["data"]:
-            return float(event["data"]["train_loss"])
-    return None
+def metric_trail(client: Client, job_id: str) -> list[dict[str, Any]]:
+    """The job's metrics events, oldest first."""
+    events = client.get(f"fine_tuning/jobs/{job_id}/events", limit=1000)["data"]
+    return [
+        e["data"] for e in reversed(events) if e["type"] == "metrics" and "train_loss" in e["data"]
+    ]
 
 
 def run_demo(*, port: int = 0, model: str = "tiny-chat") -> int:
@@ -127,12 +127,26 @@ def run_demo(*, port: int = 0, model: str = "tiny-chat") -> int:
     port = port or free_port()
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, "ALIGND_DATA_DIR": str(settings.data_dir)}
-    print(f"starting alignd serve on {base} (data in {settings.data_dir}) ...")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "alignd", "serve", "--port", str(port), "--log-level", "warning"],
-        env=env,
-        start_new_session=True,
-    )
+    log_path = settings.data_dir / "demo" / "server.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"starting alignd serve on {base} (data in {settings.data_dir}, log in {log_path}) ...")
+    with open(log_path, "ab") as log:
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "alignd",
+                "serve",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         wait_healthy(base, server)
         client = Client(f"{base}/v1")
@@ -152,12 +166,13 @@ def run_demo(*, port: int = 0, model: str = "tiny-chat") -> int:
                 "seed": 7,
                 "method": {
                     "type": "supervised",
-                    # A tiny random model needs a larger step than a pretrained one.
+                    # A tiny random model needs a far larger step than a pretrained
+                    # one: 50 x the LoRA base rate of 2e-4.
                     "supervised": {
                         "hyperparameters": {
                             "n_epochs": 3,
                             "batch_size": 8,
-                            "learning_rate_multiplier": 10,
+                            "learning_rate_multiplier": 50,
                         }
                     },
                 },
@@ -167,14 +182,21 @@ def run_demo(*, port: int = 0, model: str = "tiny-chat") -> int:
         )
         print(f"created {job['id']} ({job['status']})")
         job = follow(client, job["id"])
-        loss = last_train_loss(client, job["id"])
+        trail = metric_trail(client, job["id"])
         adapter_dir = None
         if job["status"] == "succeeded":
             adapter_dir = client.download_adapter(job["id"], data_dir / "adapters" / job["id"])
         print()
         print(f"job:            {job['id']}")
         print(f"status:         {job['status']}")
-        print(f"last train loss: {loss:.4f}" if loss is not None else "last train loss: n/a")
+        if trail:
+            first, last = trail[0], trail[-1]
+            print(f"last train loss: {last['train_loss']:.4f}")
+            print(
+                f"learning:       train loss {first['train_loss']:.3f} -> {last['train_loss']:.3f}, "
+                f"token accuracy {first['train_mean_token_accuracy']:.2f} -> "
+                f"{last['train_mean_token_accuracy']:.2f}"
+            )
         print(f"fine-tuned:     {job['fine_tuned_model']}")
         print(f"adapter folder: {adapter_dir}")
         if job.get("error"):

@@ -165,7 +165,7 @@ class WorkerProcess:
         self, settings: Settings, log_path: Path, extra_env: dict[str, str] | None = None
     ) -> None:
         self.log_path = log_path
-        self.log = open(log_path, "wb")
+        self.log = open(log_path, "wb")  # noqa: SIM115 -- open as long as the worker runs
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "alignd", "worker", "--log-level", "info"],
             env={**settings_env(settings), **(extra_env or {})},

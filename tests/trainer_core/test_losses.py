@@ -1,0 +1,107 @@
+"""The SFT loss and per-token logprobs against hand-worked numbers and the naive computation."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from trainer_core.batching import collate
+from trainer_core.data import SupervisedExample, tokenize_row
+from trainer_core.logprobs import next_token_correct, next_token_logps
+from trainer_core.losses import sft_loss
+from trainer_core.models import load_model
+
+
+def test_sft_loss_hand_worked() -> None:
+    # logps [[log ½, log ¼, −9]], mask [[1, 1, 0]], N = 2:
+    # L = (log 2 + log 4) / 2 = 1.5 · log 2 = 1.0397208; the masked −9 plays no part.
+    per_token_logps = torch.tensor([[math.log(0.5), math.log(0.25), -9.0]])
+    completion_mask = torch.tensor([[1, 1, 0]])
+    token_correct = torch.tensor([[True, False, True]])
+
+    loss, stats = sft_loss(per_token_logps, completion_mask, token_correct, normaliser=2)
+
+    assert loss.item() == pytest.approx(1.5 * math.log(2), abs=1e-6)
+    assert loss.item() == pytest.approx(1.0397208, abs=1e-6)
+    assert int(stats.num_tokens) == 2
+    assert stats.mean_token_accuracy == 0.5  # the correct masked position does not count
+
+
+def test_sft_loss_normaliser_is_the_step_not_the_micro_batch() -> None:
+    # Two micro-batches with 1 and 3 counted tokens, N = 4: their losses sum to the mean of
+    # all 4 tokens, not to the mean of the two micro-batch means.
+    a = torch.tensor([[-1.0, 0.0]]), torch.tensor([[1, 0]])
+    b = torch.tensor([[-2.0, -3.0, -4.0]]), torch.tensor([[1, 1, 1]])
+    total = sum(sft_loss(logps, mask, mask.bool(), normaliser=4)[0] for logps, mask in (a, b))
+    assert float(total) == pytest.approx((1 + 2 + 3 + 4) / 4)
+
+
+def test_token_correct_is_argmax_of_previous_position() -> None:
+    logits = torch.tensor([[[0.0, 5.0, 0.0], [0.0, 0.0, 5.0], [9.0, 0.0, 0.0]]])  # (1, 3, 3)
+    input_ids = torch.tensor([[0, 1, 0]])
+    # position 0 predicts 1 (right), position 1 predicts 2 but the token is 0 (wrong)
+    assert next_token_correct(logits, input_ids).tolist() == [[True, False]]
+
+
+@pytest.fixture(scope="module")
+def real_batch(tokenizer: Any) -> Any:
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "What colour is the sky?"},
+                {"role": "assistant", "content": "The sky is blue."},
+            ]
+        },
+        {"prompt": "2 + 2", "completion": " = 4"},
+        {"text": "the cat sees a red apple in the morning"},
+    ]
+    examples = [SupervisedExample(*tokenize_row(row, tokenizer), line=1) for row in rows]
+    return collate(examples, tokenizer.pad_token_id)
+
+
+def test_loss_matches_naive_float64_log_softmax(tiny_model: Path, real_batch: Any) -> None:
+    model = load_model(str(tiny_model))
+    with torch.no_grad():
+        logits = model(
+            input_ids=real_batch.input_ids, attention_mask=real_batch.attention_mask
+        ).logits  # (B, T, V)
+    logits.requires_grad_(True)
+    completion_mask = real_batch.completion_mask[:, 1:]
+
+    per_token_logps = next_token_logps(logits, real_batch.input_ids)
+    loss, stats = sft_loss(
+        per_token_logps,
+        completion_mask,
+        next_token_correct(logits, real_batch.input_ids),
+        normaliser=real_batch.num_loss_tokens,
+    )
+
+    # Naive: the whole (B, T-1, V) log_softmax in float64, gathered.
+    full = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+    naive_logps = full.gather(-1, real_batch.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    naive_loss = -(naive_logps * completion_mask).sum() / completion_mask.sum()
+    assert per_token_logps.shape == completion_mask.shape
+    torch.testing.assert_close(per_token_logps.double(), naive_logps, atol=1e-5, rtol=0)
+    assert abs(loss.item() - naive_loss.item()) < 1e-6
+    assert loss.item() > 5.0  # an untrained model over ~512 tokens: near log 512 ≈ 6.2
+    assert int(stats.num_tokens) == real_batch.num_loss_tokens
+    # And the gradient with respect to the logits, which is what training uses.
+    (grad,) = torch.autograd.grad(loss, logits)
+    (naive_grad,) = torch.autograd.grad(naive_loss, logits)
+    torch.testing.assert_close(grad, naive_grad.float(), atol=1e-7, rtol=1e-5)
+
+
+def test_low_precision_logits_take_the_row_path(real_batch: Any) -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(*real_batch.input_ids.shape, 512).to(torch.bfloat16)
+
+    per_token_logps = next_token_logps(logits, real_batch.input_ids)
+
+    full = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+    naive = full.gather(-1, real_batch.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    assert per_token_logps.dtype == torch.float32
+    torch.testing.assert_close(per_token_logps.double(), naive, atol=1e-5, rtol=0)

@@ -1,0 +1,85 @@
+"""Which examples go into which micro-batch and optimizer step, and padding them into tensors.
+
+An epoch is a seeded permutation of the examples (``torch.Generator`` seeded with
+``seed + epoch``, so a run, and a resumed run, sees the same order), cut into micro-batches
+of ``batch_size``, grouped ``gradient_accumulation_steps`` at a time into optimizer steps.
+The last micro-batch and the last step of an epoch may be short; nothing is dropped.
+
+Padding is dynamic (to the longest row of the micro-batch) and on the right, so real tokens
+keep positions 0..len-1 and causal attention never lets them see padding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from trainer_core.data import SupervisedExample
+
+Step = list[list[int]]  # the micro-batches (lists of example indices) of one optimizer step
+
+
+@dataclass(frozen=True)
+class Batch:
+    input_ids: torch.Tensor  # (B, T) long
+    attention_mask: torch.Tensor  # (B, T) long, 1 = real token
+    completion_mask: torch.Tensor  # (B, T) long, 1 = target of the loss (0 on padding)
+
+    @property
+    def num_loss_tokens(self) -> int:
+        """Targets the loss sums over; position 0 is never a target (nothing predicts it)."""
+        return int(self.completion_mask[:, 1:].sum())
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def collate(examples: Sequence[SupervisedExample], pad_token_id: int) -> Batch:
+    """Right-pad ``examples`` to the longest of them."""
+    longest = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), longest), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    completion_mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids, dtype=torch.long)
+        attention_mask[row, :n] = 1
+        completion_mask[row, :n] = torch.tensor(example.completion_mask, dtype=torch.long)
+    return Batch(input_ids, attention_mask, completion_mask)
+
+
+def steps_per_epoch(n_examples: int, batch_size: int, gradient_accumulation_steps: int) -> int:
+    return math.ceil(math.ceil(n_examples / batch_size) / gradient_accumulation_steps)
+
+
+def epoch_steps(
+    n_examples: int,
+    *,
+    batch_size: int,
+    gradient_accumulation_steps: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+) -> list[Step]:
+    """The optimizer steps of one epoch, each a list of micro-batches of example indices."""
+    if shuffle:
+        generator = torch.Generator().manual_seed(seed + epoch)
+        order = torch.randperm(n_examples, generator=generator).tolist()
+    else:
+        order = list(range(n_examples))
+    micro = [order[i : i + batch_size] for i in range(0, n_examples, batch_size)]
+    return [
+        micro[i : i + gradient_accumulation_steps]
+        for i in range(0, len(micro), gradient_accumulation_steps)
+    ]
+
+
+def fixed_batches(n_examples: int, batch_size: int) -> list[list[int]]:
+    """Micro-batches in file order (evaluation)."""
+    return [
+        list(range(i, min(i + batch_size, n_examples))) for i in range(0, n_examples, batch_size)
+    ]

@@ -1,0 +1,265 @@
+"""Supervised fine-tuning (SFT): maximise the likelihood of the completion tokens.
+
+The method of InstructGPT's first stage (Ouyang et al. 2022, https://arxiv.org/abs/2203.02155)
+and of OpenAI's ``supervised`` fine-tuning jobs: next-token cross-entropy on the assistant
+turns (chat rows), the completion (prompt/completion rows) or everything (text rows).
+
+One optimizer step, top to bottom: micro-batches → per-token logps → loss normalised by the
+tokens of the whole step → backward → clip → AdamW step → schedule → metrics → checkpoint.
+
+Deliberately left out (for now): packing several rows into one sequence, mixed precision,
+gradient checkpointing, multi-device training, and resuming from ``state/`` (checkpoints
+carry everything resuming needs; see ``checkpoint.py``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trainer_core.adapters import apply_adapter, load_trained
+from trainer_core.batching import Batch, collate, epoch_steps, fixed_batches, steps_per_epoch
+from trainer_core.checkpoint import TrainerState, save_checkpoint
+from trainer_core.data import SupervisedData, SupervisedExample, load_supervised
+from trainer_core.logprobs import next_token_correct, next_token_logps
+from trainer_core.losses import SftStats, sft_loss
+from trainer_core.models import load_model_and_tokenizer, load_tokenizer
+from trainer_core.optim import build_optimizer, build_scheduler
+from trainer_core.seams import CheckpointStore, MetricSink, RunResult, ShouldStop
+from trainer_core.specs import TrainSpec
+
+
+def train(
+    spec: TrainSpec, sink: MetricSink, store: CheckpointStore, should_stop: ShouldStop
+) -> RunResult:
+    hp = spec.hyperparameters
+    seed_everything(spec.seed, spec.num_threads)
+
+    # -- model and data ------------------------------------------------------------------
+    base, tokenizer = load_model_and_tokenizer(
+        spec.model, allow_hub=spec.allow_hub, trust_remote_code=spec.trust_remote_code
+    )
+    train_data = load_supervised(spec.train_file, tokenizer, spec.max_seq_len)
+    report_data(sink, train_data, "training", spec.max_seq_len)
+    if not train_data.examples:
+        raise ValueError(f"no training example has a completion token within {spec.max_seq_len}")
+    valid_data = None
+    if spec.validation_file is not None:
+        valid_data = load_supervised(spec.validation_file, tokenizer, spec.max_seq_len)
+        report_data(sink, valid_data, "validation", spec.max_seq_len)
+        if not valid_data.examples:
+            raise ValueError(
+                f"no validation example has a completion token within {spec.max_seq_len}"
+            )
+    pad_token_id = tokenizer.pad_token_id
+
+    model = apply_adapter(base, spec.adapter)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(model, learning_rate=hp.learning_rate, weight_decay=hp.weight_decay)
+    per_epoch = steps_per_epoch(
+        len(train_data.examples), hp.batch_size, hp.gradient_accumulation_steps
+    )
+    total_steps = per_epoch * hp.n_epochs
+    scheduler = build_scheduler(
+        optimizer, kind=hp.lr_scheduler, total_steps=total_steps, warmup_ratio=hp.warmup_ratio
+    )
+    sink.start(total_steps)
+
+    step = num_tokens = trained_tokens = 0
+    saved_at = -1  # step of the latest checkpoint
+    since_log: list[SftStats] = []  # stats of the steps since the last metric point
+    step_stats = SftStats(torch.tensor(0.0), torch.tensor(0), torch.tensor(0))
+    last_metrics: dict[str, float] = {}
+
+    def checkpoint(epoch: int, steps_in_epoch: int, *, final: bool) -> None:
+        nonlocal saved_at, last_metrics
+        metrics = {
+            "step": float(step),
+            "train_loss": float(step_stats.nll_sum) / max(1, int(step_stats.num_tokens)),
+            "train_mean_token_accuracy": step_stats.mean_token_accuracy,
+        }
+        if valid_data is not None:
+            metrics |= validation_metrics(
+                model, valid_data.examples, batch_size=hp.batch_size, pad_token_id=pad_token_id
+            )
+        state = TrainerState(
+            step, epoch, steps_in_epoch, spec.seed, total_steps, num_tokens, trained_tokens
+        )
+        save_checkpoint(
+            store,
+            model=model,
+            tokenizer=tokenizer,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            trainer=state,
+            metrics=metrics,
+            final=final,
+        )
+        saved_at, last_metrics = step, metrics
+
+    for epoch in range(hp.n_epochs):
+        plan = epoch_steps(
+            len(train_data.examples),
+            batch_size=hp.batch_size,
+            gradient_accumulation_steps=hp.gradient_accumulation_steps,
+            seed=spec.seed,
+            epoch=epoch,
+        )
+        for steps_in_epoch, micro_batches in enumerate(plan):
+            if should_stop():
+                # Nothing trained yet means nothing worth keeping.
+                if step > 0 and saved_at != step:
+                    checkpoint(epoch, steps_in_epoch, final=False)
+                return RunResult("stopped", step, total_steps, trained_tokens, last_metrics)
+
+            # -- one optimizer step over its micro-batches -----------------------------------
+            batches = [
+                collate([train_data.examples[i] for i in indices], pad_token_id)
+                for indices in micro_batches
+            ]
+            # Normalise by the counted tokens of the whole step, so accumulating micro-batches
+            # gives the same gradient as one big batch (see losses.sft_loss).
+            normaliser = sum(batch.num_loss_tokens for batch in batches)
+            micro_stats = []
+            for batch in batches:
+                per_token_logps, token_correct = forward(model, batch)  # (B, T-1) each
+                loss, stats = sft_loss(
+                    per_token_logps, batch.completion_mask[:, 1:], token_correct, normaliser
+                )
+                loss.backward()
+                micro_stats.append(stats)
+                trained_tokens += batch.num_tokens
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
+            learning_rate = float(scheduler.get_last_lr()[0])  # the rate this step uses
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            # -- metrics -------------------------------------------------------------------
+            step_stats = add_stats(micro_stats)
+            num_tokens += int(step_stats.num_tokens)
+            since_log.append(step_stats)
+            if step % spec.log_every == 0 or step == total_steps:
+                # Token-weighted over the steps since the last point, so log_every > 1 smooths
+                # rather than samples.
+                window = add_stats(since_log)
+                since_log = []
+                sink.metrics(
+                    step,
+                    {
+                        "train_loss": float(window.nll_sum) / max(1, int(window.num_tokens)),
+                        "train_mean_token_accuracy": window.mean_token_accuracy,
+                        "num_tokens": float(num_tokens),
+                        "learning_rate": learning_rate,
+                        "grad_norm": float(grad_norm),
+                        "epoch": step / per_epoch,
+                    },
+                )
+
+            # -- checkpoint ----------------------------------------------------------------
+            if spec.checkpoint_every is not None and (
+                step % spec.checkpoint_every == 0 or step == total_steps
+            ):
+                checkpoint(epoch, steps_in_epoch + 1, final=step == total_steps)
+
+        if spec.checkpoint_every is None:
+            checkpoint(epoch + 1, 0, final=epoch == hp.n_epochs - 1)
+
+    return RunResult("completed", step, total_steps, trained_tokens, last_metrics)
+
+
+def seed_everything(seed: int, num_threads: int | None) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    # warn_only: on CUDA some kernels have no deterministic version; better a warning in
+    # the log than a failed job. On CPU every op used here is deterministic.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+
+
+def report_data(sink: MetricSink, data: SupervisedData, name: str, max_seq_len: int) -> None:
+    """Tell the user about rows that were cut or left out; silence when there were none."""
+    if data.n_dropped:
+        sink.event(
+            f"Dropped {data.n_dropped} {name} examples longer than {max_seq_len} tokens: "
+            "no completion token was left after truncation",
+            level="warning",
+            data={"file": name, "dropped": data.n_dropped, "max_seq_len": max_seq_len},
+        )
+    kept_truncated = data.n_truncated - data.n_dropped
+    if kept_truncated:
+        sink.event(
+            f"Truncated {kept_truncated} {name} examples to {max_seq_len} tokens",
+            level="warning",
+            data={"file": name, "truncated": kept_truncated, "max_seq_len": max_seq_len},
+        )
+
+
+def forward(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(per_token_logps, token_correct)``, both (B, T-1), of the batch's next tokens."""
+    logits = model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+    ).logits  # (B, T, V)
+    return next_token_logps(logits, batch.input_ids), next_token_correct(logits, batch.input_ids)
+
+
+def add_stats(stats: Sequence[SftStats]) -> SftStats:
+    return SftStats(
+        nll_sum=sum((s.nll_sum for s in stats), torch.tensor(0.0)),
+        num_correct=sum((s.num_correct for s in stats), torch.tensor(0)),
+        num_tokens=sum((s.num_tokens for s in stats), torch.tensor(0)),
+    )
+
+
+@torch.no_grad()
+def validation_metrics(
+    model: nn.Module, examples: Sequence[SupervisedExample], *, batch_size: int, pad_token_id: int
+) -> dict[str, float]:
+    """Token-weighted loss and accuracy over all ``examples``, in eval mode (no dropout)."""
+    was_training = model.training
+    model.eval()
+    totals = []
+    for indices in fixed_batches(len(examples), batch_size):
+        batch = collate([examples[i] for i in indices], pad_token_id)
+        per_token_logps, token_correct = forward(model, batch)  # (B, T-1) each
+        _, stats = sft_loss(per_token_logps, batch.completion_mask[:, 1:], token_correct, 1)
+        totals.append(stats)
+    model.train(was_training)
+    total = add_stats(totals)
+    return {
+        "valid_loss": float(total.nll_sum) / max(1, int(total.num_tokens)),
+        "valid_mean_token_accuracy": total.mean_token_accuracy,
+    }
+
+
+def evaluate(
+    model_path: str,
+    adapter_dir: str | None,
+    data_file: str,
+    max_seq_len: int,
+    *,
+    batch_size: int = 8,
+    allow_hub: bool = False,
+    trust_remote_code: bool = False,
+) -> dict[str, float]:
+    """``{"valid_loss", "valid_mean_token_accuracy"}`` of a saved adapter on ``data_file``.
+
+    The same computation as the validation metrics of a run's checkpoints, so a downloaded
+    adapter can be checked against what the job reported. ``adapter_dir`` is a PEFT folder,
+    a full model folder, or None for the base model.
+    """
+    tokenizer = load_tokenizer(model_path, allow_hub=allow_hub, trust_remote_code=trust_remote_code)
+    model = load_trained(
+        model_path, adapter_dir, allow_hub=allow_hub, trust_remote_code=trust_remote_code
+    )
+    data = load_supervised(Path(data_file), tokenizer, max_seq_len)
+    return validation_metrics(
+        model, data.examples, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id
+    )
