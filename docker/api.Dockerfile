@@ -1,4 +1,5 @@
-# The API image: FastAPI, SQLAlchemy, Celery producer. No torch (the API never imports it).
+# The API image: FastAPI, SQLAlchemy, the Celery producer; the base install, without the
+# [train] extra, so no torch (the API never imports it).
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
@@ -8,10 +9,7 @@ COPY api ./api
 COPY migrations ./migrations
 # trainer_core's specs and formats are imported by the API (plain pydantic, no torch).
 COPY trainer_core ./trainer_core
-RUN pip install --no-cache-dir -c constraints.txt --no-deps . \
- && pip install --no-cache-dir -c constraints.txt '.[api]' --no-deps \
- && pip install --no-cache-dir -c constraints.txt fastapi uvicorn python-multipart pydantic-settings \
-      sqlalchemy alembic 'psycopg[binary]' celery kombu redis httpx tqdm
+RUN pip install --no-cache-dir -c constraints.txt .
 RUN useradd --create-home --uid 10001 alignd
 USER alignd
 ENV ALIGND_HOST=0.0.0.0 ALIGND_PORT=8000

@@ -16,7 +16,7 @@ COPY migrations ./migrations
 COPY trainer_core ./trainer_core
 # The CUDA build of the pinned torch (the constraints file pins the version, the index picks CUDA).
 RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cu128 "torch==$(grep '^torch==' constraints.txt | cut -d= -f3)" \
- && pip install --no-cache-dir -c constraints.txt .
+ && pip install --no-cache-dir -c constraints.txt '.[train]'
 RUN useradd --create-home --uid 10001 alignd
 USER alignd
 CMD ["alignd", "worker"]

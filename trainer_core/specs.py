@@ -10,18 +10,41 @@ This module must stay importable without torch: the API imports it to validate j
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Auto = Literal["auto"]
+LrScheduler = Literal["linear", "cosine", "constant"]
 
-# Base learning rates that ``learning_rate_multiplier`` scales. LoRA tolerates (and needs)
-# roughly ten times the rate of full fine-tuning; these are the usual starting points in
-# the PEFT and TRL examples.
-BASE_LEARNING_RATE = {"lora": 2e-4, "full": 2e-5}
+# Base learning rates that ``learning_rate_multiplier`` scales, per method and adapter type.
+# LoRA tolerates (and needs) a far larger rate than full fine-tuning; these are the usual
+# starting points of the PEFT and TRL examples (TRL: SFT 2e-5, DPO 1e-6, reward 1e-4 full).
+BASE_LEARNING_RATE: dict[str, dict[str, float]] = {
+    "supervised": {"lora": 2e-4, "full": 2e-5},
+    "dpo": {"lora": 5e-5, "full": 1e-6},
+    "kto": {"lora": 5e-5, "full": 1e-6},
+    "orpo": {"lora": 5e-5, "full": 1e-6},
+    "simpo": {"lora": 5e-5, "full": 1e-6},
+    "reward_model": {"lora": 1e-4, "full": 1e-5},
+}
 DEFAULT_N_EPOCHS = 3
 MAX_AUTO_BATCH_SIZE = 8
+
+DPO_LOSS_TYPES = (
+    "sigmoid",
+    "ipo",
+    "hinge",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "nca_pair",
+    "apo_zero",
+    "apo_down",
+    "exo_pair",
+    "cdpo",
+    "sft",
+)
 
 
 class _Strict(BaseModel):
@@ -40,89 +63,252 @@ class AdapterSpec(_Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
-class SupervisedHyperparametersRequest(_Strict):
-    """OpenAI's three supervised hyperparameters plus ours; each may be "auto"."""
+# -- requests: what a job body may say (numbers or "auto") ---------------------------------
+
+
+class _CommonRequest(_Strict):
+    """OpenAI's three hyperparameters plus the optimizer ones every method shares."""
+
+    # Defaults for "auto" that do not depend on the data or the adapter.
+    DEFAULTS: ClassVar[dict[str, Any]] = {
+        "n_epochs": DEFAULT_N_EPOCHS,
+        "learning_rate_multiplier": 1.0,
+        "gradient_accumulation_steps": 1,
+        "warmup_ratio": 0.0,
+        "lr_scheduler": "linear",
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+    }
 
     n_epochs: Annotated[int, Field(ge=1, le=50)] | Auto = "auto"
     batch_size: Annotated[int, Field(ge=1, le=1024)] | Auto = "auto"
     learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Auto = "auto"
     gradient_accumulation_steps: Annotated[int, Field(ge=1, le=1024)] | Auto = "auto"
     warmup_ratio: Annotated[float, Field(ge=0, le=1)] | Auto = "auto"
-    lr_scheduler: Literal["linear", "cosine", "constant"] | Auto = "auto"
+    lr_scheduler: LrScheduler | Auto = "auto"
     weight_decay: Annotated[float, Field(ge=0, le=1)] | Auto = "auto"
     max_grad_norm: Annotated[float, Field(gt=0, le=1e6)] | Auto = "auto"
 
 
-class SupervisedHyperparameters(_Strict):
-    """Resolved supervised hyperparameters: no "auto" left."""
+class SupervisedHyperparametersRequest(_CommonRequest):
+    DEFAULTS: ClassVar[dict[str, Any]] = {
+        **_CommonRequest.DEFAULTS,
+        "packing": False,
+        "completion_only_loss": True,
+        "assistant_only_loss": True,
+    }
 
+    # Best-fit-decreasing packing of several rows into one max_seq_len sequence.
+    packing: bool | Auto = "auto"
+    # prompt/completion rows: loss on the completion only (else on every token).
+    completion_only_loss: bool | Auto = "auto"
+    # chat rows: loss on assistant turns only (else on every token).
+    assistant_only_loss: bool | Auto = "auto"
+
+
+class DpoHyperparametersRequest(_CommonRequest):
+    DEFAULTS: ClassVar[dict[str, Any]] = {
+        **_CommonRequest.DEFAULTS,
+        "beta": 0.1,
+        "loss_type": ["sigmoid"],
+        "loss_weights": None,
+        "label_smoothing": 0.0,
+        "precompute_ref_log_probs": False,
+    }
+
+    # Strength of the pull towards the reference: higher keeps the policy closer to it.
+    beta: Annotated[float, Field(gt=0, le=100)] | Auto = "auto"
+    # One loss, or several combined with loss_weights (e.g. ["sigmoid", "sft"]).
+    loss_type: Literal[DPO_LOSS_TYPES] | list[Literal[DPO_LOSS_TYPES]] | Auto = "auto"  # type: ignore[valid-type]
+    loss_weights: list[Annotated[float, Field(ge=0)]] | Auto | None = "auto"
+    # Probability that a preference label is flipped (robust, exo_pair, cdpo).
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] | Auto = "auto"
+    # One no-grad pass of the reference before training; the reference then costs nothing.
+    precompute_ref_log_probs: bool | Auto = "auto"
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> DpoHyperparametersRequest:
+        types = self.loss_type if isinstance(self.loss_type, list) else [self.loss_type]
+        if (
+            isinstance(self.loss_weights, list)
+            and "auto" not in types
+            and len(self.loss_weights) != len(types)
+        ):
+            raise ValueError("loss_weights needs one weight per loss_type")
+        if "exo_pair" in types and self.label_smoothing in ("auto", 0.0):
+            raise ValueError("loss_type exo_pair needs label_smoothing > 0 (1e-3 is usual)")
+        return self
+
+
+class RewardModelHyperparametersRequest(_CommonRequest):
+    DEFAULTS: ClassVar[dict[str, Any]] = {
+        **_CommonRequest.DEFAULTS,
+        "center_rewards_coefficient": 0.0,
+    }
+
+    # c in c * mean((r_chosen + r_rejected)^2), keeping rewards centred (0.01 is usual).
+    center_rewards_coefficient: Annotated[float, Field(ge=0, le=10)] | Auto = "auto"
+
+
+class KtoHyperparametersRequest(_CommonRequest):
+    DEFAULTS: ClassVar[dict[str, Any]] = {
+        **_CommonRequest.DEFAULTS,
+        "beta": 0.1,
+        "desirable_weight": 1.0,
+        "undesirable_weight": 1.0,
+    }
+
+    beta: Annotated[float, Field(gt=0, le=100)] | Auto = "auto"
+    # Weights of the desirable and undesirable losses; balance them when the labels are not.
+    desirable_weight: Annotated[float, Field(gt=0, le=100)] | Auto = "auto"
+    undesirable_weight: Annotated[float, Field(gt=0, le=100)] | Auto = "auto"
+
+
+class OrpoHyperparametersRequest(_CommonRequest):
+    DEFAULTS: ClassVar[dict[str, Any]] = {**_CommonRequest.DEFAULTS, "beta": 0.1}
+
+    # lambda of the paper: the weight of the odds-ratio term beside the NLL.
+    beta: Annotated[float, Field(gt=0, le=100)] | Auto = "auto"
+
+
+class SimpoHyperparametersRequest(_CommonRequest):
+    DEFAULTS: ClassVar[dict[str, Any]] = {**_CommonRequest.DEFAULTS, "beta": 2.0, "gamma": 0.5}
+
+    # Scale of the length-normalised reward margin (the paper uses 2.0-2.5).
+    beta: Annotated[float, Field(gt=0, le=100)] | Auto = "auto"
+    # Target reward margin (the paper uses 0.5-1.5).
+    gamma: Annotated[float, Field(ge=0, le=100)] | Auto = "auto"
+
+
+# -- resolved: what a run trains with (no "auto" left) -------------------------------------
+
+
+class _CommonResolved(_Strict):
     n_epochs: int
     batch_size: int
     learning_rate_multiplier: float
     learning_rate: float
     gradient_accumulation_steps: int
     warmup_ratio: float
-    lr_scheduler: Literal["linear", "cosine", "constant"]
+    lr_scheduler: LrScheduler
     weight_decay: float
     max_grad_norm: float
 
 
-T = TypeVar("T")
+class SupervisedHyperparameters(_CommonResolved):
+    packing: bool = False
+    completion_only_loss: bool = True
+    assistant_only_loss: bool = True
 
 
-def _pick(value: T | str, default: T) -> T:
-    return default if value == "auto" else value  # type: ignore[return-value]
+class DpoHyperparameters(_CommonResolved):
+    beta: float
+    loss_type: list[str]
+    loss_weights: list[float] | None
+    label_smoothing: float
+    precompute_ref_log_probs: bool
 
 
-def resolve_supervised(
-    request: SupervisedHyperparametersRequest, *, adapter_type: str, n_examples: int
-) -> SupervisedHyperparameters:
-    """Replace every "auto" with its documented default (docs/methods.md)."""
-    multiplier = _pick(request.learning_rate_multiplier, 1.0)
-    return SupervisedHyperparameters(
-        n_epochs=_pick(request.n_epochs, DEFAULT_N_EPOCHS),
-        batch_size=_pick(request.batch_size, max(1, min(MAX_AUTO_BATCH_SIZE, n_examples))),
-        learning_rate_multiplier=multiplier,
-        learning_rate=BASE_LEARNING_RATE[adapter_type] * multiplier,
-        gradient_accumulation_steps=_pick(request.gradient_accumulation_steps, 1),
-        warmup_ratio=_pick(request.warmup_ratio, 0.0),
-        lr_scheduler=_pick(request.lr_scheduler, "linear"),
-        weight_decay=_pick(request.weight_decay, 0.0),
-        max_grad_norm=_pick(request.max_grad_norm, 1.0),
-    )
+class RewardModelHyperparameters(_CommonResolved):
+    center_rewards_coefficient: float
 
 
-# method type -> the request model of its hyperparameters. The API rejects a type not here.
+class KtoHyperparameters(_CommonResolved):
+    beta: float
+    desirable_weight: float
+    undesirable_weight: float
+
+
+class OrpoHyperparameters(_CommonResolved):
+    beta: float
+
+
+class SimpoHyperparameters(_CommonResolved):
+    beta: float
+    gamma: float
+
+
+# method type -> (request model, resolved model). The API rejects a type not here.
+METHODS: dict[str, tuple[type[_CommonRequest], type[_CommonResolved]]] = {
+    "supervised": (SupervisedHyperparametersRequest, SupervisedHyperparameters),
+    "dpo": (DpoHyperparametersRequest, DpoHyperparameters),
+    "reward_model": (RewardModelHyperparametersRequest, RewardModelHyperparameters),
+    "kto": (KtoHyperparametersRequest, KtoHyperparameters),
+    "orpo": (OrpoHyperparametersRequest, OrpoHyperparameters),
+    "simpo": (SimpoHyperparametersRequest, SimpoHyperparameters),
+}
 METHOD_HYPERPARAMETERS: dict[str, type[BaseModel]] = {
-    "supervised": SupervisedHyperparametersRequest,
+    name: pair[0] for name, pair in METHODS.items()
+}
+
+# method type -> the dataset formats (as the file validator names them) it can train on.
+# KTO takes paired preference data too: each pair becomes one desirable and one undesirable row.
+METHOD_DATASET_FORMATS: dict[str, tuple[str, ...]] = {
+    "supervised": ("chat", "prompt_completion", "text"),
+    "dpo": ("preference",),
+    "reward_model": ("preference",),
+    "kto": ("kto", "preference"),
+    "orpo": ("preference",),
+    "simpo": ("preference",),
 }
 
 
 def resolve_hyperparameters(
     method_type: str, request: BaseModel, *, adapter_type: str, n_examples: int
-) -> BaseModel:
-    """Resolve a method's request hyperparameters (the type must be in METHOD_HYPERPARAMETERS)."""
-    resolvers = {"supervised": resolve_supervised}
-    return resolvers[method_type](request, adapter_type=adapter_type, n_examples=n_examples)  # type: ignore[arg-type]
+) -> _CommonResolved:
+    """Replace every "auto" with its documented default (docs/methods.md)."""
+    request_cls, resolved_cls = METHODS[method_type]
+    assert isinstance(request, request_cls)
+    values = {
+        key: request_cls.DEFAULTS[key] if value == "auto" else value
+        for key, value in request.model_dump().items()
+        if key != "batch_size"
+    }
+    if isinstance(values.get("loss_type"), str):
+        values["loss_type"] = [values["loss_type"]]
+    values["batch_size"] = (
+        max(1, min(MAX_AUTO_BATCH_SIZE, n_examples))
+        if request.batch_size == "auto"
+        else request.batch_size
+    )
+    values["learning_rate"] = (
+        BASE_LEARNING_RATE[method_type][adapter_type] * values["learning_rate_multiplier"]
+    )
+    return resolved_cls(**values)
 
 
-# method type -> the dataset formats (as the file validator names them) it can train on.
-METHOD_DATASET_FORMATS: dict[str, tuple[str, ...]] = {
-    "supervised": ("chat", "prompt_completion", "text"),
-}
+def resolve_supervised(
+    request: SupervisedHyperparametersRequest, *, adapter_type: str, n_examples: int
+) -> SupervisedHyperparameters:
+    resolved = resolve_hyperparameters(
+        "supervised", request, adapter_type=adapter_type, n_examples=n_examples
+    )
+    assert isinstance(resolved, SupervisedHyperparameters)
+    return resolved
+
+
+AnyHyperparameters = (
+    SupervisedHyperparameters
+    | DpoHyperparameters
+    | RewardModelHyperparameters
+    | KtoHyperparameters
+    | OrpoHyperparameters
+    | SimpoHyperparameters
+)
+MethodType = Literal["supervised", "dpo", "reward_model", "kto", "orpo", "simpo"]
 
 
 class TrainSpec(_Strict):
     """Everything one run needs; what ``python -m trainer_core run spec.json`` reads."""
 
-    method: Literal["supervised"] = "supervised"
+    method: MethodType = "supervised"
     model: str = Field(description="Local model folder (Hugging Face format) or a hub id.")
     train_file: str = Field(description="Path of the training JSONL file.")
     validation_file: str | None = None
     seed: int = 42
     max_seq_len: Annotated[int, Field(ge=8, le=1_048_576)] = 1024
     adapter: AdapterSpec = AdapterSpec()
-    hyperparameters: SupervisedHyperparameters
+    hyperparameters: AnyHyperparameters
     # Steps between metric points sent to the sink.
     log_every: Annotated[int, Field(ge=1)] = 1
     # Steps between checkpoints; None means one at the end of every epoch (OpenAI's rule).
@@ -132,3 +318,13 @@ class TrainSpec(_Strict):
     allow_hub: bool = False
     # torch intra-op threads; None leaves torch's default.
     num_threads: Annotated[int, Field(ge=1)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_hyperparameters(cls, data: Any) -> Any:
+        # Parse the hyperparameters with the method's own model, so a DPO spec can never be
+        # read as a supervised one (their fields overlap).
+        if isinstance(data, dict) and isinstance(data.get("hyperparameters"), dict):
+            resolved_cls = METHODS[data.get("method", "supervised")][1]
+            data = {**data, "hyperparameters": resolved_cls.model_validate(data["hyperparameters"])}
+        return data

@@ -1,0 +1,59 @@
+"""The compose file and Dockerfiles, checked by structure (no Docker engine runs here) and by
+`docker compose config` / `docker-compose config` where a client is installed."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_compose_has_the_services_and_their_wiring() -> None:
+    services = compose()["services"]
+    assert set(services) == {"postgres", "redis", "minio", "migrate", "api", "worker"}
+    assert "healthcheck" in services["postgres"]
+    assert services["migrate"]["command"] == ["alignd", "migrate"]
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in ("api", "worker"):
+        assert (
+            services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+        )
+        assert "artifacts:/var/lib/alignd" in services[name]["volumes"]
+        env = services[name]["environment"]
+        assert env["ALIGND_DATABASE_URL"].startswith("postgresql+psycopg://")
+        assert env["ALIGND_BROKER_URL"].startswith("redis://")
+    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
+
+
+def test_api_image_has_no_torch_and_worker_image_has_cuda() -> None:
+    api = (ROOT / "docker/api.Dockerfile").read_text()
+    worker = (ROOT / "docker/worker.Dockerfile").read_text()
+    installs = [line for line in api.splitlines() if "pip install" in line]
+    assert installs == ["RUN pip install --no-cache-dir -c constraints.txt ."]  # no [train]
+    assert "--no-worker" in api
+    assert worker.startswith("# ") and "FROM nvidia/cuda" in worker
+    assert 'CMD ["alignd", "worker"]' in worker
+    assert "'.[train]'" in worker
+
+
+@pytest.mark.skipif(
+    not (shutil.which("docker-compose") or shutil.which("docker")), reason="no compose client"
+)
+def test_compose_config_validates() -> None:
+    commands = [["docker", "compose", "config", "--quiet"], ["docker-compose", "config", "--quiet"]]
+    results = [
+        subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        for cmd in commands
+        if shutil.which(cmd[0])
+    ]
+    assert any(r.returncode == 0 for r in results), [r.stderr for r in results]
