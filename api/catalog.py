@@ -75,6 +75,9 @@ def list_models(session: Session, settings: Settings, owner: str) -> list[dict[s
             "object": "model",
             "created": job.finished_at or job.created_at,
             "owned_by": owner,
+            # Ours: what the fine-tune is (a reward_model job's model scores, it does not chat).
+            "method": job.method["type"],
+            "parent": job.model,
         }
         for job in jobs
     ]

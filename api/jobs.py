@@ -27,17 +27,7 @@ log = logging.getLogger("alignd.api")
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 # Method types this service knows of but whose trainers have not landed yet.
-PLANNED_METHODS = (
-    "dpo",
-    "reinforcement",
-    "reward_model",
-    "kto",
-    "orpo",
-    "simpo",
-    "grpo",
-    "rloo",
-    "ppo",
-)
+PLANNED_METHODS = ("reinforcement", "grpo", "rloo", "ppo")
 DEFAULT_MAX_SEQ_LEN = 1024
 _SUFFIX = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -202,7 +192,8 @@ def add_event(
     )
 
 
-def create_job(services: Services, session: Session, owner: str, raw: Any) -> Job:
+def plan_job(services: Services, session: Session, owner: str, raw: Any) -> Job:
+    """Validate a job body and resolve it into an unsaved Job row (create and estimate)."""
     body = parse_body(raw)
     method_type, request, _ = _method_request(body)
     model = catalog.resolve_base_model(services.settings, body.model)
@@ -234,6 +225,11 @@ def create_job(services: Services, session: Session, owner: str, raw: Any) -> Jo
         result_files=[],
         cancel_requested=False,
     )
+    return job
+
+
+def create_job(services: Services, session: Session, owner: str, raw: Any) -> Job:
+    job = plan_job(services, session, owner, raw)
     session.add(job)
     session.flush()
     add_event(session, job, f"Created fine-tuning job: {job.id}")
@@ -331,7 +327,17 @@ def get_checkpoint(session: Session, job: Job, checkpoint_id: str) -> Checkpoint
     return row
 
 
-def render_job(job: Job) -> dict[str, Any]:
+def queue_positions(session: Session) -> dict[str, int]:
+    """1-based place in the queue of every queued job, across all owners (oldest first).
+
+    Other owners' jobs count, since they are ahead in the same queue, but nothing of them
+    is shown: a caller only ever sees the positions of its own jobs.
+    """
+    queued = session.scalars(select(Job.id).where(Job.status == "queued").order_by(Job.id))
+    return {job_id: i + 1 for i, job_id in enumerate(queued)}
+
+
+def render_job(job: Job, queue_position: int | None = None) -> dict[str, Any]:
     method_type = job.method["type"]
     hyperparameters = job.method[method_type]["hyperparameters"]
     progress = None
@@ -371,6 +377,7 @@ def render_job(job: Job) -> dict[str, Any]:
         "user_provided_suffix": job.suffix,
         # Ours.
         "substatus": job.substatus,
+        "queue_position": queue_position,
         "progress": progress,
         "adapter": job.extensions.get("adapter"),
         "max_seq_len": job.extensions.get("max_seq_len"),

@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     # A running job whose heartbeat is older than this may be claimed again (its worker died).
     stale_heartbeat_s: int = 600
 
+    # Throughput assumed by POST /v1/fine_tuning/jobs/estimate until this server has finished
+    # a job on the same model (then the measured rate is used).
+    estimate_tokens_per_s: float = 2000.0
+
     max_upload_bytes: int = 8 * 1024 * 1024 * 1024
     upload_chunk_bytes: int = 1024 * 1024
     torch_threads: int | None = None

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, Body, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 
-from api import files
+from api import files, planning
 from api.deps import OwnerDep, ServicesDep, SessionDep
 from api.pagination import page
 
@@ -58,6 +58,17 @@ def retrieve_file(session: SessionDep, owner: OwnerDep, file_id: str) -> dict[st
 def delete_file(session: SessionDep, owner: OwnerDep, file_id: str) -> dict[str, Any]:
     with session.begin():
         return files.delete_file(session, owner, file_id)
+
+
+@router.post("/{file_id}/validate")
+def validate_file(
+    services: ServicesDep,
+    session: SessionDep,
+    owner: OwnerDep,
+    file_id: str,
+    body: Annotated[Any, Body()] = None,
+) -> dict[str, Any]:
+    return planning.validate_file(services, session, owner, file_id, body)
 
 
 @router.get("/{file_id}/content")

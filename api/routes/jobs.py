@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Query
 from fastapi.responses import StreamingResponse
 
-from api import jobs
+from api import jobs, planning
 from api.artifacts import ArtifactStore
 from api.deps import OwnerDep, ServicesDep, SessionDep
 from api.errors import APIError, not_found
@@ -31,6 +31,13 @@ def create_job(
         return jobs.render_job(job)
 
 
+@router.post("/estimate")
+def estimate_job(
+    services: ServicesDep, session: SessionDep, owner: OwnerDep, body: Annotated[Any, Body()] = None
+) -> dict[str, Any]:
+    return planning.estimate(services, session, owner, body)
+
+
 @router.get("")
 def list_jobs(
     session: SessionDep,
@@ -38,12 +45,16 @@ def list_jobs(
     after: str | None = None,
     limit: Annotated[int, Query()] = 20,
 ) -> dict[str, Any]:
-    return page(session, jobs.list_jobs_query(owner, after), limit, jobs.render_job)
+    positions = jobs.queue_positions(session)
+    query = jobs.list_jobs_query(owner, after)
+    return page(session, query, limit, lambda job: jobs.render_job(job, positions.get(job.id)))
 
 
 @router.get("/{job_id}")
 def retrieve_job(session: SessionDep, owner: OwnerDep, job_id: str) -> dict[str, Any]:
-    return jobs.render_job(jobs.get_job(session, owner, job_id))
+    job = jobs.get_job(session, owner, job_id)
+    position = jobs.queue_positions(session).get(job.id) if job.status == "queued" else None
+    return jobs.render_job(job, position)
 
 
 @router.post("/{job_id}/cancel")
