@@ -269,29 +269,91 @@ def get_job(session: Session, owner: str, job_id: str) -> Job:
 
 
 def cancel_job(session: Session, owner: str, job_id: str) -> Job:
-    """Queued: cancelled at once. Running: flagged; the worker stops at the next step."""
+    """Queued or paused: cancelled at once. Running: flagged; the worker stops at the next step."""
     job = get_job(session, owner, job_id)
     if job.status in TERMINAL:
         # 400, not 409: the openai SDK retries 409s.
         raise invalid(
             f"Job {job_id} is already {job.status} and cannot be cancelled.", code="invalid_state"
         )
-    if job.status in ("queued", "validating_files", "paused"):
-        done = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == job.status)
-            .values(status="cancelled", finished_at=now(), substatus=None)
-        )
-        if done.rowcount:  # type: ignore[attr-defined]
-            session.refresh(job)
-            add_event(session, job, "Job cancelled")
-            return job
-        session.refresh(job)  # a worker claimed it meanwhile: cancel it as a running job
-    if job.status == "running" and not job.cancel_requested:
+    if _settle_at_once(session, job, "cancelled"):
+        add_event(session, job, "Job cancelled")
+        return job
+    if job.status == "running" and job.substatus != "cancelling":
         job.cancel_requested = True
         job.substatus = "cancelling"
         add_event(session, job, "Cancellation requested; the job stops at its next step")
     return job
+
+
+def pause_job(session: Session, owner: str, job_id: str) -> Job:
+    """Queued: paused at once. Running: the worker stops at its next step, saves a
+    checkpoint there and frees itself; the job is then ``paused`` until resumed."""
+    job = get_job(session, owner, job_id)
+    if job.status == "paused":
+        return job
+    if job.status in TERMINAL:
+        raise invalid(f"Job {job_id} is {job.status} and cannot be paused.", code="invalid_state")
+    if job.status != "running" and _settle_at_once(session, job, "paused"):
+        add_event(session, job, "Job paused")
+        return job
+    if job.status == "running" and not job.cancel_requested:
+        job.cancel_requested = True
+        job.substatus = "pausing"
+        add_event(session, job, "Pause requested; the job stops at its next step with a checkpoint")
+    return job
+
+
+def resume_job(session: Session, owner: str, job_id: str) -> Job:
+    """Paused or failed: queue it again, to continue from its latest checkpoint if it has one."""
+    job = get_job(session, owner, job_id)
+    if job.status not in ("paused", "failed"):
+        raise invalid(
+            f"Job {job_id} is {job.status}; only paused or failed jobs can be resumed.",
+            code="invalid_state",
+        )
+    latest = session.scalar(
+        select(Checkpoint)
+        .where(Checkpoint.job_id == job.id)
+        .order_by(Checkpoint.step.desc())
+        .limit(1)
+    )
+    # A new dict: SQLAlchemy notices a JSON column change only on assignment.
+    job.extensions = {**job.extensions, "resume_from": latest.id if latest else None}
+    job.status = "queued"
+    job.substatus = None
+    job.cancel_requested = False
+    job.error = None
+    job.finished_at = None
+    job.estimated_finish = None
+    if latest is not None:
+        add_event(
+            session,
+            job,
+            f"Job resumed from its checkpoint at step {latest.step}",
+            data={"step": latest.step},
+        )
+    else:
+        add_event(session, job, "Job requeued from the start (it has no checkpoint)")
+    return job
+
+
+def _settle_at_once(session: Session, job: Job, status: str) -> bool:
+    """Move a job no worker holds (queued or paused) straight to ``status``.
+
+    A conditional update, so a worker claiming the job at the same moment wins cleanly:
+    then nothing changes here and the caller falls back to asking the worker to stop.
+    """
+    if job.status not in ("queued", "validating_files", "paused"):
+        return False
+    finished = now() if status in TERMINAL else None
+    done = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == job.status)
+        .values(status=status, finished_at=finished, substatus=None)
+    )
+    session.refresh(job)
+    return bool(done.rowcount)  # type: ignore[attr-defined]
 
 
 def list_jobs_query(owner: str, after: str | None) -> Select[Any]:

@@ -7,9 +7,11 @@
       state/     optimizer.pt, scheduler.pt, rng.pt, trainer_state.json
 
 A checkpoint is written into a fresh temporary folder and only then handed to the
-``CheckpointStore``, so the store never sees half a checkpoint. ``load_state`` reads
-``state/`` back; resuming from it is for a later issue, and everything it needs is here: the
-epoch order is a function of (seed, epoch), so ``steps_in_epoch`` says where to pick up.
+``CheckpointStore``, so the store never sees half a checkpoint. ``resume`` puts a
+run back where a checkpoint left it: the trained weights, the optimizer and scheduler, the
+RNG, and the position (the epoch order is a function of (seed, epoch), so ``epoch`` and
+``steps_in_epoch`` say where to pick up). A method calls it once, after building its model,
+optimizer and scheduler, and skips the optimizer steps ``already_done`` says were taken.
 """
 
 from __future__ import annotations
@@ -110,3 +112,56 @@ def save_checkpoint(
     finally:
         # The store moved or copied the folder; whatever is left is ours to clean.
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_weights(model: nn.Module, adapter_dir: Path) -> None:
+    """Load a checkpoint's ``adapter/`` weights into the model being trained."""
+    from safetensors.torch import load_file
+
+    if (adapter_dir / "adapter_config.json").is_file():
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(
+            model, load_file(adapter_dir / "adapter_model.safetensors")
+        )
+        unexpected: list[str] = list(getattr(result, "unexpected_keys", []))
+        if unexpected:
+            raise ValueError(f"checkpoint adapter does not fit the model: {unexpected[:3]}")
+        return
+    weights: dict[str, torch.Tensor] = {}
+    for shard in sorted(adapter_dir.glob("*.safetensors")):
+        weights.update(load_file(shard))
+    if not weights:
+        raise ValueError(f"no weights in checkpoint folder {adapter_dir}")
+    # Missing keys are allowed: tied weights (an output head that is the embedding) are saved once.
+    _missing, extra = model.load_state_dict(weights, strict=False)
+    if extra:
+        raise ValueError(f"checkpoint weights do not fit the model: {extra[:3]}")
+
+
+def resume(
+    folder: str | Path | None,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> TrainerState | None:
+    """Put weights, optimizer, scheduler and RNG back as the checkpoint in ``folder`` left them.
+
+    Returns where the run was (None when there is nothing to resume). Call it last in the
+    set-up, so that nothing draws from the restored RNG before the training loop does.
+    """
+    if folder is None:
+        return None
+    folder = Path(folder)
+    load_weights(model, folder / "adapter")
+    state = load_state(folder / "state")
+    optimizer.load_state_dict(state.optimizer)
+    scheduler.load_state_dict(state.scheduler)
+    restore_rng(state.rng)
+    return state.trainer
+
+
+def already_done(start: TrainerState | None, epoch: int, steps_in_epoch: int) -> bool:
+    """Whether the optimizer step at (epoch, steps_in_epoch) was taken before the resume."""
+    return start is not None and (epoch, steps_in_epoch) < (start.epoch, start.steps_in_epoch)

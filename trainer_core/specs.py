@@ -316,6 +316,9 @@ class TrainSpec(_Strict):
     # Only the operator can turn these on (ALIGND_TRUST_REMOTE_CODE, ALIGND_ALLOW_HUB).
     trust_remote_code: bool = False
     allow_hub: bool = False
+    # A checkpoint folder (adapter/ + state/) to continue from: pause/resume, or a restart
+    # of a failed job from its last checkpoint.
+    resume_from: str | None = None
     # torch intra-op threads; None leaves torch's default.
     num_threads: Annotated[int, Field(ge=1)] | None = None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tarfile
 from pathlib import Path
 
 from sqlalchemy import and_, or_, select, update
@@ -17,7 +18,7 @@ import trainer_core
 from api.catalog import fine_tuned_name, model_path
 from api.files import chunk_count, iter_content
 from api.jobs import add_event
-from api.models import File, Job, now
+from api.models import Checkpoint, File, Job, now
 from api.services import Services
 from trainer_core.seams import RunResult
 from trainer_core.specs import TrainSpec
@@ -66,8 +67,29 @@ def fetch_file(services: Services, owner: str, file_id: str, dest: Path) -> Path
     return dest
 
 
+def fetch_checkpoint(services: Services, checkpoint_id: str, dest: Path) -> Path:
+    """Unpack a stored checkpoint (adapter/ and state/) into ``dest`` to resume from it."""
+    with services.sessions() as session:
+        row = session.get(Checkpoint, checkpoint_id)
+        if row is None:
+            raise FileNotFoundError(f"checkpoint {checkpoint_id} to resume from no longer exists")
+        key = row.artifact_key
+    dest.mkdir(parents=True, exist_ok=True)
+    for part in ("adapter", "state"):
+        tar_path = dest / f"{part}.tar"
+        services.artifacts.get_file(f"{key}/{part}.tar", tar_path)
+        with tarfile.open(tar_path) as tar:
+            tar.extractall(dest / part, filter="data")
+        tar_path.unlink()
+    return dest
+
+
 def build_spec(
-    services: Services, job: Job, train_path: Path, valid_path: Path | None
+    services: Services,
+    job: Job,
+    train_path: Path,
+    valid_path: Path | None,
+    resume_dir: Path | None = None,
 ) -> TrainSpec:
     settings = services.settings
     method_type = job.method["type"]
@@ -84,6 +106,7 @@ def build_spec(
             "trust_remote_code": settings.trust_remote_code,
             "allow_hub": settings.allow_hub,
             "num_threads": settings.torch_threads,
+            "resume_from": str(resume_dir) if resume_dir else None,
         }
     )
 
@@ -98,9 +121,12 @@ def finish(
 ) -> None:
     with services.sessions() as session, session.begin():
         job = session.get_one(Job, job_id)
+        if status == "cancelled" and job.substatus == "pausing":
+            status = "paused"  # the stop was a pause: the job waits for a resume
         job.status = status
         job.substatus = None
-        job.finished_at = now()
+        job.cancel_requested = False
+        job.finished_at = now() if status != "paused" else None
         job.estimated_finish = None
         if result is not None:
             job.trained_tokens = result.trained_tokens
@@ -109,6 +135,8 @@ def finish(
             job.fine_tuned_model = fine_tuned_name(job)
             add_event(session, job, f"New fine-tuned model created: {job.fine_tuned_model}")
             add_event(session, job, "The job has successfully completed")
+        elif status == "paused":
+            add_event(session, job, f"Job paused at step {job.step or 0}; resume it to continue")
         elif status == "cancelled":
             add_event(session, job, f"Job cancelled at step {job.step or 0}")
         else:
@@ -137,7 +165,12 @@ def execute(services: Services, job_id: str, worker: str) -> str | None:
             if job.validation_file
             else None
         )
-        spec = build_spec(services, job, train_path, valid_path)
+        resume_dir = None
+        if job.extensions.get("resume_from"):
+            resume_dir = fetch_checkpoint(
+                services, job.extensions["resume_from"], workdir / "resume"
+            )
+        spec = build_spec(services, job, train_path, valid_path, resume_dir)
         result = trainer_core.run(
             spec,
             DatabaseSink(services.sessions, job_id, job.owner),

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.artifacts import ArtifactStore
@@ -34,13 +34,17 @@ class DatabaseSink:
         self.owner = owner
         self.total_steps: int | None = None
         self.started = time.monotonic()
+        self.first_step: int | None = None  # the step before this process's first one
 
     def start(self, total_steps: int) -> None:
         self.total_steps = total_steps
         self.started = time.monotonic()
         with self.sessions() as session, session.begin():
+            # A resumed run keeps the step it was paused at until its first metric point.
             session.execute(
-                update(Job).where(Job.id == self.job_id).values(total_steps=total_steps, step=0)
+                update(Job)
+                .where(Job.id == self.job_id)
+                .values(total_steps=total_steps, step=func.coalesce(Job.step, 0))
             )
 
     def metrics(self, step: int, values: Mapping[str, float]) -> None:
@@ -82,9 +86,12 @@ class DatabaseSink:
             )
 
     def _eta(self, step: int) -> int | None:
-        if not self.total_steps or step <= 0:
+        if self.first_step is None:
+            self.first_step = step - 1  # a resumed run starts part way
+        done_here = step - self.first_step
+        if not self.total_steps or done_here <= 0:
             return None
-        per_step = (time.monotonic() - self.started) / step
+        per_step = (time.monotonic() - self.started) / done_here
         return int(time.time() + per_step * (self.total_steps - step))
 
 

@@ -64,6 +64,22 @@ def cancel_job(session: SessionDep, owner: OwnerDep, job_id: str) -> dict[str, A
     return jobs.render_job(job)
 
 
+@router.post("/{job_id}/pause")
+def pause_job(session: SessionDep, owner: OwnerDep, job_id: str) -> dict[str, Any]:
+    with session.begin():
+        job = jobs.pause_job(session, owner, job_id)
+    return jobs.render_job(job)
+
+
+@router.post("/{job_id}/resume")
+def resume_job(services: ServicesDep, owner: OwnerDep, job_id: str) -> dict[str, Any]:
+    with services.sessions() as session:
+        with session.begin():
+            job = jobs.resume_job(session, owner, job_id)
+        jobs.enqueue_committed(services, job)
+        return jobs.render_job(job)
+
+
 @router.get("/{job_id}/events")
 def list_events(
     session: SessionDep,
