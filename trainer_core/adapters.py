@@ -21,10 +21,22 @@ from trainer_core.models import load_model
 from trainer_core.specs import AdapterSpec
 
 
-def apply_adapter(model: nn.Module, spec: AdapterSpec) -> nn.Module:
+def apply_adapter(
+    model: nn.Module,
+    spec: AdapterSpec,
+    *,
+    task_type: TaskType = TaskType.CAUSAL_LM,
+    modules_to_save: list[str] | None = None,
+) -> nn.Module:
     """Wrap ``model`` with a fresh LoRA adapter, or return it as is for full fine-tuning.
 
     LoRA's A matrices are initialised from torch's global RNG, so seed before calling.
+
+    ``task_type=TaskType.SEQ_CLS`` is for a sequence-classification model (a reward model):
+    peft then leaves its fresh head (``score`` or ``classifier``) out of "all-linear" and
+    trains and saves it whole (it joins ``modules_to_save``): a new head must be learnt from
+    scratch, and a low-rank update would leave a random matrix mostly random (TRL recommends
+    ``modules_to_save=["score"]``). Any other ``modules_to_save`` are trained whole too.
     """
     if spec.type == "full":
         return model
@@ -35,7 +47,8 @@ def apply_adapter(model: nn.Module, spec: AdapterSpec) -> nn.Module:
         lora_dropout=spec.dropout,
         # "all-linear" is peft's shorthand: every linear layer but the output head.
         target_modules=spec.target_modules,
-        task_type=TaskType.CAUSAL_LM,
+        task_type=task_type,
+        modules_to_save=modules_to_save,
     )
     with _without_peft_deprecation_warning():
         return get_peft_model(model, config)  # type: ignore[arg-type]

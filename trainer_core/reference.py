@@ -1,0 +1,138 @@
+"""The reference policy π_ref of DPO-style methods: its log-probs of a pair batch.
+
+Three ways to have one, all scoring in eval mode (no dropout) and without grad:
+
+- Under LoRA the reference is the base model, i.e. the policy with its adapter switched off
+  (peft's ``disable_adapter()``), as TRL does: ``LiveReference(model, disable_adapter=True)``.
+  No second copy in memory.
+- Under full fine-tuning, a deep copy of the model taken before training, frozen:
+  ``LiveReference(frozen_copy(model), ...)``. Costs one more model in memory.
+- ``Precomputed``: one pass over the examples before training, keeping two numbers per pair
+  (TRL's ``precompute_ref_log_probs``). Before the first step the policy is the reference, so
+  under full fine-tuning that pass needs no copy at all, and a step needs no reference
+  forward.
+
+The log-probs of a completion are the sum of its per-token log-probs (``completion_logps``),
+the same function the method uses for the policy, so policy = reference gives Δ = 0 exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from trainer_core.batching import fixed_batches
+from trainer_core.logprobs import next_token_logps
+from trainer_core.preference_data import PairBatch, PreferenceExample, collate_pairs
+
+
+def completion_logps(model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(per_token_logps (2B, T-1), logps (2B,))``: each row's summed completion log-prob."""
+    logits = model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+    ).logits  # (2B, T, V)
+    per_token_logps = next_token_logps(logits, batch.input_ids)  # (2B, T-1)
+    mask = batch.completion_mask[:, 1:].to(per_token_logps.dtype)  # (2B, T-1)
+    return per_token_logps, (per_token_logps * mask).sum(dim=1)
+
+
+class Reference(Protocol):
+    def logps(self, batch: PairBatch, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ref_chosen_logps, ref_rejected_logps)``, each (B,), of the pairs in ``batch``;
+        ``indices`` are their positions in the example list (used by ``Precomputed``)."""
+        ...
+
+
+class LiveReference:
+    """Scores pairs with ``model`` itself, in eval mode and without grad.
+
+    ``disable_adapter``: score with the PEFT adapter switched off, i.e. the base model under a
+    LoRA policy (the policy object itself, so the reference costs no memory).
+    """
+
+    def __init__(self, model: nn.Module, *, disable_adapter: bool) -> None:
+        if disable_adapter and not hasattr(model, "disable_adapter"):
+            raise TypeError("disable_adapter needs a peft model")
+        self.model = model
+        self.disable_adapter = disable_adapter
+
+    @torch.no_grad()
+    def logps(self, batch: PairBatch, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        adapter_off = (
+            self.model.disable_adapter()  # type: ignore[operator]
+            if self.disable_adapter
+            else nullcontext()
+        )
+        with _eval_mode(self.model), adapter_off:
+            _, logps = completion_logps(self.model, batch)  # (2B,)
+        chosen, rejected = logps.chunk(2)
+        return chosen, rejected
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` as it is now, in eval mode with no grad; take it before the
+    first optimizer step."""
+    frozen = copy.deepcopy(model).eval()
+    frozen.requires_grad_(False)
+    return frozen
+
+
+class Precomputed:
+    """Reference log-probs computed once per example; ``logps`` looks them up by index."""
+
+    def __init__(self, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> None:
+        self.chosen_logps = chosen_logps  # (N,)
+        self.rejected_logps = rejected_logps  # (N,)
+
+    def logps(self, batch: PairBatch, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.tensor(list(indices), dtype=torch.long)
+        return self.chosen_logps[index], self.rejected_logps[index]
+
+
+def live_reference(model: nn.Module, adapter_type: str, *, keep: bool = True) -> Reference:
+    """The reference of a policy about to be trained: its base under LoRA, else (full
+    fine-tuning) a frozen copy. ``keep=False`` is for a pass before the first step, when the
+    policy still is the reference: the model itself then serves, and nothing is copied."""
+    if adapter_type == "lora":
+        return LiveReference(model, disable_adapter=True)
+    return LiveReference(frozen_copy(model) if keep else model, disable_adapter=False)
+
+
+def precompute(
+    reference: Reference,
+    examples: Sequence[PreferenceExample],
+    *,
+    batch_size: int,
+    pad_token_id: int,
+) -> Precomputed:
+    """One pass of ``reference`` over ``examples``, in file order."""
+    chosen, rejected = [], []
+    for indices in fixed_batches(len(examples), batch_size):
+        batch = collate_pairs([examples[i] for i in indices], pad_token_id)
+        ref_chosen_logps, ref_rejected_logps = reference.logps(batch, indices)  # (B,) each
+        chosen.append(ref_chosen_logps)
+        rejected.append(ref_rejected_logps)
+    return Precomputed(torch.cat(chosen), torch.cat(rejected))
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout to 0, LoRA's too (TRL's ``disable_dropout=True`` default): dropout
+    would make the policy differ from the reference at Δ = 0 and add noise to the margin."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
