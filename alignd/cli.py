@@ -1,7 +1,8 @@
 """``alignd``: run the service and talk to it.
 
 Server side: ``serve`` (the API, plus an embedded worker when no external broker is set),
-``worker``, ``migrate``, ``models create-tiny``. Client side: ``files``, ``jobs``, ``demo``.
+``worker``, ``migrate``, ``models create-tiny``, ``keys``. Client side: ``files``, ``jobs``,
+``demo``.
 Every module here imports torch only inside the command that needs it.
 """
 
@@ -34,6 +35,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings()
     upgrade(settings)
+    if settings.embedded_database:
+        from api.db import make_engine, make_sessionmaker
+        from api.keys import ensure_local_key
+
+        engine = make_engine(settings)
+        ensure_local_key(settings, make_sessionmaker(engine))
+        engine.dispose()
+        print(f"API key for owner 'local': {settings.api_key_file}", file=sys.stderr)
     worker: subprocess.Popen[bytes] | None = None
     if settings.embedded_broker and not args.no_worker:
         worker = start_worker_process(settings.data_dir)
@@ -126,6 +135,70 @@ def cmd_create_tiny(args: argparse.Namespace) -> int:
         return 0
     create_tiny_model(dest, size=args.size, seed=args.seed)
     print(dest)
+    return 0
+
+
+@contextlib.contextmanager
+def _operator_session() -> Any:
+    """A session on the service's database, for operator commands (no HTTP, no key needed).
+
+    The embedded default is migrated first, as `serve` does; a configured database must have
+    been migrated with `alignd migrate`.
+    """
+    from api.db import make_engine, make_sessionmaker
+    from api.migration import upgrade
+
+    settings = _settings()
+    if settings.embedded_database:
+        upgrade(settings)
+    engine = make_engine(settings)
+    try:
+        with make_sessionmaker(engine)() as session, session.begin():
+            yield session
+    finally:
+        engine.dispose()
+
+
+def _when(timestamp: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp)) if timestamp else "-"
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from api.keys import create_key
+
+    with _operator_session() as session:
+        row, key = create_key(session, args.owner, args.name)
+    label = f" ({row.name})" if row.name else ""
+    print(f"created API key {row.id}{label} for owner '{row.owner}'")
+    print("It is shown only this once (only its hash is stored); keep it secret:")
+    print(key)  # the last line, so that scripts can take it with `tail -n 1`
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    from api.keys import list_keys
+
+    with _operator_session() as session:
+        rows = list_keys(session, args.owner)
+    print("id\towner\tname\tkey\tcreated\tlast used\tstatus")
+    for row in rows:
+        status = f"revoked {_when(row.revoked_at)}" if row.revoked_at else "active"
+        print(
+            f"{row.id}\t{row.owner}\t{row.name or '-'}\t{row.hint}\t{_when(row.created_at)}\t"
+            f"{_when(row.last_used_at)}\t{status}"
+        )
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from api.keys import revoke_key
+
+    with _operator_session() as session:
+        row = revoke_key(session, args.key_id)
+        if row is None:
+            print(f"error: no API key {args.key_id}", file=sys.stderr)
+            return 1
+        print(f"revoked API key {row.id} of owner '{row.owner}'")
     return 0
 
 
@@ -265,6 +338,20 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--downgrade", metavar="REV", help="downgrade to REV instead")
     m.set_defaults(func=cmd_migrate)
 
+    keys = sub.add_parser(
+        "keys", help="API keys (operator: talks to the database directly)"
+    ).add_subparsers(dest="keys_command", required=True)
+    k = keys.add_parser("create", help="create a key; prints it once, as the last line")
+    k.add_argument("--owner", required=True, help="the tenant the key acts for")
+    k.add_argument("--name", help="a label to tell keys apart")
+    k.set_defaults(func=cmd_keys_create)
+    k = keys.add_parser("list", help="list keys (never the keys themselves)")
+    k.add_argument("--owner", help="only this owner's keys")
+    k.set_defaults(func=cmd_keys_list)
+    k = keys.add_parser("revoke", help="revoke a key: requests with it get 401 at once")
+    k.add_argument("key_id")
+    k.set_defaults(func=cmd_keys_revoke)
+
     models = sub.add_parser("models", help="base models").add_subparsers(
         dest="models_command", required=True
     )
@@ -332,8 +419,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:
         from alignd.client import APIRequestError
+        from api.errors import APIError
 
         if isinstance(exc, APIRequestError):
             print(f"error: {exc}", file=sys.stderr)
+            if exc.status == 401:
+                print(
+                    "hint: set ALIGND_API_KEY (`alignd keys create --owner NAME` makes one); "
+                    "the embedded `alignd serve` writes one to <data dir>/api_key",
+                    file=sys.stderr,
+                )
+            return 1
+        if isinstance(exc, APIError):
+            print(f"error: {exc.message}", file=sys.stderr)
             return 1
         raise

@@ -22,17 +22,26 @@ class APIRequestError(RuntimeError):
         self.body = body
 
 
+def default_api_key() -> str | None:
+    """``ALIGND_API_KEY``, else the key the embedded `alignd serve` wrote to <data dir>/api_key."""
+    key = os.environ.get("ALIGND_API_KEY", "").strip()
+    if key:
+        return key
+    from api.keys import read_key_file
+    from api.settings import load_settings
+
+    return read_key_file(load_settings().api_key_file)
+
+
 class Client:
     def __init__(
         self, base_url: str | None = None, api_key: str | None = None, timeout: float = 60
     ) -> None:
         base = base_url or os.environ.get("ALIGND_API_URL", DEFAULT_API_URL)
-        key = api_key or os.environ.get("ALIGND_API_KEY", "local")
-        self.http = httpx.Client(
-            base_url=base.rstrip("/") + "/",
-            headers={"Authorization": f"Bearer {key}"},
-            timeout=timeout,
-        )
+        key = api_key or default_api_key()
+        # Without a key the server answers 401, and the CLI says where a key comes from.
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(base_url=base.rstrip("/") + "/", headers=headers, timeout=timeout)
 
     def _json(self, response: httpx.Response) -> Any:
         try:

@@ -114,6 +114,7 @@ def metric_trail(client: Client, job_id: str) -> list[dict[str, Any]]:
 
 def run_demo(*, port: int = 0, model: str = "tiny-chat") -> int:
     from alignd.cli import stop_process_group
+    from api.keys import read_key_file
     from api.settings import load_settings
 
     settings = load_settings()
@@ -149,7 +150,9 @@ def run_demo(*, port: int = 0, model: str = "tiny-chat") -> int:
         )
     try:
         wait_healthy(base, server)
-        client = Client(f"{base}/v1")
+        # The embedded `serve` wrote its key for owner "local" before it started listening.
+        api_key = read_key_file(settings.api_key_file) if settings.embedded_database else None
+        client = Client(f"{base}/v1", api_key=api_key)
         data_dir = settings.data_dir / "demo"
         train = client.upload(write_jsonl(make_dataset(96, seed=1), data_dir / "train.jsonl"))
         valid = client.upload(write_jsonl(make_dataset(16, seed=2), data_dir / "valid.jsonl"))

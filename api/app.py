@@ -5,8 +5,12 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from api.errors import install_handlers
+from api.idempotency import IdempotencyMiddleware
+from api.keys import AuthMiddleware
 from api.request_id import RequestIdMiddleware
-from api.routes import files, health, jobs, models
+from api.routes import files, health, jobs, models, uploads
+from api.routes import streams as stream_routes
+from api.routes import webhooks as webhook_routes
 from api.services import Services
 from api.settings import Settings, load_settings
 
@@ -20,7 +24,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.services = Services.build(settings)
     install_handlers(app)
+    # Innermost first: idempotency needs the principal that auth leaves in the scope, and the
+    # request id must be outermost so that 401 and 429 answers carry it too.
+    app.add_middleware(IdempotencyMiddleware, sessions=app.state.services.sessions)
+    app.add_middleware(AuthMiddleware, sessions=app.state.services.sessions, settings=settings)
     app.add_middleware(RequestIdMiddleware)
-    for module in (health, files, jobs, models):
+    for module in (health, files, uploads, jobs, models):
         app.include_router(module.router)
+    app.include_router(stream_routes.router)
+    app.include_router(webhook_routes.router)
     return app

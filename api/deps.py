@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from api.keys import Principal, authenticate
 from api.services import Services
-from api.settings import LOCAL_OWNER
 
 
 def get_services(request: Request) -> Services:
@@ -28,11 +29,32 @@ def get_session(services: ServicesDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def current_owner(authorization: Annotated[str | None, Header()] = None) -> str:
-    # Keys and tenants come with the integration issue; until then every request, with any
-    # bearer token or none, belongs to the one local owner. Rows carry the owner already,
-    # and every query filters on it, so adding keys changes only this function.
-    return LOCAL_OWNER
+# Declares the scheme in the OpenAPI document; the header itself is read below.
+_bearer = HTTPBearer(auto_error=False, description="An alignd API key: sk-alignd-...")
+
+
+def current_principal(
+    request: Request,
+    services: ServicesDep,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    """The bearer key's principal: 401 ``invalid_api_key`` when missing, unknown or revoked.
+
+    ``api.keys.AuthMiddleware`` has already resolved it for every ``/v1`` request (and sent the
+    401 with ``WWW-Authenticate: Bearer``); a route outside ``/v1`` resolves it here.
+    """
+    principal = getattr(request.state, "principal", None)
+    if isinstance(principal, Principal):
+        return principal
+    return authenticate(services.sessions, request.headers.get("authorization"))
+
+
+PrincipalDep = Annotated[Principal, Depends(current_principal)]
+
+
+def current_owner(principal: PrincipalDep) -> str:
+    # Every row carries its owner and every query filters on it: another owner's id is a 404.
+    return principal.owner
 
 
 OwnerDep = Annotated[str, Depends(current_owner)]

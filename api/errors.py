@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("alignd.api")
@@ -122,6 +123,17 @@ def install_handlers(app: FastAPI) -> None:
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
         err = from_validation_error(exc)
         return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(DataError)
+    async def _data(_request: Request, exc: DataError) -> JSONResponse:
+        # The database refused a value the request supplied (Postgres: a NUL character in a
+        # string, a number out of range). The transaction is rolled back: nothing is stored.
+        log.info("database refused a request value: %s", exc.orig)
+        err = invalid(
+            "A value in the request cannot be stored or searched "
+            "(for example, it contains a NUL character or is out of range).",
+        )
+        return JSONResponse(err.body(), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sqlalchemy import Select, select, update
 from sqlalchemy.orm import Session
 
-from api import catalog
+from api import catalog, webhooks
 from api.errors import APIError, from_validation_error, invalid, not_found
 from api.files import get_file
 from api.models import Checkpoint, Job, JobEvent, new_id, now
@@ -178,6 +178,9 @@ def add_event(
     type: str = "message",
     data: dict[str, Any] | None = None,
 ) -> None:
+    # Serialise a job's event inserts on its row, so that their seq order is their commit
+    # order and an event stream never skips one (api/streams.py). A no-op on SQLite.
+    session.execute(select(Job.id).where(Job.id == job.id).with_for_update(key_share=True))
     session.add(
         JobEvent(
             id=new_id("ftevent"),
@@ -243,7 +246,7 @@ def enqueue_committed(services: Services, job: Job) -> None:
     except Exception as exc:
         log.exception("could not enqueue %s", job.id)
         with services.sessions() as session, session.begin():
-            session.execute(
+            failed = session.execute(
                 update(Job)
                 .where(Job.id == job.id, Job.status == "queued")
                 .values(
@@ -256,6 +259,8 @@ def enqueue_committed(services: Services, job: Job) -> None:
                     },
                 )
             )
+            if failed.rowcount:  # type: ignore[attr-defined]
+                webhooks.on_status(session, job.owner, job.id, "failed")
         raise APIError(
             503, "The job queue is unreachable; the job was not started.", code="queue_unavailable"
         ) from exc
@@ -353,6 +358,8 @@ def _settle_at_once(session: Session, job: Job, status: str) -> bool:
         .values(status=status, finished_at=finished, substatus=None)
     )
     session.refresh(job)
+    if done.rowcount:  # type: ignore[attr-defined]
+        webhooks.on_status(session, job.owner, job.id, status)
     return bool(done.rowcount)  # type: ignore[attr-defined]
 
 

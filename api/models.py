@@ -10,6 +10,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -153,3 +154,137 @@ class Checkpoint(Base):
     # Where the checkpoint lives in the artifact store: "<key>/adapter.tar", "<key>/state.tar".
     artifact_key: Mapped[str] = mapped_column(String(1024))
     final: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class ApiKey(Base):
+    """A bearer key. Only its SHA-256 is stored: the key itself is shown once, at creation."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128), index=True)
+    name: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # "sk-alignd-...wxyz": enough for an operator to tell keys apart, useless to an attacker.
+    hint: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    last_used_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    revoked_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class IdempotencyRecord(Base):
+    """One ``Idempotency-Key`` of one owner: in progress (``status_code`` null) or its 2xx reply."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (Index("ix_idempotency_keys_created_at", "created_at"),)
+
+    owner: Mapped[str] = mapped_column(String(128), primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    # "POST /v1/files": a key is bound to the request it was first used with.
+    request: Mapped[str] = mapped_column(String(2048))
+    # Null while the first request runs (its body is hashed as it streams in).
+    body_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    content_type: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    response_body: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class JobLog(Base):
+    """A job's log lines (the worker's and the trainer's, captured while it runs), redacted."""
+
+    __tablename__ = "job_logs"
+    __table_args__ = (Index("ix_job_logs_job_seq", "job_id", "seq"),)
+
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    owner: Mapped[str] = mapped_column(String(128))
+    # Unix seconds with sub-second precision: log lines come many to a second.
+    created_at: Mapped[float] = mapped_column(Float)
+    level: Mapped[str] = mapped_column(String(16))
+    line: Mapped[str] = mapped_column(Text)
+
+
+class WebhookEndpoint(Base):
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128), index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+    name: Mapped[str] = mapped_column(String(256))
+    url: Mapped[str] = mapped_column(String(2048))
+    event_types: Mapped[list[str]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))  # enabled | disabled
+    # Stored as given to the user (whsec_...): it must be usable to sign. See docs/operations.md.
+    secret: Mapped[str] = mapped_column(String(128))
+    # After a rotation that keeps the old secret for 24 h, deliveries carry both signatures.
+    previous_secret: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    previous_secret_expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class WebhookDelivery(Base):
+    """One event for one endpoint: the outbox row, its attempts, and how it ended."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_endpoint", "endpoint_id", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("webhook_endpoints.id", ondelete="CASCADE"))
+    owner: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    event_id: Mapped[str] = mapped_column(String(64))
+    event_type: Mapped[str] = mapped_column(String(64))
+    # The exact JSON body that is signed and sent (the same bytes on every attempt).
+    payload: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))  # pending | succeeded | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Unix seconds (fractional); null once the delivery is settled.
+    next_attempt_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # [{attempt, at, status_code, error, duration_ms}], one entry per attempt.
+    attempt_log: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+
+
+class Upload(Base):
+    """OpenAI's Uploads API: a file sent in parts, assembled into a File on completion."""
+
+    __tablename__ = "uploads"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128), index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[int] = mapped_column(BigInteger)
+    filename: Mapped[str] = mapped_column(String(512))
+    purpose: Mapped[str] = mapped_column(String(64))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    mime_type: Mapped[str] = mapped_column(String(128))
+    # pending | completed | cancelled ("expired" is derived from expires_at when shown)
+    status: Mapped[str] = mapped_column(String(16))
+    file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class UploadPart(Base):
+    __tablename__ = "upload_parts"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    upload_id: Mapped[str] = mapped_column(ForeignKey("uploads.id", ondelete="CASCADE"), index=True)
+    owner: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+
+
+class UploadPartChunk(Base):
+    """A part's bytes in chunks, like a file's, so a 64 MB part is never held whole."""
+
+    __tablename__ = "upload_part_chunks"
+
+    part_id: Mapped[str] = mapped_column(
+        ForeignKey("upload_parts.id", ondelete="CASCADE"), primary_key=True
+    )
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)

@@ -7,6 +7,7 @@ the same code distributed.
 
 from __future__ import annotations
 
+import ipaddress
 from functools import cached_property
 from pathlib import Path
 
@@ -50,9 +51,46 @@ class Settings(BaseSettings):
     # a job on the same model (then the measured rate is used).
     estimate_tokens_per_s: float = 2000.0
 
+    # Requests per minute per API key (a token bucket whose burst is the same number), counted
+    # in each API process. 0 turns the limit off.
+    rate_limit_per_minute: int = Field(600, ge=0)
+
+    # Server-sent event streams (events, logs, metrics): how often a stream looks for new rows,
+    # and how long it may stay silent before it sends a `: keep-alive` comment.
+    sse_poll_s: float = Field(0.2, gt=0)
+    sse_keepalive_s: float = Field(15.0, gt=0)
+    # A job's captured log lines below this level are not kept; above job_log_max_lines a job
+    # keeps its first lines and a note that the rest were dropped.
+    job_log_level: str = "INFO"
+    job_log_max_lines: int = Field(100_000, ge=1)
+
+    # Webhooks. Hosts (or host:port, or CIDR networks) that webhook URLs may name even when
+    # they resolve to private, loopback or link-local addresses, comma-separated. Such
+    # addresses are refused otherwise (no server-side request forgery into the private net).
+    webhook_allowed_hosts: str = ""
+    # False: only the hosts listed above may receive webhooks at all.
+    webhook_allow_public_hosts: bool = True
+    webhook_timeout_s: float = Field(10.0, gt=0)
+    # Attempts per delivery; the waits between them are this base times 1, 5, 30, 120, 600
+    # (1 s, 5 s, 30 s, 2 min, 10 min by default), the last one repeated if there are more.
+    webhook_max_attempts: int = Field(6, ge=1)
+    webhook_retry_base_s: float = Field(1.0, ge=0)
+    # How often each worker's webhook dispatcher looks for due deliveries, and how many it
+    # sends at once.
+    webhook_poll_s: float = Field(0.5, gt=0)
+    webhook_concurrency: int = Field(4, ge=1)
+
     max_upload_bytes: int = 8 * 1024 * 1024 * 1024
     upload_chunk_bytes: int = 1024 * 1024
     torch_threads: int | None = None
+
+    @field_validator("webhook_allowed_hosts", mode="after")
+    @classmethod
+    def _allowed_hosts(cls, value: str) -> str:
+        for entry in filter(None, (part.strip() for part in value.split(","))):
+            if "/" in entry:
+                ipaddress.ip_network(entry, strict=False)  # a bad network fails at start
+        return value
 
     @field_validator("data_dir", "models_dir", mode="after")
     @classmethod
@@ -94,6 +132,16 @@ class Settings(BaseSettings):
     @property
     def work_dir(self) -> Path:
         return self.data_dir / "work"
+
+    @property
+    def embedded_database(self) -> bool:
+        """No database configured: SQLite in the data dir, where `serve` makes the local key."""
+        return self.database_url is None
+
+    @property
+    def api_key_file(self) -> Path:
+        """The embedded default's key for owner ``local`` (mode 0600), read by the CLI."""
+        return self.data_dir / "api_key"
 
 
 def load_settings() -> Settings:

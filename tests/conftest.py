@@ -27,7 +27,7 @@ import uvicorn
 
 from api.app import create_app
 from api.migration import upgrade
-from api.settings import Settings
+from api.settings import LOCAL_OWNER, Settings
 
 PG_ADMIN = os.environ.get("ALIGND_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_HOST = os.environ.get("ALIGND_TEST_REDIS", "redis://127.0.0.1:6379")
@@ -100,10 +100,27 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def create_api_key(settings: Settings, owner: str = LOCAL_OWNER, name: str = "tests") -> str:
+    """A new API key for ``owner``, made in the database as `alignd keys create` makes it."""
+    from api.db import make_engine, make_sessionmaker
+    from api.keys import create_key
+
+    engine = make_engine(settings)
+    try:
+        with make_sessionmaker(engine)() as session, session.begin():
+            return create_key(session, owner, name)[1]
+    finally:
+        engine.dispose()
+
+
 class Api:
-    """The app served by uvicorn on a real port, in a thread of the test process."""
+    """The app served by uvicorn on a real port, in a thread of the test process.
+
+    ``http`` sends a key of owner ``local`` (``key``); ``as_owner`` gives clients of others.
+    """
 
     def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(
@@ -117,12 +134,24 @@ class Api:
             if time.monotonic() > deadline:
                 raise RuntimeError("uvicorn did not start")
             time.sleep(0.05)
-        self.http = httpx.Client(
-            base_url=f"{self.url}/v1/", headers={"Authorization": "Bearer test"}, timeout=30
-        )
+        self.key = create_api_key(settings, LOCAL_OWNER)
+        self._clients: list[httpx.Client] = []
+        self.http = self.client(self.key)
+
+    def client(self, key: str | None) -> httpx.Client:
+        """An httpx client on ``/v1/`` that sends ``key`` (none when None); closed by stop()."""
+        headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+        client = httpx.Client(base_url=f"{self.url}/v1/", headers=headers, timeout=30)
+        self._clients.append(client)
+        return client
+
+    def as_owner(self, owner: str) -> httpx.Client:
+        """A client with a new key of ``owner`` (another tenant)."""
+        return self.client(create_api_key(self.settings, owner))
 
     def stop(self) -> None:
-        self.http.close()
+        for client in self._clients:
+            client.close()
         self.server.should_exit = True
         self.thread.join(timeout=10)
 

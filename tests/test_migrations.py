@@ -14,7 +14,22 @@ from api.models import Base
 from api.settings import Settings
 from tests.conftest import PG_ADMIN
 
-TABLES = {"files", "file_chunks", "jobs", "job_events", "job_metrics", "checkpoints"}
+TABLES = {
+    "files",
+    "file_chunks",
+    "jobs",
+    "job_events",
+    "job_metrics",
+    "checkpoints",
+    "api_keys",
+    "idempotency_keys",
+    "job_logs",
+    "webhook_endpoints",
+    "webhook_deliveries",
+    "uploads",
+    "upload_parts",
+    "upload_part_chunks",
+}
 
 
 def tables(url: str) -> set[str]:

@@ -14,7 +14,7 @@ from tests.conftest import Api, chat_rows
 
 @pytest.fixture(scope="module")
 def client(pg_api: Api) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{pg_api.url}/v1", api_key="anything", max_retries=0)
+    return openai.OpenAI(base_url=f"{pg_api.url}/v1", api_key=pg_api.key, max_retries=0)
 
 
 def test_files_and_jobs_through_the_sdk(client: openai.OpenAI) -> None:

@@ -73,3 +73,22 @@ def requeue_pending(**_kwargs: Any) -> None:
     for job_id in pending_jobs(svc):
         log.info("re-sending pending job %s", job_id)
         svc.queue.enqueue(job_id)
+
+
+_dispatcher: Any = None
+
+
+@signals.worker_ready.connect
+def start_webhook_dispatcher(**_kwargs: Any) -> None:
+    """Webhook deliveries are sent from the worker's main process, beside the pool, so that
+    they never wait behind a training job (worker/webhooks.py)."""
+    global _dispatcher
+    from worker.webhooks import Dispatcher
+
+    _dispatcher = Dispatcher(services()).start()
+
+
+@signals.worker_shutdown.connect
+def stop_webhook_dispatcher(**_kwargs: Any) -> None:
+    if _dispatcher is not None:
+        _dispatcher.stop()

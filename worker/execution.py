@@ -15,6 +15,7 @@ from pathlib import Path
 from sqlalchemy import and_, or_, select, update
 
 import trainer_core
+from api import webhooks
 from api.catalog import fine_tuned_name, model_path
 from api.files import chunk_count, iter_content
 from api.jobs import add_event
@@ -22,6 +23,7 @@ from api.models import Checkpoint, File, Job, now
 from api.services import Services
 from trainer_core.seams import RunResult
 from trainer_core.specs import TrainSpec
+from worker import job_logs
 from worker.sinks import ArtifactCheckpointStore, DatabaseSink, StopFlag
 
 log = logging.getLogger("alignd.worker")
@@ -52,6 +54,7 @@ def claim(services: Services, job_id: str, worker: str) -> Job | None:
             return None
         job = session.get_one(Job, job_id)
         add_event(session, job, "Fine-tuning job started", data={"worker": worker})
+        webhooks.on_status(session, job.owner, job.id, "running")
         return job
 
 
@@ -124,6 +127,7 @@ def finish(
         if status == "cancelled" and job.substatus == "pausing":
             status = "paused"  # the stop was a pause: the job waits for a resume
         job.status = status
+        webhooks.on_status(session, job.owner, job.id, status)
         job.substatus = None
         job.cancel_requested = False
         job.finished_at = now() if status != "paused" else None
@@ -155,6 +159,8 @@ def execute(services: Services, job_id: str, worker: str) -> str | None:
     if job is None:
         log.info("job %s not claimable (already taken, cancelled or finished)", job_id)
         return None
+    logs = job_logs.capture(services, job)  # this thread's log lines, into the job's log
+    log.info("job %s started on %s (method %s)", job_id, worker, job.method["type"])
     workdir = services.settings.work_dir / job_id
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
@@ -179,6 +185,7 @@ def execute(services: Services, job_id: str, worker: str) -> str | None:
         )
         status = "cancelled" if result.status == "stopped" else "succeeded"
         finish(services, job_id, status, result=result)
+        log.info("job %s ended at step %s (%s)", job_id, result.step, result.status)
         return status
     except Exception as exc:
         log.exception("job %s failed", job_id)
@@ -193,6 +200,7 @@ def execute(services: Services, job_id: str, worker: str) -> str | None:
         return "failed"
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        logs.close()
 
 
 def fail_lost(services: Services, job_id: str, reason: str) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from api import webhooks
 from api.artifacts import ArtifactStore
 from api.jobs import add_event
 from api.models import Checkpoint, Job, JobMetric, new_id, now
@@ -158,7 +159,7 @@ class ArtifactCheckpointStore:
             values = {k: float(v) for k, v in metrics.items()}
             if existing is None:
                 session.add(
-                    Checkpoint(
+                    checkpoint := Checkpoint(
                         id=new_id("ftckpt"),
                         job_id=self.job_id,
                         owner=self.owner,
@@ -169,6 +170,7 @@ class ArtifactCheckpointStore:
                         final=final,
                     )
                 )
+                webhooks.on_checkpoint(session, self.owner, self.job_id, checkpoint.id)
             else:  # the final save of a step that already had a checkpoint
                 existing.metrics = values
                 existing.final = existing.final or final

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query
+from fastapi import APIRouter, Body, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
-from api import jobs, planning
+from api import jobs, planning, streams
 from api.artifacts import ArtifactStore
 from api.deps import OwnerDep, ServicesDep, SessionDep
 from api.errors import APIError, not_found
@@ -80,14 +80,22 @@ def resume_job(services: ServicesDep, owner: OwnerDep, job_id: str) -> dict[str,
         return jobs.render_job(job)
 
 
-@router.get("/{job_id}/events")
+@router.get("/{job_id}/events", response_model=None)
 def list_events(
+    request: Request,
+    services: ServicesDep,
     session: SessionDep,
     owner: OwnerDep,
     job_id: str,
     after: str | None = None,
     limit: Annotated[int, Query()] = 20,
-) -> dict[str, Any]:
+    stream: bool = False,
+    last_event_id: Annotated[str | None, Header(alias="last-event-id")] = None,
+) -> dict[str, Any] | StreamingResponse:
+    if stream:  # the same as .../events/stream (api/routes/streams.py)
+        return streams.stream_response(
+            request, services, owner, job_id, last_event_id or after, "events"
+        )
     job = jobs.get_job(session, owner, job_id)
     return page(session, jobs.events_query(session, job, after), limit, jobs.render_event)
 

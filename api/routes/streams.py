@@ -1,0 +1,102 @@
+"""Our job extensions: SSE streams of events, logs and metrics; the columnar metrics series;
+the plain-text log. (``GET .../events?stream=true`` is routed here from ``routes/jobs.py``.)"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import StreamingResponse
+
+from api import jobs, streams
+from api.deps import OwnerDep, ServicesDep, SessionDep
+from api.errors import invalid
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+
+LastEventId = Annotated[str | None, Header(alias="last-event-id")]
+MAX_METRIC_STEPS = 100_000
+MAX_TAIL = 100_000
+
+
+@router.get("/{job_id}/events/stream")
+def stream_events(
+    request: Request,
+    services: ServicesDep,
+    owner: OwnerDep,
+    job_id: str,
+    after: str | None = None,
+    last_event_id: LastEventId = None,
+) -> StreamingResponse:
+    return streams.stream_response(
+        request, services, owner, job_id, last_event_id or after, "events"
+    )
+
+
+@router.get("/{job_id}/logs/stream")
+def stream_logs(
+    request: Request,
+    services: ServicesDep,
+    owner: OwnerDep,
+    job_id: str,
+    after: str | None = None,
+    last_event_id: LastEventId = None,
+) -> StreamingResponse:
+    return streams.stream_response(request, services, owner, job_id, last_event_id or after, "logs")
+
+
+@router.get("/{job_id}/logs")
+def get_logs(
+    request: Request,
+    services: ServicesDep,
+    owner: OwnerDep,
+    job_id: str,
+    tail: Annotated[int | None, Query()] = None,
+    stream: bool = False,
+    after: str | None = None,
+    last_event_id: LastEventId = None,
+) -> StreamingResponse:
+    """The job's log as text/plain (``?tail=N``: the last N lines), or SSE with ``?stream=true``."""
+    if stream:
+        return streams.stream_response(
+            request, services, owner, job_id, last_event_id or after, "logs"
+        )
+    if tail is not None and not 1 <= tail <= MAX_TAIL:
+        raise invalid(f"tail must be between 1 and {MAX_TAIL}.", param="tail")
+    with services.sessions() as session:
+        jobs.get_job(session, owner, job_id)
+    return StreamingResponse(
+        streams.log_text(services, job_id, tail), media_type="text/plain; charset=utf-8"
+    )
+
+
+@router.get("/{job_id}/metrics/stream")
+def stream_metrics(
+    request: Request,
+    services: ServicesDep,
+    owner: OwnerDep,
+    job_id: str,
+    after: str | None = None,
+    last_event_id: LastEventId = None,
+) -> StreamingResponse:
+    """Every metric point as it is logged (one SSE message per step)."""
+    return streams.stream_response(
+        request, services, owner, job_id, last_event_id or after, "metrics"
+    )
+
+
+@router.get("/{job_id}/metrics")
+def get_metrics(
+    session: SessionDep,
+    owner: OwnerDep,
+    job_id: str,
+    keys: str | None = None,
+    after_step: int | None = None,
+    limit: Annotated[int, Query()] = 10_000,
+) -> dict[str, Any]:
+    """Columnar series: ``step`` and one array per metric (``?keys=a,b&after_step=N``)."""
+    if not 1 <= limit <= MAX_METRIC_STEPS:
+        raise invalid(f"limit must be between 1 and {MAX_METRIC_STEPS}.", param="limit")
+    job = jobs.get_job(session, owner, job_id)
+    names = [k.strip() for k in keys.split(",") if k.strip()] if keys else None
+    return streams.metrics_columns(session, job, names, after_step, limit)
