@@ -22,6 +22,11 @@ METHOD_MODULES: dict[str, str] = {
     "kto": "kto",
     "orpo": "orpo",
     "simpo": "simpo",
+    "grpo": "grpo",
+    # OpenAI's reinforcement is GRPO driven by its grader (mapped when the job is created).
+    "reinforcement": "grpo",
+    "rloo": "rloo",
+    "ppo": "ppo",
 }
 
 

@@ -27,6 +27,10 @@ BASE_LEARNING_RATE: dict[str, dict[str, float]] = {
     "orpo": {"lora": 5e-5, "full": 1e-6},
     "simpo": {"lora": 5e-5, "full": 1e-6},
     "reward_model": {"lora": 1e-4, "full": 1e-5},
+    "grpo": {"lora": 1e-5, "full": 1e-6},
+    "reinforcement": {"lora": 1e-5, "full": 1e-6},
+    "rloo": {"lora": 1e-5, "full": 1e-6},
+    "ppo": {"lora": 1e-5, "full": 1e-6},
 }
 DEFAULT_N_EPOCHS = 3
 MAX_AUTO_BATCH_SIZE = 8
@@ -180,6 +184,114 @@ class SimpoHyperparametersRequest(_CommonRequest):
     gamma: Annotated[float, Field(ge=0, le=100)] | Auto = "auto"
 
 
+class _SamplingRequest(_CommonRequest):
+    """What the online methods share: how completions are sampled from the policy."""
+
+    DEFAULTS: ClassVar[dict[str, Any]] = {
+        **_CommonRequest.DEFAULTS,
+        "max_completion_length": 64,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+    }
+
+    # batch_size counts prompts; each is sampled num_generations times.
+    max_completion_length: Annotated[int, Field(ge=1, le=32768)] | Auto = "auto"
+    temperature: Annotated[float, Field(gt=0, le=10)] | Auto = "auto"
+    top_p: Annotated[float, Field(gt=0, le=1)] | Auto = "auto"
+    top_k: Annotated[int, Field(ge=0, le=100000)] | Auto = "auto"  # 0 = off
+
+
+class GrpoHyperparametersRequest(_SamplingRequest):
+    DEFAULTS: ClassVar[dict[str, Any]] = {
+        **_SamplingRequest.DEFAULTS,
+        "num_generations": 8,
+        "epsilon": 0.2,
+        "epsilon_high": None,
+        "beta": 0.0,
+        "scale_rewards": "group",
+        "loss_type": "dapo",
+        "num_iterations": 1,
+        "mask_truncated_completions": False,
+    }
+
+    # Completions per prompt: the group whose mean is the baseline.
+    num_generations: Annotated[int, Field(ge=2, le=256)] | Auto = "auto"
+    # Clipping of the importance ratio: [1 - epsilon, 1 + epsilon_high] (DAPO: 0.28 above).
+    epsilon: Annotated[float, Field(gt=0, lt=1)] | Auto = "auto"
+    epsilon_high: Annotated[float, Field(gt=0, lt=10)] | Auto | None = "auto"
+    # KL coefficient to the reference (0 = no reference at all, TRL's default).
+    beta: Annotated[float, Field(ge=0, le=10)] | Auto = "auto"
+    scale_rewards: Literal["group", "batch", "none"] | Auto = "auto"
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] | Auto = "auto"
+    # Optimizer passes over each rollout (> 1 uses importance ratios against it).
+    num_iterations: Annotated[int, Field(ge=1, le=16)] | Auto = "auto"
+    mask_truncated_completions: bool | Auto = "auto"
+
+
+class ReinforcementHyperparametersRequest(_CommonRequest):
+    """OpenAI's reinforcement hyperparameters; mapped onto GRPO's (docs/methods.md)."""
+
+    DEFAULTS: ClassVar[dict[str, Any]] = {
+        **GrpoHyperparametersRequest.DEFAULTS,
+        "compute_multiplier": 1.0,
+        "eval_interval": 0,
+        "eval_samples": 0,
+        "reasoning_effort": "default",
+    }
+
+    # OpenAI's knobs: compute_multiplier scales num_generations (8 x multiplier, at least 2).
+    compute_multiplier: Annotated[float, Field(gt=0, le=32)] | Auto = "auto"
+    eval_interval: Annotated[int, Field(ge=0)] | Auto = "auto"
+    eval_samples: Annotated[int, Field(ge=0)] | Auto = "auto"
+    reasoning_effort: Literal["default", "low", "medium", "high"] | Auto = "auto"
+
+
+class RlooHyperparametersRequest(_SamplingRequest):
+    DEFAULTS: ClassVar[dict[str, Any]] = {
+        **_SamplingRequest.DEFAULTS,
+        "num_generations": 2,
+        "epsilon": 0.2,
+        "beta": 0.05,
+        "normalize_advantages": False,
+        "num_iterations": 1,
+    }
+
+    num_generations: Annotated[int, Field(ge=2, le=256)] | Auto = "auto"
+    epsilon: Annotated[float, Field(gt=0, lt=1)] | Auto = "auto"
+    # KL coefficient, folded into the reward (TRL: 0.05).
+    beta: Annotated[float, Field(ge=0, le=10)] | Auto = "auto"
+    normalize_advantages: bool | Auto = "auto"
+    num_iterations: Annotated[int, Field(ge=1, le=16)] | Auto = "auto"
+
+
+class PpoHyperparametersRequest(_SamplingRequest):
+    DEFAULTS: ClassVar[dict[str, Any]] = {
+        **_SamplingRequest.DEFAULTS,
+        "num_ppo_epochs": 4,
+        "gamma": 1.0,
+        "lam": 0.95,
+        "cliprange": 0.2,
+        "cliprange_value": 0.2,
+        "vf_coef": 0.1,
+        "kl_coef": 0.05,
+        "whiten_rewards": False,
+        "missing_eos_penalty": None,
+    }
+
+    num_ppo_epochs: Annotated[int, Field(ge=1, le=64)] | Auto = "auto"
+    gamma: Annotated[float, Field(ge=0, le=1)] | Auto = "auto"
+    lam: Annotated[float, Field(ge=0, le=1)] | Auto = "auto"
+    cliprange: Annotated[float, Field(gt=0, lt=1)] | Auto = "auto"
+    cliprange_value: Annotated[float, Field(gt=0, le=100)] | Auto = "auto"
+    vf_coef: Annotated[float, Field(ge=0, le=100)] | Auto = "auto"
+    # Per-token KL penalty to the reference, subtracted from the reward.
+    kl_coef: Annotated[float, Field(ge=0, le=10)] | Auto = "auto"
+    whiten_rewards: bool | Auto = "auto"
+    # Subtracted from the score of a completion that never produced EOS (e.g. 1.0).
+    missing_eos_penalty: Annotated[float, Field(ge=0, le=100)] | Auto | None = "auto"
+
+
 # -- resolved: what a run trains with (no "auto" left) -------------------------------------
 
 
@@ -228,6 +340,51 @@ class SimpoHyperparameters(_CommonResolved):
     gamma: float
 
 
+class _SamplingResolved(_CommonResolved):
+    max_completion_length: int
+    temperature: float
+    top_p: float
+    top_k: int
+
+
+class GrpoHyperparameters(_SamplingResolved):
+    num_generations: int
+    epsilon: float
+    epsilon_high: float | None
+    beta: float
+    scale_rewards: Literal["group", "batch", "none"]
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+    num_iterations: int
+    mask_truncated_completions: bool
+
+
+class ReinforcementHyperparameters(GrpoHyperparameters):
+    compute_multiplier: float
+    eval_interval: int
+    eval_samples: int
+    reasoning_effort: str
+
+
+class RlooHyperparameters(_SamplingResolved):
+    num_generations: int
+    epsilon: float
+    beta: float
+    normalize_advantages: bool
+    num_iterations: int
+
+
+class PpoHyperparameters(_SamplingResolved):
+    num_ppo_epochs: int
+    gamma: float
+    lam: float
+    cliprange: float
+    cliprange_value: float
+    vf_coef: float
+    kl_coef: float
+    whiten_rewards: bool
+    missing_eos_penalty: float | None
+
+
 # method type -> (request model, resolved model). The API rejects a type not here.
 METHODS: dict[str, tuple[type[_CommonRequest], type[_CommonResolved]]] = {
     "supervised": (SupervisedHyperparametersRequest, SupervisedHyperparameters),
@@ -236,6 +393,10 @@ METHODS: dict[str, tuple[type[_CommonRequest], type[_CommonResolved]]] = {
     "kto": (KtoHyperparametersRequest, KtoHyperparameters),
     "orpo": (OrpoHyperparametersRequest, OrpoHyperparameters),
     "simpo": (SimpoHyperparametersRequest, SimpoHyperparameters),
+    "grpo": (GrpoHyperparametersRequest, GrpoHyperparameters),
+    "reinforcement": (ReinforcementHyperparametersRequest, ReinforcementHyperparameters),
+    "rloo": (RlooHyperparametersRequest, RlooHyperparameters),
+    "ppo": (PpoHyperparametersRequest, PpoHyperparameters),
 }
 METHOD_HYPERPARAMETERS: dict[str, type[BaseModel]] = {
     name: pair[0] for name, pair in METHODS.items()
@@ -250,6 +411,20 @@ METHOD_DATASET_FORMATS: dict[str, tuple[str, ...]] = {
     "kto": ("kto", "preference"),
     "orpo": ("preference",),
     "simpo": ("preference",),
+    # Online methods sample their own completions: prompts only (extra keys feed graders).
+    "grpo": ("prompt_only",),
+    "reinforcement": ("prompt_only",),
+    "rloo": ("prompt_only",),
+    "ppo": ("prompt_only",),
+}
+
+# method type -> the options its block may carry beside "hyperparameters", and which of
+# them a job must give. Reward functions are validated by trainer_core.graders.
+METHOD_OPTIONS: dict[str, dict[str, bool]] = {
+    "grpo": {"reward_functions": True},
+    "rloo": {"reward_functions": True},
+    "reinforcement": {"grader": True},
+    "ppo": {"reward_model": True},
 }
 
 
@@ -264,8 +439,15 @@ def resolve_hyperparameters(
         for key, value in request.model_dump().items()
         if key != "batch_size"
     }
-    if isinstance(values.get("loss_type"), str):
+    # Fields the request does not expose (reinforcement's GRPO settings) take their defaults.
+    for key in resolved_cls.model_fields:
+        if key not in values and key in request_cls.DEFAULTS:
+            values[key] = request_cls.DEFAULTS[key]
+    if method_type == "dpo" and isinstance(values["loss_type"], str):
         values["loss_type"] = [values["loss_type"]]
+    if method_type == "reinforcement":
+        # OpenAI's compute_multiplier buys more samples per prompt.
+        values["num_generations"] = max(2, round(8 * values["compute_multiplier"]))
     values["batch_size"] = (
         max(1, min(MAX_AUTO_BATCH_SIZE, n_examples))
         if request.batch_size == "auto"
@@ -294,8 +476,30 @@ AnyHyperparameters = (
     | KtoHyperparameters
     | OrpoHyperparameters
     | SimpoHyperparameters
+    | GrpoHyperparameters
+    | ReinforcementHyperparameters
+    | RlooHyperparameters
+    | PpoHyperparameters
 )
-MethodType = Literal["supervised", "dpo", "reward_model", "kto", "orpo", "simpo"]
+MethodType = Literal[
+    "supervised",
+    "dpo",
+    "reward_model",
+    "kto",
+    "orpo",
+    "simpo",
+    "grpo",
+    "reinforcement",
+    "rloo",
+    "ppo",
+]
+
+
+class RewardModelRef(_Strict):
+    """A trained reward model on the worker's disk: its base and its adapter folder."""
+
+    base: str
+    adapter: str | None = None
 
 
 class TrainSpec(_Strict):
@@ -316,6 +520,11 @@ class TrainSpec(_Strict):
     # Only the operator can turn these on (ALIGND_TRUST_REMOTE_CODE, ALIGND_ALLOW_HUB).
     trust_remote_code: bool = False
     allow_hub: bool = False
+    # Online methods: the reward functions (graders, as trainer_core.graders validates them),
+    # and the reward models they or PPO name, resolved by the worker to local folders.
+    reward_functions: list[dict[str, Any]] = Field(default_factory=list)
+    reward_model: str | None = None
+    reward_models: dict[str, RewardModelRef] = Field(default_factory=dict)
     # A checkpoint folder (adapter/ + state/) to continue from: pause/resume, or a restart
     # of a failed job from its last checkpoint.
     resume_from: str | None = None
