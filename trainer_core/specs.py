@@ -525,6 +525,8 @@ class TrainSpec(_Strict):
     reward_functions: list[dict[str, Any]] = Field(default_factory=list)
     reward_model: str | None = None
     reward_models: dict[str, RewardModelRef] = Field(default_factory=dict)
+    # Hosts an "http" reward function may POST to (ALIGND_REWARD_HTTP_ALLOWED_HOSTS).
+    reward_http_allowed_hosts: list[str] = Field(default_factory=list)
     # A checkpoint folder (adapter/ + state/) to continue from: pause/resume, or a restart
     # of a failed job from its last checkpoint.
     resume_from: str | None = None
