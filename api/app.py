@@ -8,7 +8,7 @@ from api.errors import install_handlers
 from api.idempotency import IdempotencyMiddleware
 from api.keys import AuthMiddleware
 from api.request_id import RequestIdMiddleware
-from api.routes import files, health, jobs, models, uploads
+from api.routes import files, graders, health, jobs, models, uploads
 from api.routes import streams as stream_routes
 from api.routes import webhooks as webhook_routes
 from api.services import Services
@@ -29,7 +29,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(IdempotencyMiddleware, sessions=app.state.services.sessions)
     app.add_middleware(AuthMiddleware, sessions=app.state.services.sessions, settings=settings)
     app.add_middleware(RequestIdMiddleware)
-    for module in (health, files, uploads, jobs, models):
+    for module in (health, files, uploads, jobs, models, graders):
         app.include_router(module.router)
     app.include_router(stream_routes.router)
     app.include_router(webhook_routes.router)

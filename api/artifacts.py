@@ -6,6 +6,7 @@ place, so a reader never sees half an artifact, and a crash leaves only a temp f
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import uuid
@@ -23,6 +24,10 @@ class ArtifactStore(Protocol):
     def exists(self, key: str) -> bool: ...
 
     def get_file(self, key: str, dest: Path) -> None: ...
+
+    def sha256(self, key: str) -> str: ...
+
+    def delete_prefix(self, prefix: str) -> None: ...
 
 
 class LocalArtifactStore:
@@ -58,6 +63,28 @@ class LocalArtifactStore:
 
     def get_file(self, key: str, dest: Path) -> None:
         shutil.copyfile(self._path(key), dest)
+
+    def sha256(self, key: str) -> str:
+        """The artifact's sha256, computed once and kept beside it (artifacts never change)."""
+        path = self._path(key)
+        sidecar = path.with_name(path.name + ".sha256")
+        if sidecar.is_file() and sidecar.stat().st_mtime >= path.stat().st_mtime:
+            return sidecar.read_text().strip()
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1024 * 1024):
+                digest.update(chunk)
+        tmp = sidecar.with_name(f"{sidecar.name}.{uuid.uuid4().hex}.part")
+        tmp.write_text(digest.hexdigest())
+        os.replace(tmp, sidecar)
+        return digest.hexdigest()
+
+    def delete_prefix(self, prefix: str) -> None:
+        path = self._path(prefix)
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def artifact_store(root: Path) -> ArtifactStore:

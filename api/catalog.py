@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.errors import invalid, not_found
-from api.models import Job
+from api.models import Checkpoint, Job
 from api.settings import Settings
 
 _FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -67,6 +67,8 @@ def list_models(session: Session, settings: Settings, owner: str) -> list[dict[s
     jobs = session.scalars(
         select(Job)
         .where(Job.owner == owner, Job.status == "succeeded", Job.fine_tuned_model.is_not(None))
+        # A deleted fine-tune keeps its job (history) but loses its adapter.
+        .where(Job.adapter_key.is_not(None))
         .order_by(Job.id.desc())
     )
     models += [
@@ -89,3 +91,27 @@ def get_model(session: Session, settings: Settings, owner: str, model_id: str) -
         if model["id"] == model_id:
             return model
     raise not_found("model", model_id, param="model")
+
+
+def delete_model(
+    session: Session, settings: Settings, owner: str, model_id: str, artifacts: Any
+) -> dict[str, Any]:
+    """Delete one of the owner's fine-tunes: its adapter and checkpoints go; its job stays."""
+    job = session.scalar(
+        select(Job).where(
+            Job.owner == owner, Job.fine_tuned_model == model_id, Job.adapter_key.is_not(None)
+        )
+    )
+    if job is None:
+        if any(p.name == model_id for p in base_model_dirs(settings)):
+            raise invalid(
+                f"'{model_id}' is a base model; base models are managed by the operator.",
+                param="model",
+                code="model_not_deletable",
+            )
+        raise not_found("model", model_id, param="model")
+    artifacts.delete_prefix(f"jobs/{job.id}")
+    job.adapter_key = None
+    for checkpoint in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id)):
+        session.delete(checkpoint)
+    return {"id": model_id, "object": "model", "deleted": True}

@@ -19,6 +19,7 @@ from api.services import Services
 from trainer_core.specs import (
     METHOD_DATASET_FORMATS,
     METHOD_HYPERPARAMETERS,
+    METHOD_OPTIONS,
     AdapterSpec,
     resolve_hyperparameters,
 )
@@ -27,7 +28,7 @@ log = logging.getLogger("alignd.api")
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 # Method types this service knows of but whose trainers have not landed yet.
-PLANNED_METHODS = ("reinforcement", "grpo", "rloo", "ppo")
+PLANNED_METHODS: tuple[str, ...] = ()
 DEFAULT_MAX_SEQ_LEN = 1024
 _SUFFIX = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -120,12 +121,20 @@ def _method_request(body: JobCreate) -> tuple[str, BaseModel, str]:
     block = body.method.get(method_type) or {}
     if not isinstance(block, dict):
         raise invalid(f"'method.{method_type}' must be an object.", param=f"method.{method_type}")
+    options = METHOD_OPTIONS.get(method_type, {})
     for key in block:
-        if key != "hyperparameters":
+        if key != "hyperparameters" and key not in options:
             raise invalid(
                 f"Unknown parameter: 'method.{method_type}.{key}'.",
                 param=f"method.{method_type}.{key}",
                 code="unknown_parameter",
+            )
+    for key, required in options.items():
+        if required and block.get(key) is None:
+            raise invalid(
+                f"Missing required parameter: 'method.{method_type}.{key}'.",
+                param=f"method.{method_type}.{key}",
+                code="missing_required_parameter",
             )
     prefix = f"method.{method_type}.hyperparameters"
     return method_type, _hyperparameters(method_type, block.get("hyperparameters"), prefix), prefix
@@ -138,6 +147,63 @@ def _hyperparameters(method_type: str, raw: Any, prefix: str) -> BaseModel:
         return METHOD_HYPERPARAMETERS[method_type].model_validate(raw or {})
     except ValidationError as exc:
         raise from_validation_error(exc, prefix=prefix) from None
+
+
+def _method_options(
+    session: Session,
+    owner: str,
+    method_type: str,
+    block: dict[str, Any],
+    http_allowed_hosts: list[str],
+) -> dict[str, Any]:
+    """Validate and normalise a method block's options (reward functions, reward model).
+
+    Reward functions are data (trainer_core.graders checks them); every reward model they or
+    PPO name must be a succeeded reward_model job of the same owner.
+    """
+    from trainer_core import graders  # no torch: plain data validation
+
+    options: dict[str, Any] = {}
+    prefix = f"method.{method_type}"
+    try:
+        if "reward_functions" in block:
+            options["reward_functions"] = graders.validate_reward_functions(
+                block["reward_functions"],
+                param=f"{prefix}.reward_functions",
+                http_allowed_hosts=http_allowed_hosts,
+            )
+        if "grader" in block:
+            options["grader"] = block["grader"]
+            options["reward_functions"] = graders.grader_to_reward_functions(
+                block["grader"], param=f"{prefix}.grader", http_allowed_hosts=http_allowed_hosts
+            )
+    except graders.GraderError as exc:
+        raise invalid(str(exc), param=exc.param, code="invalid_grader") from None
+    names = graders.reward_model_names(options.get("reward_functions", []))
+    for name in sorted(names):
+        _reward_model_job(session, owner, name, f"{prefix}.reward_functions")
+    if "reward_model" in block:
+        name = block["reward_model"]
+        if not isinstance(name, str):
+            raise invalid("'reward_model' must be a model name.", param=f"{prefix}.reward_model")
+        _reward_model_job(session, owner, name, f"{prefix}.reward_model")
+        options["reward_model"] = name
+    return options
+
+
+def _reward_model_job(session: Session, owner: str, name: str, param: str) -> Job:
+    job = session.scalar(
+        select(Job).where(
+            Job.owner == owner, Job.fine_tuned_model == name, Job.status == "succeeded"
+        )
+    )
+    if job is None or job.method.get("type") != "reward_model":
+        raise invalid(
+            f"'{name}' is not a finished reward_model fine-tune of yours.",
+            param=param,
+            code="reward_model_not_found",
+        )
+    return job
 
 
 def _check_file(session: Session, owner: str, file_id: str, param: str, method_type: str) -> int:
@@ -199,6 +265,10 @@ def plan_job(services: Services, session: Session, owner: str, raw: Any) -> Job:
     """Validate a job body and resolve it into an unsaved Job row (create and estimate)."""
     body = parse_body(raw)
     method_type, request, _ = _method_request(body)
+    block = (body.method or {}).get(method_type) or {}
+    options = _method_options(
+        session, owner, method_type, block, list(services.settings.reward_http_allowed_hosts)
+    )
     model = catalog.resolve_base_model(services.settings, body.model)
     n_examples = _check_file(session, owner, body.training_file, "training_file", method_type)
     if body.validation_file is not None:
@@ -215,7 +285,10 @@ def plan_job(services: Services, session: Session, owner: str, raw: Any) -> Job:
         status="queued",
         training_file=body.training_file,
         validation_file=body.validation_file,
-        method={"type": method_type, method_type: {"hyperparameters": resolved.model_dump()}},
+        method={
+            "type": method_type,
+            method_type: {"hyperparameters": resolved.model_dump(), **options},
+        },
         extensions={
             "adapter": adapter.model_dump(),
             "max_seq_len": body.max_seq_len or DEFAULT_MAX_SEQ_LEN,
@@ -363,8 +436,16 @@ def _settle_at_once(session: Session, job: Job, status: str) -> bool:
     return bool(done.rowcount)  # type: ignore[attr-defined]
 
 
-def list_jobs_query(owner: str, after: str | None) -> Select[Any]:
+def list_jobs_query(
+    owner: str, after: str | None, metadata: dict[str, str] | None = None
+) -> Select[Any]:
+    """Newest first. ``metadata``: OpenAI's ``metadata[k]=v`` filter (all pairs must match);
+    an empty dict selects jobs without metadata (the SDK's ``metadata=null``)."""
     query = select(Job).where(Job.owner == owner)
+    if metadata == {}:
+        query = query.where(Job.user_metadata.is_(None) | (Job.user_metadata.as_string() == "null"))
+    for key, value in (metadata or {}).items():
+        query = query.where(Job.user_metadata[key].as_string() == value)
     if after:
         query = query.where(Job.id < after)
     return query.order_by(Job.id.desc())

@@ -10,9 +10,10 @@ from __future__ import annotations
 import ipaddress
 from functools import cached_property
 from pathlib import Path
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LOCAL_OWNER = "local"
 
@@ -80,6 +81,13 @@ class Settings(BaseSettings):
     webhook_poll_s: float = Field(0.5, gt=0)
     webhook_concurrency: int = Field(4, ge=1)
 
+    # "http" reward functions (docs/methods.md, "Reward functions") may POST only to these
+    # hosts: "host" (any port) or "host:port", comma-separated in the environment. Empty
+    # refuses every http reward function. The timeout is the default and the maximum a
+    # function may ask for.
+    reward_http_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    reward_http_timeout_s: float = Field(10.0, gt=0, le=600)
+
     max_upload_bytes: int = 8 * 1024 * 1024 * 1024
     upload_chunk_bytes: int = 1024 * 1024
     torch_threads: int | None = None
@@ -90,6 +98,13 @@ class Settings(BaseSettings):
         for entry in filter(None, (part.strip() for part in value.split(","))):
             if "/" in entry:
                 ipaddress.ip_network(entry, strict=False)  # a bad network fails at start
+        return value
+
+    @field_validator("reward_http_allowed_hosts", mode="before")
+    @classmethod
+    def _reward_hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
     @field_validator("data_dir", "models_dir", mode="after")

@@ -527,6 +527,7 @@ class TrainSpec(_Strict):
     reward_models: dict[str, RewardModelRef] = Field(default_factory=dict)
     # Hosts an "http" reward function may POST to (ALIGND_REWARD_HTTP_ALLOWED_HOSTS).
     reward_http_allowed_hosts: list[str] = Field(default_factory=list)
+    reward_http_timeout_s: Annotated[float, Field(gt=0, le=600)] = 10.0
     # A checkpoint folder (adapter/ + state/) to continue from: pause/resume, or a restart
     # of a failed job from its last checkpoint.
     resume_from: str | None = None

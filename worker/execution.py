@@ -21,6 +21,7 @@ from api.files import chunk_count, iter_content
 from api.jobs import add_event
 from api.models import Checkpoint, File, Job, now
 from api.services import Services
+from trainer_core import graders
 from trainer_core.seams import RunResult
 from trainer_core.specs import TrainSpec
 from worker import job_logs
@@ -87,6 +88,31 @@ def fetch_checkpoint(services: Services, checkpoint_id: str, dest: Path) -> Path
     return dest
 
 
+def fetch_reward_models(
+    services: Services, owner: str, names: set[str], dest: Path
+) -> dict[str, dict[str, str]]:
+    """Download the final adapter of each named reward_model fine-tune next to the job."""
+    refs: dict[str, dict[str, str]] = {}
+    for name in sorted(names):
+        with services.sessions() as session:
+            job = session.scalar(
+                select(Job).where(
+                    Job.owner == owner, Job.fine_tuned_model == name, Job.status == "succeeded"
+                )
+            )
+        if job is None or not job.adapter_key:
+            raise FileNotFoundError(f"reward model {name} no longer exists")
+        folder = dest / job.id
+        tar_path = dest / f"{job.id}.tar"
+        dest.mkdir(parents=True, exist_ok=True)
+        services.artifacts.get_file(job.adapter_key, tar_path)
+        with tarfile.open(tar_path) as tar:
+            tar.extractall(folder, filter="data")
+        tar_path.unlink()
+        refs[name] = {"base": model_path(services.settings, job.model), "adapter": str(folder)}
+    return refs
+
+
 def build_spec(
     services: Services,
     job: Job,
@@ -96,6 +122,14 @@ def build_spec(
 ) -> TrainSpec:
     settings = services.settings
     method_type = job.method["type"]
+    block = job.method[method_type]
+    reward_functions = block.get("reward_functions", [])
+    names = graders.reward_model_names(reward_functions) if reward_functions else set()
+    if block.get("reward_model"):
+        names.add(block["reward_model"])
+    reward_models = fetch_reward_models(
+        services, job.owner, names, train_path.parent / "reward_models"
+    )
     return TrainSpec.model_validate(
         {
             "method": method_type,
@@ -110,6 +144,11 @@ def build_spec(
             "allow_hub": settings.allow_hub,
             "num_threads": settings.torch_threads,
             "resume_from": str(resume_dir) if resume_dir else None,
+            "reward_functions": reward_functions,
+            "reward_model": block.get("reward_model"),
+            "reward_models": reward_models,
+            "reward_http_allowed_hosts": list(settings.reward_http_allowed_hosts),
+            "reward_http_timeout_s": settings.reward_http_timeout_s,
         }
     )
 

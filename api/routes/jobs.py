@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from api import jobs, planning, streams
-from api.artifacts import ArtifactStore
 from api.deps import OwnerDep, ServicesDep, SessionDep
-from api.errors import APIError, not_found
+from api.downloads import artifact_response
+from api.errors import APIError
 from api.pagination import page
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
@@ -40,14 +39,27 @@ def estimate_job(
 
 @router.get("")
 def list_jobs(
+    request: Request,
     session: SessionDep,
     owner: OwnerDep,
     after: str | None = None,
     limit: Annotated[int, Query()] = 20,
 ) -> dict[str, Any]:
     positions = jobs.queue_positions(session)
-    query = jobs.list_jobs_query(owner, after)
+    query = jobs.list_jobs_query(owner, after, _metadata_filter(request))
     return page(session, query, limit, lambda job: jobs.render_job(job, positions.get(job.id)))
+
+
+def _metadata_filter(request: Request) -> dict[str, str] | None:
+    """``metadata[team]=a&metadata[env]=b`` (OpenAI's deepObject style), or ``metadata=null``."""
+    if request.query_params.get("metadata") == "null":
+        return {}
+    pairs = {
+        key[len("metadata[") : -1]: value
+        for key, value in request.query_params.items()
+        if key.startswith("metadata[") and key.endswith("]")
+    }
+    return pairs or None
 
 
 @router.get("/{job_id}")
@@ -119,8 +131,8 @@ def list_checkpoints(
 
 @router.get("/{job_id}/adapter")
 def download_adapter(
-    services: ServicesDep, session: SessionDep, owner: OwnerDep, job_id: str
-) -> StreamingResponse:
+    request: Request, services: ServicesDep, session: SessionDep, owner: OwnerDep, job_id: str
+) -> Response:
     job = jobs.get_job(session, owner, job_id)
     if not job.adapter_key:
         raise APIError(
@@ -129,36 +141,23 @@ def download_adapter(
             param="fine_tuning_job_id",
             code="adapter_not_found",
         )
-    return _tar_response(services.artifacts, job.adapter_key, f"{job.id}-adapter.tar")
+    return artifact_response(request, services.artifacts, job.adapter_key, f"{job.id}-adapter.tar")
 
 
 @router.get("/{job_id}/checkpoints/{checkpoint_id}/adapter")
 def download_checkpoint_adapter(
-    services: ServicesDep, session: SessionDep, owner: OwnerDep, job_id: str, checkpoint_id: str
-) -> StreamingResponse:
+    request: Request,
+    services: ServicesDep,
+    session: SessionDep,
+    owner: OwnerDep,
+    job_id: str,
+    checkpoint_id: str,
+) -> Response:
     job = jobs.get_job(session, owner, job_id)
     row = jobs.get_checkpoint(session, job, checkpoint_id)
-    return _tar_response(
+    return artifact_response(
+        request,
         services.artifacts,
         f"{row.artifact_key}/adapter.tar",
         f"{job.id}-step-{row.step}-adapter.tar",
-    )
-
-
-def _tar_response(store: ArtifactStore, key: str, filename: str) -> StreamingResponse:
-    if not store.exists(key):
-        raise not_found("artifact", key)
-
-    def body() -> Iterator[bytes]:
-        with store.open(key) as fh:
-            while chunk := fh.read(1024 * 1024):
-                yield chunk
-
-    return StreamingResponse(
-        body(),
-        media_type="application/x-tar",
-        headers={
-            "content-length": str(store.size(key)),
-            "content-disposition": f'attachment; filename="{filename}"',
-        },
     )

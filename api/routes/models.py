@@ -23,3 +23,11 @@ def retrieve_model(
     services: ServicesDep, session: SessionDep, owner: OwnerDep, model_id: str
 ) -> dict[str, Any]:
     return catalog.get_model(session, services.settings, owner, model_id)
+
+
+@router.delete("/{model_id:path}")
+def delete_model(
+    services: ServicesDep, session: SessionDep, owner: OwnerDep, model_id: str
+) -> dict[str, Any]:
+    with session.begin():
+        return catalog.delete_model(session, services.settings, owner, model_id, services.artifacts)

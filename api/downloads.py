@@ -1,0 +1,75 @@
+"""Artifact downloads over HTTP: Content-Length, a sha256 ETag, Range and If-None-Match.
+
+Adapters can be gigabytes (a full fine-tune of a real model), so a broken download must be
+resumable (``Range: bytes=N-``) and a client must be able to check what it got (the ETag is
+the tar's sha256). Only single ranges are served; a multi-range request gets the whole file,
+which RFC 9110 allows.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from api.artifacts import ArtifactStore
+from api.errors import APIError, not_found
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+CHUNK = 1024 * 1024
+
+
+def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(first, last) inclusive for a single satisfiable range; None for the whole file."""
+    if not header or "," in header:
+        return None
+    match = _RANGE.match(header.strip())
+    if not match or match.groups() == ("", ""):
+        return None
+    first, last = match.groups()
+    if first == "":  # a suffix: the last N bytes
+        start, end = max(0, size - int(last)), size - 1
+    else:
+        start = int(first)
+        end = min(int(last), size - 1) if last else size - 1
+    if start >= size or start > end:
+        raise APIError(
+            416,
+            f"Range not satisfiable for a file of {size} bytes.",
+            param="range",
+            code="range_not_satisfiable",
+        )
+    return start, end
+
+
+def artifact_response(request: Request, store: ArtifactStore, key: str, filename: str) -> Response:
+    if not store.exists(key):
+        raise not_found("artifact", key)
+    size = store.size(key)
+    etag = f'"{store.sha256(key)}"'
+    headers = {
+        "accept-ranges": "bytes",
+        "etag": etag,
+        "content-disposition": f'attachment; filename="{filename}"',
+    }
+    if request.headers.get("if-none-match") in (etag, "*"):
+        return Response(status_code=304, headers=headers)
+    span = _byte_range(request.headers.get("range"), size)
+    start, end = span if span else (0, size - 1)
+
+    def body() -> Iterator[bytes]:
+        with store.open(key) as fh:
+            fh.seek(start)
+            left = end - start + 1
+            while left > 0 and (chunk := fh.read(min(CHUNK, left))):
+                left -= len(chunk)
+                yield chunk
+
+    headers["content-length"] = str(end - start + 1)
+    if span:
+        headers["content-range"] = f"bytes {start}-{end}/{size}"
+    return StreamingResponse(
+        body(), status_code=206 if span else 200, media_type="application/x-tar", headers=headers
+    )
