@@ -277,6 +277,15 @@ def plan_job(services: Services, session: Session, owner: str, raw: Any) -> Job:
     resolved = resolve_hyperparameters(
         method_type, request, adapter_type=adapter.type, n_examples=n_examples
     )
+    max_seq_len = body.max_seq_len or DEFAULT_MAX_SEQ_LEN
+    completion = getattr(resolved, "max_completion_length", None)
+    if completion is not None and completion >= max_seq_len:
+        # The sequence holds the prompt too: fail here, not at the worker's first step.
+        raise invalid(
+            f"max_completion_length ({completion}) must be below max_seq_len ({max_seq_len}), "
+            "which also holds the prompt.",
+            param=f"method.{method_type}.hyperparameters.max_completion_length",
+        )
     job = Job(
         id=new_id("ftjob"),
         owner=owner,
@@ -291,7 +300,7 @@ def plan_job(services: Services, session: Session, owner: str, raw: Any) -> Job:
         },
         extensions={
             "adapter": adapter.model_dump(),
-            "max_seq_len": body.max_seq_len or DEFAULT_MAX_SEQ_LEN,
+            "max_seq_len": max_seq_len,
             "integrations": body.integrations or [],
         },
         # OpenAI picks a random seed when none is given, and reports it on the job.
