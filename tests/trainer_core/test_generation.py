@@ -1,0 +1,218 @@
+"""Rollouts on the tiny model (``generation``) and the prompt-only rows they start from."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from trainer_core.generation import generate, rollout_logps
+from trainer_core.models import load_model
+from trainer_core.prompt_data import load_prompts
+
+QUESTIONS = ["Hi", "What is 2 + 2? Please answer with care.", "Why is the sky blue?"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model: Path) -> Any:
+    return load_model(str(tiny_model))
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer: Any) -> list[list[int]]:
+    return [
+        list(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": q}], add_generation_prompt=True, return_dict=False
+            )
+        )
+        for q in QUESTIONS
+    ]
+
+
+def sample(model: Any, tokenizer: Any, prompts: list[list[int]], **overrides: Any) -> Any:
+    options: dict[str, Any] = {
+        "num_generations": 2,
+        "max_completion_length": 12,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "generator": torch.Generator().manual_seed(0),
+    }
+    return generate(model, tokenizer, prompts, **(options | overrides))
+
+
+def test_left_padding_and_prompt_major_rows(model: Any, tokenizer: Any, prompts: Any) -> None:
+    rollout = sample(model, tokenizer, prompts, num_generations=3)
+    assert rollout.prompt_ids.shape == (9, max(len(p) for p in prompts))
+    for row in range(9):
+        prompt = prompts[row // 3]  # rows i*G .. i*G+G-1 are prompt i's
+        width = rollout.prompt_ids.size(1)
+        assert rollout.prompt_ids[row, width - len(prompt) :].tolist() == prompt
+        assert rollout.prompt_mask[row].tolist() == [0] * (width - len(prompt)) + [1] * len(prompt)
+        assert (rollout.prompt_ids[row, : width - len(prompt)] == tokenizer.pad_token_id).all()
+    assert model.training  # the mode it came in is given back
+
+
+def test_eos_stops_a_row_and_masks_everything_after_it(
+    model: Any, tokenizer: Any, prompts: Any
+) -> None:
+    """With a list of 41 EOS ids (of 512) some rows stop early, at different steps."""
+    eos_ids = [tokenizer.eos_token_id, *range(100, 140)]
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = eos_ids
+    try:
+        rollout = sample(model, tokenizer, prompts, num_generations=4, max_completion_length=10)
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert rollout.is_eos.any() and not rollout.is_eos.all()
+    for row in range(rollout.completion_ids.size(0)):
+        ids = rollout.completion_ids[row].tolist()
+        mask = rollout.completion_mask[row].tolist()
+        stops = [t for t, token in enumerate(ids) if token in eos_ids]
+        if rollout.is_eos[row]:
+            end = stops[0] + 1  # the EOS itself counts
+            assert mask == [1] * end + [0] * (len(ids) - end)
+            assert all(token == tokenizer.pad_token_id for token in ids[end:])
+        else:
+            assert not stops and mask == [1] * len(ids) and len(ids) == 10
+        kept = [token for token, m in zip(ids, mask, strict=True) if m]
+        assert rollout.texts[row] == tokenizer.decode(kept, skip_special_tokens=True)
+
+
+def test_max_completion_length_is_respected(model: Any, tokenizer: Any, prompts: Any) -> None:
+    rollout = sample(model, tokenizer, prompts, max_completion_length=5)
+    assert rollout.completion_ids.shape == (6, 5)
+    assert (rollout.completion_mask.sum(-1) <= 5).all()
+
+
+def test_same_seed_same_completions(model: Any, tokenizer: Any, prompts: Any) -> None:
+    first = sample(model, tokenizer, prompts)
+    again = sample(model, tokenizer, prompts)
+    other = sample(model, tokenizer, prompts, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(first.completion_ids, again.completion_ids)
+    assert first.texts == again.texts
+    assert not torch.equal(first.completion_ids, other.completion_ids)
+    # The G samples of one prompt differ from each other (one prefill, G draws).
+    assert not torch.equal(first.completion_ids[0], first.completion_ids[1])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"temperature": 1e-5}, {"top_k": 1}, {"top_p": 1e-6}],
+    ids=["cold", "top_k_1", "top_p_tiny"],
+)
+def test_greedy_limits_equal_transformers_greedy_generate(
+    model: Any, tokenizer: Any, prompts: Any, options: dict[str, Any]
+) -> None:
+    rollout = sample(model, tokenizer, prompts, max_completion_length=8, **options)
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = (torch.arange(width) >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    expected = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=False,
+        max_new_tokens=8,
+        pad_token_id=tokenizer.pad_token_id,
+    )[:, width:]
+    assert torch.equal(rollout.completion_ids[0::2], expected)
+    assert torch.equal(rollout.completion_ids[1::2], expected)
+
+
+def test_rollout_logps_are_the_sampling_distribution(
+    model: Any, tokenizer: Any, prompts: Any
+) -> None:
+    """Each row's log-probs equal log_softmax(logits / T) of that row run alone, unpadded,
+    with full logits: the shift, the temperature and the left padding are all right."""
+    rollout = sample(model, tokenizer, prompts, temperature=0.7)
+    with torch.no_grad():
+        batched, entropies = rollout_logps(model, rollout, temperature=0.7, with_entropy=True)
+        for row in range(rollout.completion_ids.size(0)):
+            length = int(rollout.completion_mask[row].sum())
+            prompt = prompts[row // 2]
+            ids = torch.tensor([prompt + rollout.completion_ids[row, :length].tolist()])
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1] / 0.7  # (length, V)
+            alone = torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt) :, None])[:, 0]
+            torch.testing.assert_close(batched[row, :length], alone, atol=1e-5, rtol=1e-5)
+    assert entropies is not None and entropies.shape == batched.shape
+    assert (entropies[rollout.completion_mask.bool()] > 0).all()
+
+
+# -- prompt-only rows ------------------------------------------------------------------------
+
+
+def test_prompt_rows_in_each_format(tokenizer: Any, write_rows: Callable[..., Path]) -> None:
+    messages = [{"role": "user", "content": "Name a colour."}]
+    path = write_rows(
+        [
+            {"messages": messages, "answer": "blue"},
+            {"prompt": messages},
+            {"prompt": "Once upon a time"},
+        ]
+    )
+    data = load_prompts(path, tokenizer, max_prompt_length=64)
+    chat = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    assert data.examples[0].prompt_ids == list(chat)
+    assert data.examples[0].item == {"messages": messages, "answer": "blue"}  # graders read it
+    assert data.examples[1].prompt_ids == list(chat)
+    assert data.examples[2].prompt_ids == tokenizer("Once upon a time")["input_ids"]
+    assert [e.line for e in data.examples] == [1, 2, 3]
+    assert (data.n_rows, data.n_truncated) == (3, 0)
+
+
+def test_long_prompts_keep_their_end(tokenizer: Any, write_rows: Callable[..., Path]) -> None:
+    messages = [{"role": "user", "content": "word " * 40}]
+    path = write_rows([{"messages": messages}])
+    full = list(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    )
+    data = load_prompts(path, tokenizer, max_prompt_length=10)
+    assert data.examples[0].prompt_ids == full[-10:]  # the generation prompt survives
+    assert data.n_truncated == 1
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"completion": "x"},
+        {"prompt": ""},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+    ],
+)
+def test_a_bad_row_names_its_line(
+    tokenizer: Any, write_rows: Callable[..., Path], bad: dict[str, Any]
+) -> None:
+    path = write_rows([{"prompt": "fine"}, bad])
+    with pytest.raises(ValueError, match="^line 2: "):
+        load_prompts(path, tokenizer, max_prompt_length=16)
+
+
+def test_shared_prompt_forward_gives_the_gradients_of_whole_rows(
+    model: Any, tokenizer: Any, prompts: Any
+) -> None:
+    """``rollout_logps`` runs each prompt once for its G completions; the gradient of the
+    completions' log-probs must equal that of one forward over the whole padded rows."""
+    rollout = sample(model, tokenizer, prompts, num_generations=3, max_completion_length=6)
+    mask = rollout.completion_mask.float()
+
+    def grads(loss: torch.Tensor) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        flat = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        model.zero_grad(set_to_none=True)
+        return flat
+
+    shared, _ = rollout_logps(model, rollout, temperature=0.9)
+    ids, attention = rollout.input_ids, rollout.attention_mask
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions).logits / 0.9
+    p = rollout.prompt_ids.size(1)
+    whole = torch.log_softmax(logits[:, p - 1 : -1], -1).gather(-1, ids[:, p:, None])[..., 0]
+    torch.testing.assert_close(shared * mask, whole * mask, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        grads((shared * mask).sum()), grads((whole * mask).sum()), atol=1e-5, rtol=1e-4
+    )

@@ -1,0 +1,303 @@
+"""Sampling completions from the policy: the rollout of the online methods (GRPO, RLOO, PPO).
+
+``generate`` is a plain sampling loop over a KV cache, not ``model.generate``:
+
+- Each distinct prompt is encoded once. The prompts are left-padded and run through the model
+  in one forward; the cache is then repeated ``num_generations`` times along the batch
+  (``Cache.batch_repeat_interleave``), so a group of G samples shares one prefill instead of G
+  (``generate(num_return_sequences=G)`` would prefill G copies of every prompt).
+- Sampling is HF's: logits / temperature, then top-k, then top-p (the same order and the same
+  "keep at least one token" rule as ``TopKLogitsWarper`` / ``TopPLogitsWarper``), then one
+  ``torch.multinomial`` draw per row from ``generator``. Same generator state, same model →
+  the same completions on CPU.
+- Positions follow the attention mask (``cumsum - 1``), as ``model.generate`` does with left
+  padding, so a padded prompt sees the positions it would have alone.
+- A row stops at its first EOS (any of the model's and the tokenizer's EOS ids); what follows
+  is ``pad_token_id`` with ``completion_mask`` 0. The loop ends when every row has stopped or
+  after ``max_completion_length`` tokens.
+
+Deliberately left out: beam search, repetition penalties, min-p, stop strings, and dropping
+finished rows from the batch (the cache would have to be re-indexed every step; on the short
+completions this runs on that costs more than it saves).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer_core.logprobs import next_token_logps
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # (N, P) left-padded
+    prompt_mask: torch.Tensor  # (N, P)
+    completion_ids: torch.Tensor  # (N, C) right-padded (pad after EOS)
+    completion_mask: torch.Tensor  # (N, C) 1 = a real completion token, up to and including EOS
+    is_eos: torch.Tensor  # (N,) bool: ended with EOS (else it hit max_completion_length)
+    texts: list[str]  # decoded completions, special tokens skipped
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """(N, P + C): prompt and completion side by side."""
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(N, P + C): 1 on real prompt and completion tokens."""
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    def select(self, rows: torch.Tensor) -> Rollout:
+        """The rollout of ``rows`` only (a micro-batch), its padding columns trimmed."""
+        prompt_mask, completion_mask = self.prompt_mask[rows], self.completion_mask[rows]
+        p = int(prompt_mask.sum(-1).max())  # longest prompt of these rows
+        c = max(1, int(completion_mask.sum(-1).max()))  # longest completion
+        return Rollout(
+            self.prompt_ids[rows][:, -p:],
+            prompt_mask[:, -p:],
+            self.completion_ids[rows][:, :c],
+            completion_mask[:, :c],
+            self.is_eos[rows],
+            [self.texts[i] for i in rows.tolist()],
+        )
+
+
+def eos_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
+    """Every id that ends a completion: the generation config's EOS (often a list, e.g. a chat
+    model's end-of-turn and end-of-text) and the tokenizer's."""
+    ids: list[int] = []
+    config = getattr(model, "generation_config", None)
+    for value in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+        if value is None:
+            continue
+        for token in value if isinstance(value, list | tuple) else [value]:
+            if int(token) not in ids:
+                ids.append(int(token))
+    if not ids:
+        raise ValueError("the model and the tokenizer name no EOS token")
+    return ids
+
+
+def left_pad(
+    sequences: Sequence[Sequence[int]], pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)``, both (B, L): sequences right-aligned, padding on the left."""
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, length - len(s) :] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, length - len(s) :] = 1
+    return ids, mask
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T): each token's position counted over real tokens only (padding gets 0)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    *,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """(B,) one token per row from ``logits`` (B, V), warped as HF's sampling does."""
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative <= 1 - top_p
+        drop[:, -1] = False  # keep at least the most likely token
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)  # (B, V)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    get_base = getattr(model, "get_base_model", None)  # a peft model forwards **kwargs
+    base = get_base() if callable(get_base) else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    num_generations: int,
+    max_completion_length: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Sample ``num_generations`` completions of every prompt (see the module docstring).
+
+    Rows are prompt-major: prompt i's completions are rows ``i*G .. i*G+G-1``. The model is
+    put in eval mode for the rollout and given back in the mode it came in.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if num_generations < 1 or max_completion_length < 1 or temperature <= 0:
+        raise ValueError("num_generations, max_completion_length and temperature must be > 0")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos = torch.tensor(eos_token_ids(model, tokenizer))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        prompt_ids, prompt_mask = left_pad(prompts, pad_id)  # (B, P)
+        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+        keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+        out = model(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=position_ids(prompt_mask),
+            use_cache=True,
+            **keep,
+        )
+        # One prefill per prompt, then G copies of its cache: (B, ...) -> (N = B*G, ...).
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(num_generations)
+        next_logits = out.logits[:, -1].repeat_interleave(num_generations, dim=0)  # (N, V)
+        prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)  # (N, P)
+        prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)  # (N, P)
+
+        n = prompt_ids.size(0)
+        attention_mask = prompt_mask
+        positions = prompt_mask.sum(-1, keepdim=True) - 1  # (N, 1): last real position
+        done = torch.zeros(n, dtype=torch.bool, device=device)
+        is_eos = torch.zeros(n, dtype=torch.bool, device=device)
+        tokens: list[torch.Tensor] = []
+        masks: list[torch.Tensor] = []
+        for step in range(max_completion_length):
+            token = sample_next(
+                next_logits, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator
+            ).to(device)  # (N,)
+            token = token.masked_fill(done, pad_id)
+            tokens.append(token)
+            masks.append((~done).long())
+            hit = torch.isin(token, eos.to(device)) & ~done
+            is_eos |= hit
+            done |= hit
+            if bool(done.all()) or step == max_completion_length - 1:
+                break
+            attention_mask = torch.cat([attention_mask, torch.ones_like(token)[:, None]], dim=1)
+            positions = positions + 1
+            out = model(
+                input_ids=token[:, None],
+                attention_mask=attention_mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache = out.past_key_values
+            next_logits = out.logits[:, -1]  # (N, V)
+    finally:
+        model.train(was_training)
+
+    completion_ids = torch.stack(tokens, dim=1)  # (N, C)
+    completion_mask = torch.stack(masks, dim=1)  # (N, C)
+    texts = tokenizer.batch_decode(
+        [
+            ids[mask.bool()].tolist()
+            for ids, mask in zip(completion_ids, completion_mask, strict=True)
+        ],
+        skip_special_tokens=True,
+    )
+    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, is_eos, texts)
+
+
+def rollout_logps(
+    model: nn.Module,
+    rollout: Rollout,
+    *,
+    temperature: float,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(per_token_logps (N, C), entropies (N, C) | None)`` of the rollout's completion tokens.
+
+    The log-probs are those of the distribution the tokens were sampled from: logits /
+    temperature (TRL does the same), positions as in ``generate``. Grad flows unless the
+    caller is under ``no_grad``; ``entropies`` (for the metric) never carry grad.
+
+    Shared prompts are run once, as in ``generate``: the distinct prompts go through the
+    model first, their KV cache is gathered to one row per completion, and the completions
+    run on top of it. The logits are those of running every row whole (causal attention
+    makes a prompt's keys and values independent of what follows), gradients flow into the
+    prompt's keys and values through the gather, and the G − 1 copies of every prompt cost
+    nothing, forward or backward. Only completion positions reach the LM head.
+    """
+    prompt_rows = torch.cat([rollout.prompt_ids, rollout.prompt_mask], dim=1)  # (N, 2P)
+    unique, inverse = torch.unique(prompt_rows, dim=0, return_inverse=True)  # (U, 2P), (N,)
+    if unique.size(0) == prompt_rows.size(0):  # nothing shared: one forward of whole rows
+        logits = _whole_rows_logits(model, rollout)  # (N, C + 1, V)
+    else:
+        logits = _shared_prompt_logits(model, rollout, unique, inverse)  # (N, C + 1, V)
+    # Position j of ``logits`` predicts completion token j (j = 0 from the prompt's end).
+    logits = logits / temperature
+    ids = torch.cat([rollout.prompt_ids[:, -1:], rollout.completion_ids], dim=1)  # (N, C + 1)
+    per_token_logps = next_token_logps(logits, ids)  # (N, C)
+    entropies = None
+    if with_entropy:
+        with torch.no_grad():
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (N, C, V)
+            entropies = -(logp.exp() * logp).sum(-1)  # (N, C)
+    return per_token_logps, entropies
+
+
+def _whole_rows_logits(model: nn.Module, rollout: Rollout) -> torch.Tensor:
+    """(N, C + 1, V): the logits of the last prompt position and of every completion one."""
+    attention_mask = rollout.attention_mask  # (N, P + C)
+    c = rollout.completion_ids.size(1)
+    keep = {"logits_to_keep": c + 1} if _accepts_logits_to_keep(model) else {}
+    logits: torch.Tensor = model(
+        input_ids=rollout.input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        use_cache=False,
+        **keep,
+    ).logits
+    return logits[:, -(c + 1) :]
+
+
+def _shared_prompt_logits(
+    model: nn.Module, rollout: Rollout, unique: torch.Tensor, inverse: torch.Tensor
+) -> torch.Tensor:
+    """As ``_whole_rows_logits``, running each of the U distinct prompts once."""
+    p = rollout.prompt_ids.size(1)
+    unique_ids, unique_mask = unique[:, :p], unique[:, p:]  # (U, P) each
+    keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    out = model(
+        input_ids=unique_ids,
+        attention_mask=unique_mask,
+        position_ids=position_ids(unique_mask),
+        use_cache=True,
+        **keep,
+    )
+    cache = out.past_key_values
+    cache.batch_select_indices(inverse)  # (U, ...) -> (N, ...), differentiable
+    last_prompt_logits = out.logits[:, -1:][inverse]  # (N, 1, V)
+    attention_mask = rollout.attention_mask  # (N, P + C)
+    completion_logits = model(
+        input_ids=rollout.completion_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask)[:, p:],
+        past_key_values=cache,
+        use_cache=True,
+    ).logits  # (N, C, V)
+    return torch.cat([last_prompt_logits, completion_logits], dim=1)
