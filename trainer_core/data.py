@@ -4,9 +4,10 @@ Three row formats are accepted (docs/methods.md names them as the file validator
 
 - ``chat``: ``{"messages": [{"role", "content"}, ...]}``; content is a string or a list of
   ``{"type": "text", "text": ...}`` parts. Loss on assistant turns only (an assistant message
-  with ``"weight": 0`` is not trained on, as in OpenAI's format).
+  with ``"weight": 0`` is not trained on, as in OpenAI's format); with
+  ``assistant_only_loss=False``, on every token.
 - ``prompt_completion``: ``{"prompt": str | messages, "completion": str | messages}``; loss on
-  the completion only, which ends with EOS.
+  the completion only, which ends with EOS; with ``completion_only_loss=False``, on every token.
 - ``text``: ``{"text": str}``; loss on every token, EOS appended.
 
 ``completion_mask[t] == 1`` means token ``t`` is a target of the loss (predicted from the
@@ -51,8 +52,18 @@ class SupervisedData:
     n_dropped: int  # rows with no loss token left after truncation
 
 
-def load_supervised(path: str | Path, tokenizer: Any, max_seq_len: int) -> SupervisedData:
-    """Read and tokenize a supervised JSONL file. Raises ValueError naming the bad line."""
+def load_supervised(
+    path: str | Path,
+    tokenizer: Any,
+    max_seq_len: int,
+    *,
+    completion_only_loss: bool = True,
+    assistant_only_loss: bool = True,
+) -> SupervisedData:
+    """Read and tokenize a supervised JSONL file. Raises ValueError naming the bad line.
+
+    ``completion_only_loss`` / ``assistant_only_loss`` as in ``tokenize_row``.
+    """
     examples: list[SupervisedExample] = []
     n_rows = n_truncated = n_dropped = 0
     with open(path, encoding="utf-8") as f:
@@ -62,7 +73,12 @@ def load_supervised(path: str | Path, tokenizer: Any, max_seq_len: int) -> Super
             n_rows += 1
             try:
                 row = json.loads(line)
-                input_ids, completion_mask = tokenize_row(row, tokenizer)
+                input_ids, completion_mask = tokenize_row(
+                    row,
+                    tokenizer,
+                    completion_only_loss=completion_only_loss,
+                    assistant_only_loss=assistant_only_loss,
+                )
             except (ValueError, TypeError, KeyError, TemplateError) as e:
                 raise ValueError(f"line {line_no}: {e}") from e
             if sum(completion_mask[1:]) == 0:
@@ -80,14 +96,31 @@ def load_supervised(path: str | Path, tokenizer: Any, max_seq_len: int) -> Super
     return SupervisedData(examples, n_rows, n_truncated, n_dropped)
 
 
-def tokenize_row(row: Any, tokenizer: Any) -> tuple[list[int], list[int]]:
-    """``(input_ids, completion_mask)`` of one row in any supervised format."""
+def tokenize_row(
+    row: Any,
+    tokenizer: Any,
+    *,
+    completion_only_loss: bool = True,
+    assistant_only_loss: bool = True,
+) -> tuple[list[int], list[int]]:
+    """``(input_ids, completion_mask)`` of one row in any supervised format.
+
+    ``assistant_only_loss=False`` counts every token of a chat row, and
+    ``completion_only_loss=False`` every token of a prompt/completion row (the tokens are the
+    same either way; only the mask changes).
+    """
     if not isinstance(row, dict):
         raise ValueError("a row must be a JSON object")
     if "messages" in row:
-        return _tokenize_chat(_messages(row["messages"]), tokenizer, row.get("tools"))
+        input_ids, completion_mask = _tokenize_chat(
+            _messages(row["messages"]), tokenizer, row.get("tools")
+        )
+        return input_ids, completion_mask if assistant_only_loss else [1] * len(input_ids)
     if "prompt" in row and "completion" in row:
-        return _tokenize_prompt_completion(row["prompt"], row["completion"], tokenizer)
+        input_ids, completion_mask = _tokenize_prompt_completion(
+            row["prompt"], row["completion"], tokenizer
+        )
+        return input_ids, completion_mask if completion_only_loss else [1] * len(input_ids)
     if "text" in row:
         text = row["text"]
         if not isinstance(text, str) or not text:

@@ -58,3 +58,22 @@ def build_scheduler(
         return decay((step - warmup) / max(1, total_steps - warmup))
 
     return LambdaLR(optimizer, multiplier)
+
+
+def optimizer_step(
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    max_grad_norm: float,
+) -> tuple[torch.Tensor, float]:
+    """Clip, step, advance the schedule and clear the gradients: one optimizer step.
+
+    Returns the gradient norm before clipping and the learning rate the step used (the
+    schedule's rate before it advances, which is the one to log against this step).
+    """
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    learning_rate = float(scheduler.get_last_lr()[0])
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, learning_rate

@@ -12,7 +12,7 @@ Three ways to have one, all scoring in eval mode (no dropout) and without grad:
   under full fine-tuning that pass needs no copy at all, and a step needs no reference
   forward.
 
-The log-probs of a completion are the sum of its per-token log-probs (``completion_logps``),
+The log-probs of a completion are the sum of its per-token log-probs (``preference_losses.completion_logps``),
 the same function the method uses for the policy, so policy = reference gives Δ = 0 exactly.
 """
 
@@ -29,16 +29,16 @@ from torch import nn
 from trainer_core.batching import fixed_batches
 from trainer_core.logprobs import next_token_logps
 from trainer_core.preference_data import PairBatch, PreferenceExample, collate_pairs
+from trainer_core.preference_losses import completion_logps
 
 
-def completion_logps(model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_logps(model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """``(per_token_logps (2B, T-1), logps (2B,))``: each row's summed completion log-prob."""
     logits = model(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
     ).logits  # (2B, T, V)
     per_token_logps = next_token_logps(logits, batch.input_ids)  # (2B, T-1)
-    mask = batch.completion_mask[:, 1:].to(per_token_logps.dtype)  # (2B, T-1)
-    return per_token_logps, (per_token_logps * mask).sum(dim=1)
+    return per_token_logps, completion_logps(per_token_logps, batch.completion_mask[:, 1:])
 
 
 class Reference(Protocol):
@@ -69,7 +69,7 @@ class LiveReference:
             else nullcontext()
         )
         with _eval_mode(self.model), adapter_off:
-            _, logps = completion_logps(self.model, batch)  # (2B,)
+            _, logps = forward_logps(self.model, batch)  # (2B,)
         chosen, rejected = logps.chunk(2)
         return chosen, rejected
 

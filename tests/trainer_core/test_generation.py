@@ -187,7 +187,7 @@ def test_a_bad_row_names_its_line(
     tokenizer: Any, write_rows: Callable[..., Path], bad: dict[str, Any]
 ) -> None:
     path = write_rows([{"prompt": "fine"}, bad])
-    with pytest.raises(ValueError, match="^line 2: "):
+    with pytest.raises(ValueError, match=r"^line 2: "):
         load_prompts(path, tokenizer, max_prompt_length=16)
 
 

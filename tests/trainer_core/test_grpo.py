@@ -136,7 +136,7 @@ def test_metrics_are_trl_s(make_spec: MakeSpec, tmp_path: Path) -> None:
     # One checkpoint at the end of the epoch, final.
     assert [(s, final) for s, _, _, final in store.saved] == [(4, True)]
 
-    (level, message, data) = sink.events[0]
+    (_level, message, data) = sink.events[0]
     assert message == "Samples at step 1" and data is not None
     assert 0 < len(data["samples"]) <= 4
     assert set(data["samples"][0]) == {"prompt", "completion", "reward"}

@@ -11,7 +11,12 @@ import torch
 
 from trainer_core.batching import collate
 from trainer_core.data import SupervisedExample, tokenize_row
-from trainer_core.logprobs import next_token_correct, next_token_logps
+from trainer_core.logprobs import (
+    keep_positions,
+    kept_next_token_logps,
+    next_token_correct,
+    next_token_logps,
+)
 from trainer_core.losses import sft_loss
 from trainer_core.models import load_model
 
@@ -105,3 +110,39 @@ def test_low_precision_logits_take_the_row_path(real_batch: Any) -> None:
     naive = full.gather(-1, real_batch.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     assert per_token_logps.dtype == torch.float32
     torch.testing.assert_close(per_token_logps.double(), naive, atol=1e-5, rtol=0)
+
+
+def test_kept_logits_give_the_same_logps_as_full_logits(tiny_model: Path, real_batch: Any) -> None:
+    model = load_model(str(tiny_model))
+    keep = keep_positions(real_batch.completion_mask)  # (B, T)
+    mask = real_batch.completion_mask[:, 1:].bool()  # (B, T-1)
+    assert keep[:, :-1].equal(mask) and not keep[:, -1].any()
+    inputs = {"input_ids": real_batch.input_ids, "attention_mask": real_batch.attention_mask}
+    with torch.no_grad():
+        full = model(**inputs).logits  # (B, T, V)
+        kept = model(**inputs, logits_to_keep=keep).logits  # (N, V)
+    assert kept.shape == (int(mask.sum()), full.shape[-1])
+
+    per_token_logps, token_correct = kept_next_token_logps(kept, real_batch.input_ids, keep)
+
+    expected = next_token_logps(full, real_batch.input_ids)
+    torch.testing.assert_close(per_token_logps[mask], expected[mask], atol=1e-5, rtol=0)
+    assert (per_token_logps[~mask] == 0).all()
+    assert token_correct.equal(next_token_correct(full, real_batch.input_ids) & mask)
+
+
+def test_kept_logps_by_hand_and_in_low_precision() -> None:
+    # Row 0 keeps positions 0 and 2, row 1 keeps position 1: N = 3 logit rows over V = 2.
+    keep = torch.tensor([[True, False, True, False], [False, True, False, False]])
+    input_ids = torch.tensor([[0, 1, 0, 0], [0, 0, 1, 0]])
+    kept = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0], [0.0, math.log(3.0)]])
+    # Targets: row 0 tokens 1 and 0 (predicted at 0 and 2), row 1 token 1 (at 1).
+    # log p = log ½, log ¾, log ¾; argmax 0, 0, 1 against 1, 0, 1.
+    per_token_logps, token_correct = kept_next_token_logps(kept, input_ids, keep)
+
+    expected = [[math.log(0.5), 0.0, math.log(0.75)], [0.0, math.log(0.75), 0.0]]
+    torch.testing.assert_close(per_token_logps, torch.tensor(expected))
+    assert token_correct.tolist() == [[False, False, True], [False, True, False]]
+    low, _ = kept_next_token_logps(kept.to(torch.bfloat16), input_ids, keep)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, torch.tensor(expected), atol=1e-2, rtol=0)

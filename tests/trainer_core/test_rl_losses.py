@@ -96,7 +96,11 @@ MASK = torch.tensor([[1, 1, 1], [1, 0, 0]])
 )
 def test_each_loss_aggregation(loss_type: str, expected: float) -> None:
     loss = aggregate_loss(
-        LOSSES, MASK, loss_type, max_completion_length=4, num_items_in_batch=8  # type: ignore[arg-type]
+        LOSSES,
+        MASK,
+        loss_type,
+        max_completion_length=4,
+        num_items_in_batch=8,  # type: ignore[arg-type]
     )
     assert float(loss) == pytest.approx(expected)
 
@@ -107,7 +111,11 @@ def test_four_micro_batches_add_up_to_the_whole_batch(loss_type: str) -> None:
     losses = torch.arange(12.0).view(4, 3)
     mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]])
     whole = aggregate_loss(
-        losses, mask, loss_type, max_completion_length=3, num_items_in_batch=9  # type: ignore[arg-type]
+        losses,
+        mask,
+        loss_type,
+        max_completion_length=3,
+        num_items_in_batch=9,  # type: ignore[arg-type]
     )
     parts = sum(
         aggregate_loss(

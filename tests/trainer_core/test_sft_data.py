@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -203,3 +204,84 @@ def test_epoch_order_is_seeded_per_epoch_and_covers_every_example() -> None:
     assert [[len(mb) for mb in step] for step in first] == [[3, 3], [3, 1]]
     assert sorted(i for step in first for mb in step for i in mb) == list(range(10))
     assert steps_per_epoch(10, 3, 2) == len(first)
+
+
+def test_loss_switches_count_every_token(tokenizer: Any, write_rows: Any) -> None:
+    chat = {"messages": CONVERSATION}
+    pair = {"prompt": "The sky is", "completion": " blue."}
+
+    chat_ids, chat_mask = tokenize_row(chat, tokenizer, assistant_only_loss=False)
+    pair_ids, pair_mask = tokenize_row(pair, tokenizer, completion_only_loss=False)
+
+    assert chat_ids == tokenize_row(chat, tokenizer)[0] and all(chat_mask)
+    assert pair_ids == tokenize_row(pair, tokenizer)[0] and all(pair_mask)
+    # Each switch is about its own format only.
+    assert tokenize_row(chat, tokenizer, completion_only_loss=False) == tokenize_row(
+        chat, tokenizer
+    )
+    assert tokenize_row(pair, tokenizer, assistant_only_loss=False) == tokenize_row(pair, tokenizer)
+    # load_supervised passes them on; a chat row without a trained turn becomes trainable.
+    no_answer = {"messages": [*CONVERSATION[:2], {**CONVERSATION[2], "weight": 0}]}
+    path = write_rows([pair, no_answer])
+    with pytest.raises(ValueError, match="line 2: the row has no token to train on"):
+        load_supervised(path, tokenizer, max_seq_len=64)
+    data = load_supervised(
+        path, tokenizer, max_seq_len=64, completion_only_loss=False, assistant_only_loss=False
+    )
+    assert [e.completion_mask for e in data.examples] == [
+        [1] * len(e.input_ids) for e in data.examples
+    ]
+
+
+def test_length_grouped_steps_hold_rows_of_similar_length() -> None:
+    lengths = [(i * 37) % 100 + 1 for i in range(40)]  # 40 distinct lengths in 1..100
+
+    def plan(batch_size: int, accumulation: int, seed: int = 0) -> list[list[list[int]]]:
+        return epoch_steps(
+            40,
+            batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            seed=seed,
+            epoch=0,
+            lengths=lengths,
+        )
+
+    steps = plan(4, 1)
+    assert plan(4, 1) == steps and plan(4, 1, seed=1) != steps
+    assert sorted(i for step in steps for mb in step for i in mb) == list(range(40))
+    # All 40 rows fit one window (16 steps of 4), so steps are consecutive runs of the sorted
+    # lengths: no two steps overlap in length.
+    spans = sorted((min(lengths[i] for i in s[0]), max(lengths[i] for i in s[0])) for s in steps)
+    assert all(hi < lo for (_, hi), (lo, _) in itertools.pairwise(spans))
+    # The steps themselves are shuffled, not served longest first.
+    longest = [max(lengths[i] for i in s[0]) for s in steps]
+    assert longest not in (sorted(longest), sorted(longest, reverse=True))
+    # Grouping is by optimizer step: 1 x 4 accumulation trains the same rows in each step.
+    assert [sorted(i for mb in s for i in mb) for s in plan(1, 4)] == [sorted(s[0]) for s in steps]
+    # A short step stays last (and holds the shortest rows of its window).
+    uneven = epoch_steps(
+        10, batch_size=4, gradient_accumulation_steps=1, seed=0, epoch=0, lengths=lengths[:10]
+    )
+    assert [len(step[0]) for step in uneven] == [4, 4, 2]
+    assert max(lengths[i] for i in uneven[-1][0]) <= min(
+        lengths[i] for i in uneven[0][0] + uneven[1][0]
+    )
+
+
+def test_length_grouping_cuts_padding() -> None:
+    lengths = [(i * 37) % 100 + 1 for i in range(400)]
+
+    def padded_tokens(grouped: bool) -> int:
+        steps = epoch_steps(
+            400,
+            batch_size=8,
+            gradient_accumulation_steps=1,
+            seed=0,
+            epoch=0,
+            lengths=lengths if grouped else None,
+        )
+        return sum(len(mb) * max(lengths[i] for i in mb) for step in steps for mb in step)
+
+    real = sum(lengths)
+    assert padded_tokens(grouped=False) > 1.5 * real
+    assert padded_tokens(grouped=True) < 1.1 * real

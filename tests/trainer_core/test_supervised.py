@@ -262,3 +262,48 @@ def test_cli_runs_a_spec_and_builds_a_tiny_model(
     assert (tmp_path / "out" / "final" / "adapter" / "adapter_config.json").is_file()
     assert main(["create-tiny", str(tmp_path / "m"), "--seed", "1"]) == 0
     assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_packing_trains_like_separate_rows(make_spec: Any, tmp_path: Path) -> None:
+    # The 8 fact rows (~40 tokens) fit 3 packed rows of 128: one step of batch 3 packed rows
+    # against one step of batch 8 single rows, over the same 8 examples.
+    common = {"adapter": {"type": "full"}, "learning_rate": 1e-4, "max_grad_norm": 1e6}
+    _, plain_sink, plain = run(make_spec(batch_size=8, **common), tmp_path / "a")
+    _, packed_sink, packed = run(make_spec(batch_size=3, packing=True, **common), tmp_path / "b")
+
+    assert [message for _, message, _ in packed_sink.events] == [
+        "Packed 8 training examples into 3 rows of up to 128 tokens"
+    ]
+    assert len(plain_sink.points) == len(packed_sink.points) == 1
+    (_, a), (_, b) = plain_sink.points[0], packed_sink.points[0]
+    assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-5)
+    assert (b["num_tokens"], b["train_mean_token_accuracy"]) == (
+        a["num_tokens"],
+        a["train_mean_token_accuracy"],
+    )
+    assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    plain_weights = load_file(plain.saved[-1][1] / "adapter" / "model.safetensors")
+    packed_weights = load_file(packed.saved[-1][1] / "adapter" / "model.safetensors")
+    for name, weight in plain_weights.items():
+        torch.testing.assert_close(packed_weights[name], weight, atol=1e-5, rtol=0, msg=name)
+
+
+def test_assistant_only_loss_off_trains_every_token(
+    make_spec: Any, tokenizer: Any, facts_file: Path, tmp_path: Path
+) -> None:
+    rows = load_supervised(facts_file, tokenizer, 128).examples
+
+    _, only_sink, only = run(make_spec(batch_size=8), tmp_path / "a")
+    _, every_sink, every = run(make_spec(batch_size=8, assistant_only_loss=False), tmp_path / "b")
+
+    def loss_tokens(store: FolderCheckpointStore) -> int:
+        return load_state(store.saved[-1][1] / "state").trainer.num_tokens
+
+    # Position 0 of a row is never a target: nothing predicts it.
+    assert loss_tokens(only) == sum(sum(e.completion_mask[1:]) for e in rows)
+    assert loss_tokens(every) == sum(len(e.input_ids) - 1 for e in rows)
+    # The num_tokens metric counts every non-padding token (TRL's), trained on or not.
+    assert only_sink.points[0][1]["num_tokens"] == every_sink.points[0][1]["num_tokens"]
+    assert every_sink.points[0][1]["num_tokens"] == sum(len(e.input_ids) for e in rows)
+    # Headers and questions are harder to guess than answers the model has seen: the loss moves.
+    assert every_sink.points[0][1]["train_loss"] != only_sink.points[0][1]["train_loss"]

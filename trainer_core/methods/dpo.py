@@ -32,11 +32,11 @@ from torch import nn
 
 from trainer_core.adapters import apply_adapter, load_trained
 from trainer_core.batching import epoch_steps, fixed_batches, steps_per_epoch
-from trainer_core.checkpoint import TrainerState, save_checkpoint
+from trainer_core.checkpoint import TrainerState, already_done, resume, save_checkpoint
 from trainer_core.dpo_losses import DpoStats, add_dpo_stats, combined_dpo_loss
 from trainer_core.methods.supervised import seed_everything
 from trainer_core.models import load_model, load_model_and_tokenizer, load_tokenizer
-from trainer_core.optim import build_optimizer, build_scheduler
+from trainer_core.optim import build_optimizer, build_scheduler, optimizer_step
 from trainer_core.preference_data import (
     PairBatch,
     PreferenceData,
@@ -47,8 +47,8 @@ from trainer_core.preference_data import (
 from trainer_core.reference import (
     LiveReference,
     Reference,
-    completion_logps,
     disable_dropout,
+    forward_logps,
     live_reference,
     precompute,
 )
@@ -112,8 +112,12 @@ def train(
     )
     sink.start(total_steps)
 
-    step = num_tokens = trained_tokens = 0
-    saved_at = -1  # step of the latest checkpoint
+    # Pick up where a checkpoint left off (pause/resume, a restarted failed job), or start.
+    start = resume(spec.resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
+    step = start.step if start else 0
+    num_tokens = start.num_tokens if start else 0
+    trained_tokens = start.trained_tokens if start else 0
+    saved_at = step if start else -1  # step of the latest checkpoint
     since_log: list[DpoStats] = []  # stats of the steps since the last metric point
     step_stats: DpoStats | None = None
     last_metrics: dict[str, float] = {}
@@ -142,7 +146,7 @@ def train(
         )
         saved_at, last_metrics = step, metrics
 
-    for epoch in range(hp.n_epochs):
+    for epoch in range(start.epoch if start else 0, hp.n_epochs):
         plan = epoch_steps(
             len(train_data.examples),
             batch_size=hp.batch_size,
@@ -151,6 +155,8 @@ def train(
             epoch=epoch,
         )
         for steps_in_epoch, micro_batches in enumerate(plan):
+            if already_done(start, epoch, steps_in_epoch):
+                continue
             if should_stop():
                 # Nothing trained yet means nothing worth keeping.
                 if step > 0 and saved_at != step:
@@ -175,11 +181,9 @@ def train(
                 micro_stats.append(stats)
                 trained_tokens += batch.num_tokens
                 num_tokens += int(batch.completion_mask[:, 1:].sum())
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
-            learning_rate = float(scheduler.get_last_lr()[0])  # the rate this step uses
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, learning_rate = optimizer_step(
+                params, optimizer, scheduler, hp.max_grad_norm
+            )
             step += 1
 
             # -- metrics -------------------------------------------------------------------
@@ -225,7 +229,7 @@ def pair_loss(
     num_chosen_tokens: int,
 ) -> tuple[torch.Tensor, DpoStats]:
     """One micro-batch's share of the step's loss: policy logps, reference logps, loss."""
-    per_token_logps, logps = completion_logps(model, batch)  # (2B, T-1), (2B,)
+    per_token_logps, logps = forward_logps(model, batch)  # (2B, T-1), (2B,)
     policy_chosen_logps, policy_rejected_logps = logps.chunk(2)  # (B,) each
     ref_chosen_logps, ref_rejected_logps = reference.logps(batch, indices)  # (B,) each
     mask = batch.completion_mask[:, 1:]  # (2B, T-1), aligned with per_token_logps

@@ -265,13 +265,12 @@ def train(
 
 
 def prompt_budget(max_seq_len: int, max_completion_length: int) -> int:
-    """Tokens a prompt may keep: what ``max_seq_len`` leaves after the completion."""
-    if max_completion_length >= max_seq_len:
-        raise ValueError(
-            f"max_completion_length ({max_completion_length}) must be below "
-            f"max_seq_len ({max_seq_len}), which also holds the prompt"
-        )
-    return max_seq_len - max_completion_length
+    """Tokens a prompt may keep: ``max_seq_len`` bounds what the file holds, the prompt, and
+    the completion adds up to ``max_completion_length`` on top. (OpenAI's reinforcement jobs
+    have no sequence limit; their default 64-token completions must run beside any
+    max_seq_len, so the two limits are not taken from one budget.)"""
+    del max_completion_length  # not taken from the prompt's budget, see above
+    return max_seq_len
 
 
 def report_prompts(sink: MetricSink, data: PromptData, max_prompt_length: int) -> None:

@@ -28,12 +28,12 @@ from torch import nn
 
 from trainer_core.adapters import apply_adapter
 from trainer_core.batching import epoch_steps, fixed_batches, steps_per_epoch
-from trainer_core.checkpoint import TrainerState, save_checkpoint
+from trainer_core.checkpoint import TrainerState, already_done, resume, save_checkpoint
 from trainer_core.logprobs import next_token_logps
 from trainer_core.methods.dpo import report_data
 from trainer_core.methods.supervised import seed_everything
 from trainer_core.models import load_model_and_tokenizer
-from trainer_core.optim import build_optimizer, build_scheduler
+from trainer_core.optim import build_optimizer, build_scheduler, optimizer_step
 from trainer_core.preference_data import (
     PairBatch,
     PreferenceExample,
@@ -83,8 +83,12 @@ def train(
     )
     sink.start(total_steps)
 
-    step = num_tokens = trained_tokens = 0
-    saved_at = -1  # step of the latest checkpoint
+    # Pick up where a checkpoint left off (pause/resume, a restarted failed job), or start.
+    start = resume(spec.resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
+    step = start.step if start else 0
+    num_tokens = start.num_tokens if start else 0
+    trained_tokens = start.trained_tokens if start else 0
+    saved_at = step if start else -1  # step of the latest checkpoint
     since_log: list[PairStats] = []  # stats of the steps since the last metric point
     step_stats: PairStats | None = None
     last_metrics: dict[str, float] = {}
@@ -111,7 +115,7 @@ def train(
         )
         saved_at, last_metrics = step, metrics
 
-    for epoch in range(hp.n_epochs):
+    for epoch in range(start.epoch if start else 0, hp.n_epochs):
         plan = epoch_steps(
             len(train_data.examples),
             batch_size=hp.batch_size,
@@ -120,6 +124,8 @@ def train(
             epoch=epoch,
         )
         for steps_in_epoch, micro_batches in enumerate(plan):
+            if already_done(start, epoch, steps_in_epoch):
+                continue
             if should_stop():
                 # Nothing trained yet means nothing worth keeping.
                 if step > 0 and saved_at != step:
@@ -141,11 +147,9 @@ def train(
                 micro_stats.append(stats)
                 trained_tokens += batch.num_tokens
                 num_tokens += int(batch.completion_mask[:, 1:].sum())
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
-            learning_rate = float(scheduler.get_last_lr()[0])  # the rate this step uses
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, learning_rate = optimizer_step(
+                params, optimizer, scheduler, hp.max_grad_norm
+            )
             step += 1
 
             # -- metrics -------------------------------------------------------------------

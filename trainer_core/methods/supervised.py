@@ -7,9 +7,14 @@ turns (chat rows), the completion (prompt/completion rows) or everything (text r
 One optimizer step, top to bottom: micro-batches → per-token logps → loss normalised by the
 tokens of the whole step → backward → clip → AdamW step → schedule → metrics → checkpoint.
 
-Deliberately left out (for now): packing several rows into one sequence, mixed precision,
-gradient checkpointing, multi-device training, and resuming from ``state/`` (checkpoints
-carry everything resuming needs; see ``checkpoint.py``).
+Rows are batched by similar length (``batching``), or with ``packing`` several rows share one
+``max_seq_len`` row (``packing``); either way the loss is the same token mean.
+
+A run resumes from a checkpoint (``spec.resume_from``) exactly where it left off: weights,
+optimizer, scheduler, RNG and position in the epoch (``checkpoint.resume``).
+
+Deliberately left out (for now): mixed precision, gradient checkpointing and multi-device
+training.
 """
 
 from __future__ import annotations
@@ -23,55 +28,73 @@ from torch import nn
 
 from trainer_core.adapters import apply_adapter, load_trained
 from trainer_core.batching import Batch, collate, epoch_steps, fixed_batches, steps_per_epoch
-from trainer_core.checkpoint import TrainerState, save_checkpoint
+from trainer_core.checkpoint import TrainerState, already_done, resume, save_checkpoint
 from trainer_core.data import SupervisedData, SupervisedExample, load_supervised
-from trainer_core.logprobs import next_token_correct, next_token_logps
+from trainer_core.logprobs import keep_positions, kept_next_token_logps
 from trainer_core.losses import SftStats, sft_loss
 from trainer_core.models import load_model_and_tokenizer, load_tokenizer
 from trainer_core.optim import build_optimizer, build_scheduler
+from trainer_core.packing import PackedRow, attention_inputs, collate_packed, pack_examples
 from trainer_core.seams import CheckpointStore, MetricSink, RunResult, ShouldStop
-from trainer_core.specs import TrainSpec
+from trainer_core.specs import SupervisedHyperparameters, TrainSpec
 
 
 def train(
     spec: TrainSpec, sink: MetricSink, store: CheckpointStore, should_stop: ShouldStop
 ) -> RunResult:
     hp = spec.hyperparameters
+    assert isinstance(hp, SupervisedHyperparameters)
     seed_everything(spec.seed, spec.num_threads)
 
     # -- model and data ------------------------------------------------------------------
     base, tokenizer = load_model_and_tokenizer(
         spec.model, allow_hub=spec.allow_hub, trust_remote_code=spec.trust_remote_code
     )
-    train_data = load_supervised(spec.train_file, tokenizer, spec.max_seq_len)
+    masks = {
+        "completion_only_loss": hp.completion_only_loss,
+        "assistant_only_loss": hp.assistant_only_loss,
+    }
+    train_data = load_supervised(spec.train_file, tokenizer, spec.max_seq_len, **masks)
     report_data(sink, train_data, "training", spec.max_seq_len)
     if not train_data.examples:
         raise ValueError(f"no training example has a completion token within {spec.max_seq_len}")
     valid_data = None
     if spec.validation_file is not None:
-        valid_data = load_supervised(spec.validation_file, tokenizer, spec.max_seq_len)
+        valid_data = load_supervised(spec.validation_file, tokenizer, spec.max_seq_len, **masks)
         report_data(sink, valid_data, "validation", spec.max_seq_len)
         if not valid_data.examples:
             raise ValueError(
                 f"no validation example has a completion token within {spec.max_seq_len}"
             )
     pad_token_id = tokenizer.pad_token_id
+    # The rows that batches are made of: examples, or bins of them under packing.
+    rows: Sequence[SupervisedExample | PackedRow] = train_data.examples
+    if hp.packing:
+        rows = pack_examples(train_data.examples, spec.max_seq_len)
+        sink.event(
+            f"Packed {len(train_data.examples)} training examples into {len(rows)} rows "
+            f"of up to {spec.max_seq_len} tokens",
+            data={"examples": len(train_data.examples), "rows": len(rows)},
+        )
+    row_lengths = [len(row.input_ids) for row in rows]
 
     model = apply_adapter(base, spec.adapter)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, learning_rate=hp.learning_rate, weight_decay=hp.weight_decay)
-    per_epoch = steps_per_epoch(
-        len(train_data.examples), hp.batch_size, hp.gradient_accumulation_steps
-    )
+    per_epoch = steps_per_epoch(len(rows), hp.batch_size, hp.gradient_accumulation_steps)
     total_steps = per_epoch * hp.n_epochs
     scheduler = build_scheduler(
         optimizer, kind=hp.lr_scheduler, total_steps=total_steps, warmup_ratio=hp.warmup_ratio
     )
     sink.start(total_steps)
 
-    step = num_tokens = trained_tokens = 0
-    saved_at = -1  # step of the latest checkpoint
+    # Pick up where a checkpoint left off (pause/resume, a restarted failed job), or start.
+    start = resume(spec.resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
+    step = start.step if start else 0
+    num_tokens = start.num_tokens if start else 0  # loss tokens, for the state
+    trained_tokens = start.trained_tokens if start else 0
+    saved_at = step if start else -1  # step of the latest checkpoint
     since_log: list[SftStats] = []  # stats of the steps since the last metric point
     step_stats = SftStats(torch.tensor(0.0), torch.tensor(0), torch.tensor(0))
     last_metrics: dict[str, float] = {}
@@ -102,15 +125,18 @@ def train(
         )
         saved_at, last_metrics = step, metrics
 
-    for epoch in range(hp.n_epochs):
+    for epoch in range(start.epoch if start else 0, hp.n_epochs):
         plan = epoch_steps(
-            len(train_data.examples),
+            len(rows),
             batch_size=hp.batch_size,
             gradient_accumulation_steps=hp.gradient_accumulation_steps,
             seed=spec.seed,
             epoch=epoch,
+            lengths=row_lengths,
         )
         for steps_in_epoch, micro_batches in enumerate(plan):
+            if already_done(start, epoch, steps_in_epoch):
+                continue
             if should_stop():
                 # Nothing trained yet means nothing worth keeping.
                 if step > 0 and saved_at != step:
@@ -119,8 +145,7 @@ def train(
 
             # -- one optimizer step over its micro-batches -----------------------------------
             batches = [
-                collate([train_data.examples[i] for i in indices], pad_token_id)
-                for indices in micro_batches
+                make_batch([rows[i] for i in indices], pad_token_id) for indices in micro_batches
             ]
             # Normalise by the counted tokens of the whole step, so accumulating micro-batches
             # gives the same gradient as one big batch (see losses.sft_loss).
@@ -155,7 +180,8 @@ def train(
                     {
                         "train_loss": float(window.nll_sum) / max(1, int(window.num_tokens)),
                         "train_mean_token_accuracy": window.mean_token_accuracy,
-                        "num_tokens": float(num_tokens),
+                        # TRL's num_tokens: every non-padding token trained on so far.
+                        "num_tokens": float(trained_tokens),
                         "learning_rate": learning_rate,
                         "grad_norm": float(grad_norm),
                         "epoch": step / per_epoch,
@@ -202,12 +228,26 @@ def report_data(sink: MetricSink, data: SupervisedData, name: str, max_seq_len: 
         )
 
 
+def make_batch(rows: Sequence[SupervisedExample | PackedRow], pad_token_id: int) -> Batch:
+    if isinstance(rows[0], PackedRow):
+        return collate_packed(rows, pad_token_id)  # type: ignore[arg-type]
+    return collate(rows, pad_token_id)  # type: ignore[arg-type]
+
+
 def forward(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(per_token_logps, token_correct)``, both (B, T-1), of the batch's next tokens."""
-    logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-    ).logits  # (B, T, V)
-    return next_token_logps(logits, batch.input_ids), next_token_correct(logits, batch.input_ids)
+    """``(per_token_logps, token_correct)``, both (B, T-1), of the batch's counted tokens.
+
+    Only the positions whose next token counts go through the LM head (``logits_to_keep``);
+    elsewhere both are 0 / False, which the completion mask drops.
+    """
+    keep = keep_positions(batch.completion_mask)  # (B, T) bool
+    kept_logits = model(
+        input_ids=batch.input_ids,
+        **attention_inputs(batch, model),
+        logits_to_keep=keep,
+        use_cache=False,
+    ).logits  # (N, V), N = keep.sum()
+    return kept_next_token_logps(kept_logits, batch.input_ids, keep)
 
 
 def add_stats(stats: Sequence[SftStats]) -> SftStats:
