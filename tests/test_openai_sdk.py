@@ -30,7 +30,7 @@ def test_files_and_jobs_through_the_sdk(client: openai.OpenAI) -> None:
         training_file=created.id,
         method={
             "type": "supervised",
-            "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": "auto"}},
+            "supervised": {"hyperparameters": {"n_epochs": 50, "batch_size": "auto"}},
         },
         extra_body={"adapter": {"type": "lora", "r": 2}, "max_seq_len": 64},
     )
