@@ -61,7 +61,6 @@ from trainer_core.specs import GrpoHyperparameters, TrainSpec
 SAMPLES_EVERY = 10  # steps between "Samples at step N" events (and the first step)
 SAMPLES_SHOWN = 4
 SAMPLE_CHARS = 500
-HTTP_TIMEOUT_S = 30.0
 # Metrics that are a state at the step, not a quantity to average over a logging window.
 LAST_VALUE_METRICS = ("learning_rate", "grad_norm", "num_tokens", "epoch")
 
@@ -330,7 +329,7 @@ class RewardScorer:
             list(completions),
             reward_model=self.reward_model,
             http_allowed_hosts=self.spec.reward_http_allowed_hosts,
-            http_timeout_s=HTTP_TIMEOUT_S,
+            http_timeout_s=self.spec.reward_http_timeout_s,
         )
 
     def reward_model(
