@@ -39,7 +39,6 @@ from trainer_core.models import load_model, load_model_and_tokenizer, load_token
 from trainer_core.optim import build_optimizer, build_scheduler, optimizer_step
 from trainer_core.preference_data import (
     PairBatch,
-    PreferenceData,
     PreferenceExample,
     collate_pairs,
     load_preference,
@@ -52,6 +51,7 @@ from trainer_core.reference import (
     live_reference,
     precompute,
 )
+from trainer_core.reporting import report_truncation
 from trainer_core.seams import CheckpointStore, MetricSink, RunResult, ShouldStop
 from trainer_core.specs import DpoHyperparameters, TrainSpec
 
@@ -69,13 +69,13 @@ def train(
         spec.model, allow_hub=spec.allow_hub, trust_remote_code=spec.trust_remote_code
     )
     train_data = load_preference(spec.train_file, tokenizer, spec.max_seq_len)
-    report_data(sink, train_data, "training", spec.max_seq_len)
+    report_truncation(sink, train_data, "training", spec.max_seq_len, unit="pairs")
     if not train_data.examples:
         raise ValueError(f"no training pair has a completion token within {spec.max_seq_len}")
     valid_data = None
     if spec.validation_file is not None:
         valid_data = load_preference(spec.validation_file, tokenizer, spec.max_seq_len)
-        report_data(sink, valid_data, "validation", spec.max_seq_len)
+        report_truncation(sink, valid_data, "validation", spec.max_seq_len, unit="pairs")
         if not valid_data.examples:
             raise ValueError(f"no validation pair has a completion token within {spec.max_seq_len}")
     pad_token_id = tokenizer.pad_token_id
@@ -252,24 +252,6 @@ def pair_loss(
 def chosen_mask(batch: PairBatch) -> torch.Tensor:
     """(B, T-1) 1 where the next token of a chosen row is a completion token."""
     return batch.completion_mask[:, 1:].chunk(2)[0]
-
-
-def report_data(sink: MetricSink, data: PreferenceData, name: str, max_seq_len: int) -> None:
-    """Tell the user about pairs that were cut or left out; silence when there were none."""
-    if data.n_dropped:
-        sink.event(
-            f"Dropped {data.n_dropped} {name} pairs longer than {max_seq_len} tokens: "
-            "no completion token was left after truncation",
-            level="warning",
-            data={"file": name, "dropped": data.n_dropped, "max_seq_len": max_seq_len},
-        )
-    kept_truncated = data.n_truncated - data.n_dropped
-    if kept_truncated:
-        sink.event(
-            f"Truncated {kept_truncated} {name} pairs to {max_seq_len} tokens",
-            level="warning",
-            data={"file": name, "truncated": kept_truncated, "max_seq_len": max_seq_len},
-        )
 
 
 @torch.no_grad()

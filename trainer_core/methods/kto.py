@@ -41,13 +41,13 @@ from trainer_core.models import load_model_and_tokenizer
 from trainer_core.optim import build_optimizer, build_scheduler, optimizer_step
 from trainer_core.preference_data import (
     UnpairedBatch,
-    UnpairedData,
     UnpairedExample,
     collate_unpaired,
     load_unpaired,
 )
 from trainer_core.preference_losses import KtoStats, add_stats, completion_logps, kto_loss
 from trainer_core.reference import disable_dropout, frozen_copy
+from trainer_core.reporting import report_truncation
 from trainer_core.seams import CheckpointStore, MetricSink, RunResult, ShouldStop
 from trainer_core.specs import KtoHyperparameters, TrainSpec
 
@@ -69,7 +69,7 @@ def train(
         spec.model, allow_hub=spec.allow_hub, trust_remote_code=spec.trust_remote_code
     )
     train_data = load_unpaired(spec.train_file, tokenizer, spec.max_seq_len)
-    report_data(sink, train_data, "training", spec.max_seq_len)
+    report_truncation(sink, train_data, "training", spec.max_seq_len)
     if len(train_data.examples) < 2:
         raise ValueError(
             f"KTO needs 2 or more training examples with a completion token within "
@@ -78,7 +78,7 @@ def train(
     valid_data = None
     if spec.validation_file is not None:
         valid_data = load_unpaired(spec.validation_file, tokenizer, spec.max_seq_len)
-        report_data(sink, valid_data, "validation", spec.max_seq_len)
+        report_truncation(sink, valid_data, "validation", spec.max_seq_len)
         if len(valid_data.examples) < 2:
             raise ValueError(
                 f"KTO needs 2 or more validation examples with a completion token within "
@@ -275,24 +275,6 @@ def kto_step_loss(
         undesirable_weight=hp.undesirable_weight,
         normaliser=normaliser,
     )
-
-
-def report_data(sink: MetricSink, data: UnpairedData, name: str, max_seq_len: int) -> None:
-    """Tell the user about rows that were cut or left out; silence when there were none."""
-    if data.n_dropped:
-        sink.event(
-            f"Dropped {data.n_dropped} {name} examples longer than {max_seq_len} tokens: "
-            "no completion token was left after truncation",
-            level="warning",
-            data={"file": name, "dropped": data.n_dropped, "max_seq_len": max_seq_len},
-        )
-    kept_truncated = data.n_truncated - data.n_dropped
-    if kept_truncated:
-        sink.event(
-            f"Truncated {kept_truncated} {name} examples to {max_seq_len} tokens",
-            level="warning",
-            data={"file": name, "truncated": kept_truncated, "max_seq_len": max_seq_len},
-        )
 
 
 @torch.no_grad()

@@ -30,7 +30,6 @@ from trainer_core.adapters import apply_adapter
 from trainer_core.batching import epoch_steps, fixed_batches, steps_per_epoch
 from trainer_core.checkpoint import TrainerState, already_done, resume, save_checkpoint
 from trainer_core.logprobs import next_token_logps
-from trainer_core.methods.dpo import report_data
 from trainer_core.methods.supervised import seed_everything
 from trainer_core.models import load_model_and_tokenizer
 from trainer_core.optim import build_optimizer, build_scheduler, optimizer_step
@@ -42,6 +41,7 @@ from trainer_core.preference_data import (
 )
 from trainer_core.preference_losses import PairStats, add_stats, completion_logps, simpo_loss
 from trainer_core.reference import disable_dropout
+from trainer_core.reporting import report_truncation
 from trainer_core.seams import CheckpointStore, MetricSink, RunResult, ShouldStop
 from trainer_core.specs import SimpoHyperparameters, TrainSpec
 
@@ -58,13 +58,13 @@ def train(
         spec.model, allow_hub=spec.allow_hub, trust_remote_code=spec.trust_remote_code
     )
     train_data = load_preference(spec.train_file, tokenizer, spec.max_seq_len)
-    report_data(sink, train_data, "training", spec.max_seq_len)
+    report_truncation(sink, train_data, "training", spec.max_seq_len, unit="pairs")
     if not train_data.examples:
         raise ValueError(f"no training pair has a completion token within {spec.max_seq_len}")
     valid_data = None
     if spec.validation_file is not None:
         valid_data = load_preference(spec.validation_file, tokenizer, spec.max_seq_len)
-        report_data(sink, valid_data, "validation", spec.max_seq_len)
+        report_truncation(sink, valid_data, "validation", spec.max_seq_len, unit="pairs")
         if not valid_data.examples:
             raise ValueError(f"no validation pair has a completion token within {spec.max_seq_len}")
     pad_token_id = tokenizer.pad_token_id

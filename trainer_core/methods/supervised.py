@@ -29,12 +29,13 @@ from torch import nn
 from trainer_core.adapters import apply_adapter, load_trained
 from trainer_core.batching import Batch, collate, epoch_steps, fixed_batches, steps_per_epoch
 from trainer_core.checkpoint import TrainerState, already_done, resume, save_checkpoint
-from trainer_core.data import SupervisedData, SupervisedExample, load_supervised
+from trainer_core.data import SupervisedExample, load_supervised
 from trainer_core.logprobs import keep_positions, kept_next_token_logps
 from trainer_core.losses import SftStats, sft_loss
 from trainer_core.models import load_model_and_tokenizer, load_tokenizer
 from trainer_core.optim import build_optimizer, build_scheduler
 from trainer_core.packing import PackedRow, attention_inputs, collate_packed, pack_examples
+from trainer_core.reporting import report_truncation
 from trainer_core.seams import CheckpointStore, MetricSink, RunResult, ShouldStop
 from trainer_core.specs import SupervisedHyperparameters, TrainSpec
 
@@ -55,13 +56,13 @@ def train(
         "assistant_only_loss": hp.assistant_only_loss,
     }
     train_data = load_supervised(spec.train_file, tokenizer, spec.max_seq_len, **masks)
-    report_data(sink, train_data, "training", spec.max_seq_len)
+    report_truncation(sink, train_data, "training", spec.max_seq_len)
     if not train_data.examples:
         raise ValueError(f"no training example has a completion token within {spec.max_seq_len}")
     valid_data = None
     if spec.validation_file is not None:
         valid_data = load_supervised(spec.validation_file, tokenizer, spec.max_seq_len, **masks)
-        report_data(sink, valid_data, "validation", spec.max_seq_len)
+        report_truncation(sink, valid_data, "validation", spec.max_seq_len)
         if not valid_data.examples:
             raise ValueError(
                 f"no validation example has a completion token within {spec.max_seq_len}"
@@ -208,24 +209,6 @@ def seed_everything(seed: int, num_threads: int | None) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
     if num_threads is not None:
         torch.set_num_threads(num_threads)
-
-
-def report_data(sink: MetricSink, data: SupervisedData, name: str, max_seq_len: int) -> None:
-    """Tell the user about rows that were cut or left out; silence when there were none."""
-    if data.n_dropped:
-        sink.event(
-            f"Dropped {data.n_dropped} {name} examples longer than {max_seq_len} tokens: "
-            "no completion token was left after truncation",
-            level="warning",
-            data={"file": name, "dropped": data.n_dropped, "max_seq_len": max_seq_len},
-        )
-    kept_truncated = data.n_truncated - data.n_dropped
-    if kept_truncated:
-        sink.event(
-            f"Truncated {kept_truncated} {name} examples to {max_seq_len} tokens",
-            level="warning",
-            data={"file": name, "truncated": kept_truncated, "max_seq_len": max_seq_len},
-        )
 
 
 def make_batch(rows: Sequence[SupervisedExample | PackedRow], pad_token_id: int) -> Batch:
