@@ -14,9 +14,11 @@ generate the full 16 tokens per completion.
 
 Held equal: the hyperparameters each method's defaults give (GRPO: β = 0, dapo; RLOO:
 β = 0.05, so both load a reference), one optimizer step per rollout (TRL's
-``steps_per_generation`` = 1), no gradient checkpointing, fp32. TRL samples with
-``model.generate`` (one sequence per prompt copy); ours prefills each prompt once and
-expands the cache (``trainer_core.generation``).
+``steps_per_generation`` = 1), no gradient checkpointing, fp32. What differs is how the work
+is done: TRL samples with ``model.generate`` on G copies of every prompt and scores whole
+padded rows; ours prefills each prompt once and samples G times from its cache (on merged
+LoRA weights), and scores the completions on top of one shared forward of each prompt
+(``trainer_core.generation``).
 """
 
 from __future__ import annotations

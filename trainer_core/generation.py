@@ -12,6 +12,11 @@
   the same completions on CPU.
 - Positions follow the attention mask (``cumsum - 1``), as ``model.generate`` does with left
   padding, so a padded prompt sees the positions it would have alone.
+- Under LoRA the sampler runs on merged weights W + ΔW swapped in for the duration
+  (``merged_lora``): one matmul per adapted layer instead of three; the parameters' values
+  are never written, so the base stays bit-identical.
+  The log-probs the loss uses are computed unmerged (``rollout_logps``); the two differ by
+  float rounding only.
 - A row stops at its first EOS (any of the model's and the tokenizer's EOS ids); what follows
   is ``pad_token_id`` with ``completion_mask`` 0. The loop ends when every row has stopped or
   after ``max_completion_length`` tokens.
@@ -24,7 +29,8 @@ completions this runs on that costs more than it saves).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,59 +162,91 @@ def generate(
         raise ValueError("num_generations, max_completion_length and temperature must be > 0")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos = torch.tensor(eos_token_ids(model, tokenizer))
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        prompt_ids, prompt_mask = left_pad(prompts, pad_id)  # (B, P)
-        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-        keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-        out = model(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            position_ids=position_ids(prompt_mask),
-            use_cache=True,
-            **keep,
-        )
-        # One prefill per prompt, then G copies of its cache: (B, ...) -> (N = B*G, ...).
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(num_generations)
-        next_logits = out.logits[:, -1].repeat_interleave(num_generations, dim=0)  # (N, V)
-        prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)  # (N, P)
-        prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)  # (N, P)
-
-        n = prompt_ids.size(0)
-        attention_mask = prompt_mask
-        positions = prompt_mask.sum(-1, keepdim=True) - 1  # (N, 1): last real position
-        done = torch.zeros(n, dtype=torch.bool, device=device)
-        is_eos = torch.zeros(n, dtype=torch.bool, device=device)
-        tokens: list[torch.Tensor] = []
-        masks: list[torch.Tensor] = []
-        for step in range(max_completion_length):
-            token = sample_next(
-                next_logits, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator
-            ).to(device)  # (N,)
-            token = token.masked_fill(done, pad_id)
-            tokens.append(token)
-            masks.append((~done).long())
-            hit = torch.isin(token, eos.to(device)) & ~done
-            is_eos |= hit
-            done |= hit
-            if bool(done.all()) or step == max_completion_length - 1:
-                break
-            attention_mask = torch.cat([attention_mask, torch.ones_like(token)[:, None]], dim=1)
-            positions = positions + 1
-            out = model(
-                input_ids=token[:, None],
-                attention_mask=attention_mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
+        with merged_lora(model) as sampler:
+            return _sample(
+                sampler,
+                tokenizer,
+                prompts,
+                pad_id=pad_id,
+                eos=eos,
+                num_generations=num_generations,
+                max_completion_length=max_completion_length,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                generator=generator,
             )
-            cache = out.past_key_values
-            next_logits = out.logits[:, -1]  # (N, V)
     finally:
         model.train(was_training)
+
+
+def _sample(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    eos: torch.Tensor,
+    num_generations: int,
+    max_completion_length: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    generator: torch.Generator | None,
+) -> Rollout:
+    """``generate``'s loop."""
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)  # (B, P)
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=position_ids(prompt_mask),
+        use_cache=True,
+        **keep,
+    )
+    # One prefill per prompt, then G copies of its cache: (B, ...) -> (N = B*G, ...).
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(num_generations)
+    next_logits = out.logits[:, -1].repeat_interleave(num_generations, dim=0)  # (N, V)
+    prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)  # (N, P)
+    prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)  # (N, P)
+
+    n = prompt_ids.size(0)
+    eos = eos.to(device)
+    attention_mask = prompt_mask
+    positions = prompt_mask.sum(-1, keepdim=True) - 1  # (N, 1): last real position
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    is_eos = torch.zeros(n, dtype=torch.bool, device=device)
+    tokens: list[torch.Tensor] = []
+    masks: list[torch.Tensor] = []
+    for step in range(max_completion_length):
+        token = sample_next(
+            next_logits, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator
+        ).to(device)  # (N,)
+        token = token.masked_fill(done, pad_id)
+        tokens.append(token)
+        masks.append((~done).long())
+        hit = torch.isin(token, eos) & ~done
+        is_eos |= hit
+        done |= hit
+        if bool(done.all()) or step == max_completion_length - 1:
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(token)[:, None]], dim=1)
+        positions = positions + 1
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=attention_mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache = out.past_key_values
+        next_logits = out.logits[:, -1]  # (N, V)
 
     completion_ids = torch.stack(tokens, dim=1)  # (N, C)
     completion_mask = torch.stack(masks, dim=1)  # (N, C)
@@ -220,6 +258,47 @@ def generate(
         skip_special_tokens=True,
     )
     return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, is_eos, texts)
+
+
+@contextmanager
+def merged_lora(model: nn.Module) -> Iterator[nn.Module]:
+    """The model to sample with: under LoRA, for the duration, every adapted layer computes
+    with W + ΔW as its weight and peft's adapters are off; otherwise the model as it is.
+
+    Sampling is bound by the number of ops per decode step on small models, and a LoRA layer
+    runs three matmuls and peft's bookkeeping where a merged one runs one. The merged weights
+    are new tensors, swapped in for the base layers' parameter objects and swapped back
+    after (the parameters' values are never written, so the base stays bit-identical).
+    Anything but plain LoRA linear layers (other peft tuners, LoRA on embeddings) falls back
+    to the model as it is.
+    """
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    disable = getattr(model, "disable_adapter", None)
+    lora = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    layers = [m for m in lora if isinstance(m, LoraLinear) and not m.merged]
+    if disable is None or not layers or len(layers) != len(lora):
+        yield model
+        return
+    swapped: list[tuple[nn.Module, nn.Parameter]] = []
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                base = layer.get_base_layer()
+                weight = base.weight
+                assert isinstance(weight, nn.Parameter)
+                merged = weight.detach().clone()
+                for adapter in layer.active_adapters:
+                    if adapter in layer.lora_A:
+                        merged += layer.get_delta_weight(adapter)  # type: ignore[operator]
+                swapped.append((base, weight))
+                base._parameters["weight"] = nn.Parameter(merged, requires_grad=False)
+        with disable():
+            yield model
+    finally:
+        for base, weight in swapped:
+            base._parameters["weight"] = weight
 
 
 def rollout_logps(

@@ -216,3 +216,26 @@ def test_shared_prompt_forward_gives_the_gradients_of_whole_rows(
     torch.testing.assert_close(
         grads((shared * mask).sum()), grads((whole * mask).sum()), atol=1e-5, rtol=1e-4
     )
+
+
+def test_lora_sampling_merges_for_the_rollout_only(
+    tiny_model: Path, tokenizer: Any, prompts: Any
+) -> None:
+    """Under LoRA the sampler runs on merged weights: greedy completions equal peft's own
+    (unmerged) greedy generate, and afterwards every parameter is the same object with the
+    same value."""
+    from trainer_core.adapters import apply_adapter
+    from trainer_core.specs import AdapterSpec
+
+    policy = apply_adapter(load_model(str(tiny_model)), AdapterSpec(r=4, alpha=8))
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
+    before = {name: (param, param.detach().clone()) for name, param in policy.named_parameters()}
+    rollout = sample(policy, tokenizer, prompts[:1], temperature=1e-5, max_completion_length=8)
+    ids = torch.tensor([prompts[0]])
+    expected = policy.generate(input_ids=ids, do_sample=False, max_new_tokens=8)[:, ids.size(1) :]
+    assert torch.equal(rollout.completion_ids[:1], expected)
+    for name, param in policy.named_parameters():
+        assert param is before[name][0] and torch.equal(param, before[name][1]), name
