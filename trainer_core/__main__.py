@@ -1,6 +1,9 @@
 """``python -m trainer_core``: run a spec file, or build a tiny model, without the service.
 
-python -m trainer_core run spec.json [--output DIR]
+python -m trainer_core run spec.json [--output DIR] [--metrics FILE]
+python -m torch.distributed.run --standalone --nproc-per-node 2 -m trainer_core run spec.json
+
+Under a launcher (``RANK`` set) only rank 0 reports and writes; the others compute.
 python -m trainer_core create-tiny DEST [--size tiny|1m|30m] [--seed N]
 """
 
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -30,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         default=Path("checkpoints"),
         help="folder for checkpoints: step-N/ and final/ (default: ./checkpoints)",
     )
+    run.add_argument("--metrics", type=Path, help="also write every metric point here (JSON)")
     tiny = commands.add_parser("create-tiny", help="build a random tiny Llama-style model")
     tiny.add_argument("dest", type=Path, help="folder to write the model into")
     tiny.add_argument("--size", choices=sorted(SIZES), default="tiny")
@@ -41,9 +46,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from trainer_core import run as run_training
+    from trainer_core.distributed import NullSink
 
     spec = TrainSpec.model_validate_json(args.spec.read_text())
-    result = run_training(spec, ListSink(echo=True), FolderCheckpointStore(args.output))
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    sink = ListSink(echo=True)
+    result = run_training(
+        spec, sink if main_rank else NullSink(), FolderCheckpointStore(args.output)
+    )
+    if not main_rank:
+        return 0
+    if args.metrics is not None:
+        args.metrics.write_text(json.dumps([{"step": s, **v} for s, v in sink.points]))
     print(
         json.dumps(
             {

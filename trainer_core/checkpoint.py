@@ -28,7 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainer_core import distributed
 from trainer_core.adapters import save_adapter
+from trainer_core.distributed import Distributed
 from trainer_core.seams import CheckpointStore
 
 
@@ -69,11 +71,12 @@ def write_state(
     folder: Path,
     *,
     trainer: TrainerState,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Mapping[str, Any],
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> None:
+    """Write ``state/``; ``optimizer`` is a state_dict in torch AdamW's layout."""
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    torch.save(dict(optimizer), folder / "optimizer.pt")
     torch.save(scheduler.state_dict(), folder / "scheduler.pt")
     torch.save(rng_state(), folder / "rng.pt")
     (folder / "trainer_state.json").write_text(json.dumps(asdict(trainer), indent=2) + "\n")
@@ -101,17 +104,34 @@ def save_checkpoint(
     trainer: TrainerState,
     metrics: Mapping[str, float],
     final: bool,
+    dist: Distributed | None = None,
 ) -> None:
-    """Write a checkpoint of the current step and hand it to ``store``."""
-    tmp = Path(tempfile.mkdtemp(prefix="alignd-checkpoint-"))
-    try:
-        folder = tmp / f"checkpoint-{trainer.step}"
-        save_adapter(model, tokenizer, folder / "adapter")
-        write_state(folder / "state", trainer=trainer, optimizer=optimizer, scheduler=scheduler)
-        store.save(trainer.step, folder, metrics, final=final)
-    finally:
-        # The store moved or copied the folder; whatever is left is ours to clean.
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Write a checkpoint of the current step and hand it to ``store``.
+
+    Under DeepSpeed every rank calls this (gathering the optimizer's partitions and ZeRO-3's
+    parameters are collectives); rank 0 alone writes, in the single-process format.
+    """
+    d = dist or Distributed()
+    optimizer_state = distributed.optimizer_state(
+        d, optimizer, trainer.step, float(scheduler.get_last_lr()[0])
+    )
+    with distributed.gathered(d, model):
+        if d.is_main:
+            tmp = Path(tempfile.mkdtemp(prefix="alignd-checkpoint-"))
+            try:
+                folder = tmp / f"checkpoint-{trainer.step}"
+                save_adapter(model, tokenizer, folder / "adapter")
+                write_state(
+                    folder / "state",
+                    trainer=trainer,
+                    optimizer=optimizer_state,
+                    scheduler=scheduler,
+                )
+                store.save(trainer.step, folder, metrics, final=final)
+            finally:
+                # The store moved or copied the folder; whatever is left is ours to clean.
+                shutil.rmtree(tmp, ignore_errors=True)
+    distributed.barrier(d)
 
 
 def load_weights(model: nn.Module, adapter_dir: Path) -> None:
@@ -160,6 +180,16 @@ def resume(
     scheduler.load_state_dict(state.scheduler)
     restore_rng(state.rng)
     return state.trainer
+
+
+def reload_after_wrap(d: Distributed, folder: str | Path | None) -> None:
+    """Under DeepSpeed, put the optimizer state of the checkpoint that ``resume`` loaded back
+    into the engine's partitions (``distributed.wrap`` rebuilt them), and the RNG after it."""
+    if folder is None or d.engine is None:
+        return
+    state = load_state(Path(folder) / "state")
+    distributed.load_optimizer_state(d, d.engine.optimizer, state.optimizer)
+    restore_rng(state.rng)
 
 
 def already_done(start: TrainerState | None, epoch: int, steps_in_epoch: int) -> bool:

@@ -67,6 +67,39 @@ class AdapterSpec(_Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+# Methods that run under DeepSpeed (ZeRO 1-3) and across several processes.
+DISTRIBUTED_METHODS = ("supervised", "reward_model", "dpo")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class ResourcesSpec(_Strict):
+    """What a job needs of a worker (the ``resources`` extension field).
+
+    ``gpus`` is the number of processes the job runs in, one per device: GPUs on a GPU
+    worker, CPU processes (gloo) on a CPU one. ``zero_stage`` 0 is plain data parallelism
+    (or one process); 1-3 are DeepSpeed's ZeRO stages. ``worker_class`` names the queue of a
+    class of workers (``alignd worker --queues``); None sends the job to the default queue.
+    """
+
+    gpus: Annotated[int, Field(ge=1, le=64)] = 1
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: bool = False
+    gradient_checkpointing: bool = False
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    worker_class: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")] | None = None
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the job runs in launched processes (several, or under DeepSpeed)."""
+        return self.gpus > 1 or self.zero_stage > 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ResourcesSpec:
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        return self
+
+
 # -- requests: what a job body may say (numbers or "auto") ---------------------------------
 
 
@@ -533,6 +566,8 @@ class TrainSpec(_Strict):
     resume_from: str | None = None
     # torch intra-op threads; None leaves torch's default.
     num_threads: Annotated[int, Field(ge=1)] | None = None
+    # Processes, ZeRO stage, precision (the job's ``resources``).
+    resources: ResourcesSpec = ResourcesSpec()
 
     @model_validator(mode="before")
     @classmethod

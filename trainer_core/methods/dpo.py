@@ -30,13 +30,20 @@ import torch
 from peft import PeftModel
 from torch import nn
 
+from trainer_core import distributed
 from trainer_core.adapters import apply_adapter, load_trained
 from trainer_core.batching import epoch_steps, fixed_batches, steps_per_epoch
-from trainer_core.checkpoint import TrainerState, already_done, resume, save_checkpoint
+from trainer_core.checkpoint import (
+    TrainerState,
+    already_done,
+    reload_after_wrap,
+    resume,
+    save_checkpoint,
+)
 from trainer_core.dpo_losses import DpoStats, add_dpo_stats, combined_dpo_loss
 from trainer_core.methods.supervised import seed_everything
 from trainer_core.models import load_model, load_model_and_tokenizer, load_tokenizer
-from trainer_core.optim import build_optimizer, build_scheduler, optimizer_step
+from trainer_core.optim import build_optimizer, build_scheduler
 from trainer_core.preference_data import (
     PairBatch,
     PreferenceExample,
@@ -63,6 +70,8 @@ def train(
     if not isinstance(hp, DpoHyperparameters):
         raise TypeError("the dpo method needs DpoHyperparameters")
     seed_everything(spec.seed, spec.num_threads)
+    # Several processes / DeepSpeed: join the group before the model is built (ZeRO-3).
+    d = distributed.setup(spec.resources)
 
     # -- model and data ------------------------------------------------------------------
     base, tokenizer = load_model_and_tokenizer(
@@ -100,6 +109,9 @@ def train(
             )
     else:
         train_ref = valid_ref = live_reference(model, spec.adapter.type)
+        if isinstance(train_ref, LiveReference) and not train_ref.disable_adapter:
+            # Full fine-tuning's frozen copy: sharded like the policy under ZeRO-3.
+            train_ref.model = distributed.shard_frozen(d, train_ref.model)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, learning_rate=hp.learning_rate, weight_decay=hp.weight_decay)
@@ -114,6 +126,10 @@ def train(
 
     # Pick up where a checkpoint left off (pause/resume, a restarted failed job), or start.
     start = resume(spec.resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
+    distributed.wrap(
+        d, model, optimizer, scheduler, batch_size=hp.batch_size, max_grad_norm=hp.max_grad_norm
+    )
+    reload_after_wrap(d, spec.resume_from)
     step = start.step if start else 0
     num_tokens = start.num_tokens if start else 0
     trained_tokens = start.trained_tokens if start else 0
@@ -143,6 +159,7 @@ def train(
             trainer=state,
             metrics=metrics,
             final=final,
+            dist=d,
         )
         saved_at, last_metrics = step, metrics
 
@@ -157,7 +174,7 @@ def train(
         for steps_in_epoch, micro_batches in enumerate(plan):
             if already_done(start, epoch, steps_in_epoch):
                 continue
-            if should_stop():
+            if distributed.any_rank(d, should_stop()):
                 # Nothing trained yet means nothing worth keeping.
                 if step > 0 and saved_at != step:
                     checkpoint(epoch, steps_in_epoch, final=False)
@@ -169,25 +186,32 @@ def train(
                 for indices in micro_batches
             ]
             # The loss is a mean over the pairs (and, for "sft", the chosen tokens) of the
-            # whole step, so accumulating micro-batches gives the gradient of one big batch.
+            # whole step, so accumulating micro-batches gives the gradient of one big batch,
+            # and the ranks' shares of it add up to the whole (see distributed).
             num_pairs = sum(len(indices) for indices in micro_batches)
             num_chosen_tokens = sum(int(chosen_mask(batch).sum()) for _, batch in batches)
             micro_stats = []
-            for indices, batch in batches:
-                loss, stats = pair_loss(
-                    model, train_ref, batch, indices, hp, num_pairs, num_chosen_tokens
+            for n, (indices, whole) in enumerate(batches):
+                mine, weight = distributed.share(d, indices)
+                batch = (
+                    whole
+                    if d.world_size == 1
+                    else collate_pairs([train_data.examples[i] for i in mine], pad_token_id)
                 )
-                loss.backward()
-                micro_stats.append(stats)
-                trained_tokens += batch.num_tokens
-                num_tokens += int(batch.completion_mask[:, 1:].sum())
-            grad_norm, learning_rate = optimizer_step(
-                params, optimizer, scheduler, hp.max_grad_norm
+                loss, stats = pair_loss(
+                    model, train_ref, batch, mine, hp, num_pairs, num_chosen_tokens
+                )
+                distributed.backward(d, loss * weight, last=n == len(micro_batches) - 1)
+                micro_stats.append(stats if weight else distributed.nothing(stats))
+                trained_tokens += whole.num_tokens
+                num_tokens += int(whole.completion_mask[:, 1:].sum())
+            grad_norm, learning_rate = distributed.optimizer_step(
+                d, params, optimizer, scheduler, hp.max_grad_norm
             )
             step += 1
 
             # -- metrics -------------------------------------------------------------------
-            step_stats = add_dpo_stats(micro_stats)
+            step_stats = distributed.all_reduce_sum(d, add_dpo_stats(micro_stats))
             since_log.append(step_stats)
             if step % spec.log_every == 0 or step == total_steps:
                 # Pair-weighted over the steps since the last point, so log_every > 1 smooths

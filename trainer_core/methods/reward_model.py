@@ -38,13 +38,20 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from trainer_core import distributed
 from trainer_core.adapters import _without_peft_deprecation_warning, apply_adapter
 from trainer_core.batching import epoch_steps, fixed_batches, steps_per_epoch
-from trainer_core.checkpoint import TrainerState, already_done, resume, save_checkpoint
+from trainer_core.checkpoint import (
+    TrainerState,
+    already_done,
+    reload_after_wrap,
+    resume,
+    save_checkpoint,
+)
 from trainer_core.data import Message, _encode, _messages, _render, _with_eos
 from trainer_core.methods.supervised import seed_everything
 from trainer_core.models import check_model_source, load_tokenizer
-from trainer_core.optim import build_optimizer, build_scheduler, optimizer_step
+from trainer_core.optim import build_optimizer, build_scheduler
 from trainer_core.preference_data import (
     PairBatch,
     PreferenceExample,
@@ -64,6 +71,8 @@ def train(
     hp = spec.hyperparameters
     assert isinstance(hp, RewardModelHyperparameters)
     seed_everything(spec.seed, spec.num_threads)  # before loading: the new head is random
+    # Several processes / DeepSpeed: join the group before the model is built (ZeRO-3).
+    d = distributed.setup(spec.resources)
 
     # -- model and data ------------------------------------------------------------------
     tokenizer = load_tokenizer(
@@ -103,6 +112,10 @@ def train(
 
     # Pick up where a checkpoint left off (pause/resume, a restarted failed job), or start.
     start = resume(spec.resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
+    distributed.wrap(
+        d, model, optimizer, scheduler, batch_size=hp.batch_size, max_grad_norm=hp.max_grad_norm
+    )
+    reload_after_wrap(d, spec.resume_from)
     step = start.step if start else 0
     num_tokens = start.num_tokens if start else 0
     saved_at = step if start else -1  # step of the latest checkpoint
@@ -137,6 +150,7 @@ def train(
             trainer=state,
             metrics=metrics,
             final=final,
+            dist=d,
         )
         saved_at, last_metrics = step, metrics
 
@@ -151,22 +165,21 @@ def train(
         for steps_in_epoch, micro_batches in enumerate(plan):
             if already_done(start, epoch, steps_in_epoch):
                 continue
-            if should_stop():
+            if distributed.any_rank(d, should_stop()):
                 # Nothing trained yet means nothing worth keeping.
                 if step > 0 and saved_at != step:
                     checkpoint(epoch, steps_in_epoch, final=False)
                 return RunResult("stopped", step, total_steps, num_tokens, last_metrics)
 
             # -- one optimizer step over its micro-batches -----------------------------------
-            batches = [
-                collate_pairs([train_data.examples[i] for i in indices], pad_token_id)
-                for indices in micro_batches
-            ]
             # Normalise by the pairs of the whole step, so accumulating micro-batches gives
-            # the same gradient as one big batch.
+            # the same gradient as one big batch, and the ranks' shares add up to it.
             pairs_in_step = sum(len(indices) for indices in micro_batches)
             micro_stats = []
-            for batch in batches:
+            step_tokens = 0  # this rank's
+            for n, indices in enumerate(micro_batches):
+                mine, weight = distributed.share(d, indices)
+                batch = collate_pairs([train_data.examples[i] for i in mine], pad_token_id)
                 chosen_rewards, rejected_rewards = forward(model, batch)  # (B,) each
                 loss, stats = bradley_terry_loss(
                     chosen_rewards,
@@ -175,16 +188,17 @@ def train(
                     center_rewards_coefficient=hp.center_rewards_coefficient,
                     normaliser=pairs_in_step,
                 )
-                loss.backward()
-                micro_stats.append(stats)
-                num_tokens += batch.num_tokens
-            grad_norm, learning_rate = optimizer_step(
-                params, optimizer, scheduler, hp.max_grad_norm
+                distributed.backward(d, loss * weight, last=n == len(micro_batches) - 1)
+                micro_stats.append(stats if weight else distributed.nothing(stats))
+                step_tokens += batch.num_tokens if weight else 0
+            grad_norm, learning_rate = distributed.optimizer_step(
+                d, params, optimizer, scheduler, hp.max_grad_norm
             )
             step += 1
+            num_tokens += distributed.sum_int(d, step_tokens)
 
             # -- metrics -------------------------------------------------------------------
-            step_stats = add_stats(micro_stats)
+            step_stats = distributed.all_reduce_sum(d, add_stats(micro_stats))
             since_log.append(step_stats)
             if step % spec.log_every == 0 or step == total_steps:
                 # Pair-weighted over the steps since the last point (min/max over all of them).

@@ -13,8 +13,8 @@ Rows are batched by similar length (``batching``), or with ``packing`` several r
 A run resumes from a checkpoint (``spec.resume_from``) exactly where it left off: weights,
 optimizer, scheduler, RNG and position in the epoch (``checkpoint.resume``).
 
-Deliberately left out (for now): mixed precision, gradient checkpointing and multi-device
-training.
+Several processes and DeepSpeed's ZeRO stages: ``distributed`` (each rank takes its share of
+every micro-batch; the step's normaliser stays the whole step's).
 """
 
 from __future__ import annotations
@@ -26,9 +26,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from trainer_core import distributed
 from trainer_core.adapters import apply_adapter, load_trained
 from trainer_core.batching import Batch, collate, epoch_steps, fixed_batches, steps_per_epoch
-from trainer_core.checkpoint import TrainerState, already_done, resume, save_checkpoint
+from trainer_core.checkpoint import (
+    TrainerState,
+    already_done,
+    reload_after_wrap,
+    resume,
+    save_checkpoint,
+)
 from trainer_core.data import SupervisedExample, load_supervised
 from trainer_core.logprobs import keep_positions, kept_next_token_logps
 from trainer_core.losses import SftStats, sft_loss
@@ -46,6 +53,8 @@ def train(
     hp = spec.hyperparameters
     assert isinstance(hp, SupervisedHyperparameters)
     seed_everything(spec.seed, spec.num_threads)
+    # Several processes / DeepSpeed: join the group before the model is built (ZeRO-3).
+    d = distributed.setup(spec.resources)
 
     # -- model and data ------------------------------------------------------------------
     base, tokenizer = load_model_and_tokenizer(
@@ -92,6 +101,10 @@ def train(
 
     # Pick up where a checkpoint left off (pause/resume, a restarted failed job), or start.
     start = resume(spec.resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
+    distributed.wrap(
+        d, model, optimizer, scheduler, batch_size=hp.batch_size, max_grad_norm=hp.max_grad_norm
+    )
+    reload_after_wrap(d, spec.resume_from)
     step = start.step if start else 0
     num_tokens = start.num_tokens if start else 0  # loss tokens, for the state
     trained_tokens = start.trained_tokens if start else 0
@@ -123,6 +136,7 @@ def train(
             trainer=state,
             metrics=metrics,
             final=final,
+            dist=d,
         )
         saved_at, last_metrics = step, metrics
 
@@ -138,7 +152,7 @@ def train(
         for steps_in_epoch, micro_batches in enumerate(plan):
             if already_done(start, epoch, steps_in_epoch):
                 continue
-            if should_stop():
+            if distributed.any_rank(d, should_stop()):
                 # Nothing trained yet means nothing worth keeping.
                 if step > 0 and saved_at != step:
                     checkpoint(epoch, steps_in_epoch, final=False)
@@ -149,26 +163,32 @@ def train(
                 make_batch([rows[i] for i in indices], pad_token_id) for indices in micro_batches
             ]
             # Normalise by the counted tokens of the whole step, so accumulating micro-batches
-            # gives the same gradient as one big batch (see losses.sft_loss).
+            # gives the same gradient as one big batch (see losses.sft_loss), and the ranks'
+            # shares of it add up to the whole (see distributed).
             normaliser = sum(batch.num_loss_tokens for batch in batches)
             micro_stats = []
-            for batch in batches:
+            for n, (indices, whole) in enumerate(zip(micro_batches, batches, strict=True)):
+                mine, weight = distributed.share(d, indices)
+                batch = (
+                    whole
+                    if d.world_size == 1
+                    else make_batch([rows[i] for i in mine], pad_token_id)
+                )
                 per_token_logps, token_correct = forward(model, batch)  # (B, T-1) each
                 loss, stats = sft_loss(
                     per_token_logps, batch.completion_mask[:, 1:], token_correct, normaliser
                 )
-                loss.backward()
-                micro_stats.append(stats)
-                trained_tokens += batch.num_tokens
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
-            learning_rate = float(scheduler.get_last_lr()[0])  # the rate this step uses
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+                distributed.backward(d, loss * weight, last=n == len(micro_batches) - 1)
+                if weight:
+                    micro_stats.append(stats)
+                trained_tokens += whole.num_tokens
+            grad_norm, learning_rate = distributed.optimizer_step(
+                d, params, optimizer, scheduler, hp.max_grad_norm
+            )
             step += 1
 
             # -- metrics -------------------------------------------------------------------
-            step_stats = add_stats(micro_stats)
+            step_stats = distributed.all_reduce_sum(d, add_stats(micro_stats))
             num_tokens += int(step_stats.num_tokens)
             since_log.append(step_stats)
             if step % spec.log_every == 0 or step == total_steps:

@@ -1,0 +1,362 @@
+"""One job in several processes: data parallelism and DeepSpeed's ZeRO stages 0-3.
+
+A method that supports it (``specs.DISTRIBUTED_METHODS``) calls these functions in place of
+its single-process ones; with one process and ZeRO off every function is the plain version
+(``loss.backward()``, ``optim.optimizer_step``), so the single-process path is unchanged.
+
+How a step is split, so that N processes compute what one process would:
+
+- Every rank builds the same plan of optimizer steps (it is a function of the seed and the
+  epoch), and takes its share of every micro-batch (``share``: rows ``rank::world_size``).
+  Every rank runs the same number of forward/backward passes per step, which ZeRO-2/3
+  need (their gradient hooks are collectives); a rank whose share of a short micro-batch
+  is empty runs one row with weight 0.
+- The loss keeps the normalisers of the whole step (tokens, pairs), so the ranks' losses
+  add up to the single-process loss. DeepSpeed averages gradients over the ranks, so each
+  rank's loss is multiplied by ``world_size`` (``backward``): the averaged gradient is the
+  sum, i.e. the single-process gradient.
+- ZeRO stage 0 with several processes is plain data parallelism without DeepSpeed: the
+  gradients are summed over the ranks (all-reduce) before the single-process step.
+- Gradient accumulation is ours, not DeepSpeed's: ``managed_gradient_accumulation`` is off
+  each micro-batch's ``engine.backward`` only accumulates, and the one
+  ``engine.step()`` of an optimizer step reduces, clips (``gradient_clipping``), steps AdamW
+  and the schedule. A step may then hold fewer micro-batches (the last of an epoch).
+- Metrics are sums over each rank's rows, added up over the ranks (``all_reduce_sum``),
+  so rank 0 logs what a single process would.
+- Only rank 0 writes metrics, events and checkpoints (the others get ``NullSink``);
+  checkpoints are gathered first (ZeRO-3 parameters, every rank's optimizer partition)
+  and written in the single-process format (``checkpoint.py``): a checkpoint saved here
+  resumes under DeepSpeed or in one process alike.
+
+The process group is set up from the environment the launcher gives each rank (``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``): gloo on the CPU, nccl on
+GPUs. ZeRO-3 needs it before the model is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from trainer_core.optim import optimizer_step as single_optimizer_step
+from trainer_core.specs import ResourcesSpec
+
+T = TypeVar("T")
+ADAM_STATES = ("exp_avg", "exp_avg_sq")
+
+
+@dataclass
+class Distributed:
+    """This process's place in the job (rank 0 of 1 when the job runs in one process)."""
+
+    rank: int = 0
+    world_size: int = 1
+    resources: ResourcesSpec = dataclasses.field(default_factory=ResourcesSpec)
+    engine: Any = None  # the DeepSpeedEngine, once ``wrap`` made one
+    # The trainable parameters in the single-process optimizer's order, and that optimizer's
+    # empty state_dict: the layout a portable checkpoint is written in.
+    ordered_params: list[nn.Parameter] = dataclasses.field(default_factory=list)
+    optimizer_layout: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def zero_stage(self) -> int:
+        return self.resources.zero_stage
+
+
+def setup(resources: ResourcesSpec) -> Distributed:
+    """Join the job's process group (when the job runs under DeepSpeed or in several processes)."""
+    if not resources.distributed:
+        return Distributed(resources=resources)
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return Distributed(rank=dist.get_rank(), world_size=dist.get_world_size(), resources=resources)
+
+
+def deepspeed_config(d: Distributed, *, batch_size: int, max_grad_norm: float) -> dict[str, Any]:
+    """The DeepSpeed config of a job: ZeRO stage, precision, clipping; accumulation is ours."""
+    r = d.resources
+    zero: dict[str, Any] = {"stage": r.zero_stage}
+    if r.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        # Only sets DeepSpeed's bookkeeping of samples; our batches are what they are.
+        "train_micro_batch_size_per_gpu": max(1, math.ceil(batch_size / d.world_size)),
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": max_grad_norm,
+        "zero_optimization": zero,
+        # Our AdamW (torch's): the same optimizer as in one process, so the curves match.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "bf16": {"enabled": r.precision == "bf16"},
+        "fp16": {"enabled": r.precision == "fp16"},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def wrap(
+    d: Distributed,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    *,
+    batch_size: int,
+    max_grad_norm: float,
+) -> None:
+    """Hand the model, optimizer and schedule to DeepSpeed (no-op in one process).
+
+    Forward passes keep calling the model itself: DeepSpeed's ZeRO-3 hooks live on its
+    modules. ``backward`` and ``optimizer_step`` go through the engine.
+    """
+    if d.zero_stage == 0:
+        return  # one process, or plain data parallelism (``optimizer_step`` sums the gradients)
+    # Taken before DeepSpeed swaps the groups' parameters for its flat partitions.
+    d.ordered_params = [p for group in optimizer.param_groups for p in group["params"]]
+    d.optimizer_layout = optimizer.state_dict()
+    import deepspeed
+
+    d.engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(d, batch_size=batch_size, max_grad_norm=max_grad_norm),
+    )
+
+
+def share(d: Distributed, indices: Sequence[int]) -> tuple[list[int], float]:
+    """This rank's rows of a micro-batch, and the weight of its loss (0 for a stand-in row)."""
+    mine = list(indices[d.rank :: d.world_size])
+    if mine:
+        return mine, 1.0
+    # Too few rows for every rank: run one anyway (the collectives need every rank), weighted 0.
+    return [indices[0]], 0.0
+
+
+def backward(d: Distributed, loss: torch.Tensor, *, last: bool) -> None:
+    """Backward of one micro-batch; ``last``: the last micro-batch of the optimizer step."""
+    if d.engine is None:
+        loss.backward()
+        return
+    # DeepSpeed averages gradients over the ranks; our losses already add up to the whole.
+    d.engine.backward(loss * d.world_size, scale_wrt_gas=False)
+    if d.zero_stage == 3 and not last:
+        # ZeRO-3 counts micro-batches in ``engine.forward`` (a second backward otherwise
+        # overwrites the first's partitioned gradients); our forwards call the model itself.
+        d.engine.optimizer.clear_backward_seen_flag()
+
+
+def optimizer_step(
+    d: Distributed,
+    params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    max_grad_norm: float,
+) -> tuple[torch.Tensor, float]:
+    """Clip, step AdamW and the schedule, clear the gradients: ``(grad_norm, learning_rate)``."""
+    if d.engine is None:
+        if d.world_size > 1:
+            import torch.distributed as dist
+
+            # ZeRO off: every rank holds every gradient; the sum over ranks is the step's.
+            for param in params:
+                if param.grad is not None:
+                    dist.all_reduce(param.grad)
+        return single_optimizer_step(params, optimizer, scheduler, max_grad_norm)
+    learning_rate = float(scheduler.get_last_lr()[0])
+    d.engine.step()
+    norm = d.engine.get_global_grad_norm()
+    return torch.tensor(float(norm) if norm is not None else math.nan), learning_rate
+
+
+def all_reduce_sum(d: Distributed, stats: T) -> T:
+    """A dataclass of totals, added up over the ranks: sums, but the min of ``*_min`` fields
+    and the max of ``*_max`` fields (the convention of ``preference_losses.add_stats``)."""
+    if d.world_size == 1:
+        return stats
+    import torch.distributed as dist
+
+    fields = dataclasses.fields(stats)  # type: ignore[arg-type]
+    values = [float(getattr(stats, f.name)) for f in fields]
+    # One SUM and one MAX reduction (min as the max of the negation).
+    sign = [-1.0 if f.name.endswith("_min") else 1.0 for f in fields]
+    extreme = [f.name.endswith(("_min", "_max")) for f in fields]
+    sums = torch.tensor(
+        [0.0 if e else v for v, e in zip(values, extreme, strict=True)], dtype=torch.float64
+    )
+    peaks = torch.tensor(
+        [s * v if e else -math.inf for v, s, e in zip(values, sign, extreme, strict=True)],
+        dtype=torch.float64,
+    )
+    dist.all_reduce(sums)
+    dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+    totals = {}
+    for i, f in enumerate(fields):
+        total = sign[i] * float(peaks[i]) if extreme[i] else float(sums[i])
+        old = getattr(stats, f.name)
+        totals[f.name] = (
+            torch.tensor(total, dtype=old.dtype)
+            if isinstance(old, torch.Tensor)
+            else type(old)(round(total) if isinstance(old, int) else total)
+        )
+    return dataclasses.replace(stats, **totals)  # type: ignore[type-var]
+
+
+def nothing(stats: T) -> T:
+    """Stats that add nothing (those of a stand-in row ``share`` gave a rank with no rows):
+    zero sums, +inf for ``*_min`` and -inf for ``*_max``."""
+    totals = {}
+    for f in dataclasses.fields(stats):  # type: ignore[arg-type]
+        old = getattr(stats, f.name)
+        value = math.inf if f.name.endswith("_min") else -math.inf if f.name.endswith("_max") else 0
+        totals[f.name] = (
+            torch.tensor(value, dtype=old.dtype if old.is_floating_point() else torch.float64)
+            if isinstance(old, torch.Tensor) and f.name.endswith(("_min", "_max"))
+            else torch.zeros_like(old)
+            if isinstance(old, torch.Tensor)
+            else type(old)(value)
+        )
+    return dataclasses.replace(stats, **totals)  # type: ignore[type-var]
+
+
+def shard_frozen(d: Distributed, model: nn.Module) -> nn.Module:
+    """A frozen model (DPO's reference under full fine-tuning) sharded like the policy under
+    ZeRO-3, so that it does not cost every rank a whole copy; otherwise as it is."""
+    if d.zero_stage != 3:
+        return model
+    import deepspeed
+
+    config = deepspeed_config(d, batch_size=1, max_grad_norm=0.0)
+    config.pop("gradient_clipping")
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    module: nn.Module = engine.module
+    return module.eval()
+
+
+def sum_int(d: Distributed, value: int) -> int:
+    if d.world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    total = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def any_rank(d: Distributed, flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank (a stop request reaches one rank, all must stop)."""
+    if d.world_size == 1:
+        return flag
+    import torch.distributed as dist
+
+    value = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def barrier(d: Distributed) -> None:
+    if d.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def gathered(d: Distributed, model: nn.Module) -> Iterator[None]:
+    """Every parameter whole on every rank for the duration (ZeRO-3 shards them)."""
+    if d.engine is None or d.zero_stage != 3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        yield
+
+
+def optimizer_state(
+    d: Distributed, optimizer: torch.optim.Optimizer, step: int, learning_rate: float
+) -> dict[str, Any]:
+    """The optimizer's state in the single-process (torch AdamW) layout. A collective under
+    ZeRO: every rank calls it, each contributing its partition."""
+    if d.engine is None:
+        return optimizer.state_dict()
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for index, param in enumerate(d.ordered_params):
+        entry = {"step": torch.tensor(float(step))}
+        for key in ADAM_STATES:
+            full = safe_get_full_optimizer_state(param, key)
+            if full is None:  # no optimizer step taken yet: AdamW's state is still empty
+                break
+            entry[key] = full.detach().float().cpu().clone()
+        else:
+            state[index] = entry
+    groups = [
+        {**group, "lr": learning_rate} for group in d.optimizer_layout.get("param_groups", [])
+    ]
+    return {"state": state, "param_groups": groups}
+
+
+def load_optimizer_state(
+    d: Distributed, optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]
+) -> None:
+    """Put a single-process-layout optimizer state back (into DeepSpeed's partitions under
+    ZeRO). Call after ``wrap``; every rank calls it."""
+    if d.engine is None:
+        optimizer.load_state_dict(dict(saved))
+        return
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    state = {int(k): v for k, v in saved["state"].items()}
+    if not state:
+        return
+    step = next(iter(state.values()))["step"]
+    # AdamW builds its state at its first step; build it now so there is somewhere to load into.
+    zero = d.engine.optimizer
+    inner = zero.optimizer
+    inner.state.clear()  # what ``resume`` loaded before the wrap, keyed by unwrapped params
+    # The fp32 partitions AdamW steps: ZeRO-3 and ZeRO-1/2 name them differently.
+    flats = getattr(zero, "fp32_partitioned_groups_flat", None)
+    if flats is None:
+        flats = zero.single_partition_of_fp32_groups
+    for flat in flats:
+        inner.state[flat] = {
+            "step": torch.tensor(float(step)),
+            "exp_avg": torch.zeros_like(flat),
+            "exp_avg_sq": torch.zeros_like(flat),
+        }
+    for index, param in enumerate(d.ordered_params):
+        if index in state:
+            for key in ADAM_STATES:
+                safe_set_full_optimizer_state(param, state[index][key], key)
+
+
+class NullSink:
+    """The MetricSink of ranks other than 0: they compute what rank 0 reports."""
+
+    def start(self, total_steps: int) -> None:
+        pass
+
+    def metrics(self, step: int, values: Mapping[str, float]) -> None:
+        pass
+
+    def event(
+        self, message: str, *, level: str = "info", data: Mapping[str, Any] | None = None
+    ) -> None:
+        pass
