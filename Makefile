@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first and pinned: an unpinned torch pulls several GB of CUDA packages.
 	$(PIP) install -q -c constraints.txt torch
 	$(PIP) install -q -c constraints.txt -e '.[train,dev]'
+	# DeepSpeed builds against the torch already installed (it needs g++ and ninja at run time).
+	$(PIP) install -q -c constraints.txt --no-build-isolation deepspeed
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -98,15 +98,29 @@ def stop_process_group(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> 
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from worker.slots import resolve_devices
+
+    try:
+        kind, devices = resolve_devices(args.gpus)
+    except ValueError as exc:
+        print(f"alignd worker: {exc}", file=sys.stderr)
+        return 2
+    # Before the worker's settings are read: the pool's processes take their slots from these.
+    os.environ["ALIGND_WORKER_DEVICES"] = ",".join(devices)
+    os.environ["ALIGND_WORKER_DEVICE_KIND"] = kind
+
     from worker.celery_app import app, settings
 
-    queues = args.queues or settings.default_queue
+    queues = ",".join(
+        q.strip() for q in (args.queues or settings.default_queue).split(",") if q.strip()
+    )
     argv = [
         "worker",
         f"--loglevel={args.log_level.upper()}",
-        f"--concurrency={args.concurrency}",
+        # One pool process per slot by default: a job of one device each, side by side.
+        f"--concurrency={args.concurrency or len(devices)}",
         "-Q",
-        queues,
+        queues or settings.default_queue,
     ]
     if args.hostname:
         argv.append(f"--hostname={args.hostname}")
@@ -327,8 +341,21 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     w = sub.add_parser("worker", help="run a training worker")
-    w.add_argument("--queues", help="comma-separated queues (default: ALIGND_DEFAULT_QUEUE)")
-    w.add_argument("--concurrency", type=int, default=1, help="jobs at a time (default 1)")
+    w.add_argument(
+        "--queues",
+        help="comma-separated queues, i.e. the worker classes it serves, e.g. gpu-h100 "
+        "(default: ALIGND_DEFAULT_QUEUE)",
+    )
+    w.add_argument(
+        "--gpus",
+        help="comma-separated device ids it may use, e.g. 0,1,2,3 (default: every CUDA device "
+        "it sees; without CUDA, one CPU slot per core)",
+    )
+    w.add_argument(
+        "--concurrency",
+        type=int,
+        help="pool processes, i.e. jobs at a time (default: one per slot)",
+    )
     w.add_argument("--hostname", help="Celery node name")
     w.add_argument("--log-level", default="info")
     w.set_defaults(func=cmd_worker)

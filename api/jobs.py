@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sqlalchemy import Select, select, update
 from sqlalchemy.orm import Session
 
-from api import catalog, webhooks
+from api import catalog, webhooks, workers
 from api.errors import APIError, from_validation_error, invalid, not_found
 from api.files import get_file
 from api.models import Checkpoint, Job, JobEvent, new_id, now
@@ -21,6 +21,7 @@ from trainer_core.specs import (
     METHOD_HYPERPARAMETERS,
     METHOD_OPTIONS,
     AdapterSpec,
+    ResourcesSpec,
     resolve_hyperparameters,
 )
 
@@ -50,6 +51,7 @@ class JobCreate(BaseModel):
     # Ours (the SDK sends them through extra_body).
     adapter: AdapterSpec | None = None
     max_seq_len: Annotated[int, Field(ge=8, le=1_048_576)] | None = None
+    resources: ResourcesSpec | None = None
 
     @field_validator("suffix")
     @classmethod
@@ -78,7 +80,11 @@ def parse_body(raw: Any) -> JobCreate:
     try:
         return JobCreate.model_validate(raw)
     except ValidationError as exc:
-        raise from_validation_error(exc) from None
+        error = from_validation_error(exc)
+        if error.param == "resources" and "offload_optimizer" in error.message:
+            # ResourcesSpec's cross-field rule reports on the whole object; name the field.
+            error.param = "resources.offload_optimizer"
+        raise error from None
 
 
 def _method_request(body: JobCreate) -> tuple[str, BaseModel, str]:
@@ -278,6 +284,8 @@ def plan_job(services: Services, session: Session, owner: str, raw: Any) -> Job:
         method_type, request, adapter_type=adapter.type, n_examples=n_examples
     )
     max_seq_len = body.max_seq_len or DEFAULT_MAX_SEQ_LEN
+    resources = body.resources or ResourcesSpec()
+    substatus = workers.check_resources(session, services.settings, method_type, resources)
     completion = getattr(resolved, "max_completion_length", None)
     if completion is not None and completion >= max_seq_len:
         # The sequence holds the prompt too: fail here, not at the worker's first step.
@@ -292,6 +300,7 @@ def plan_job(services: Services, session: Session, owner: str, raw: Any) -> Job:
         created_at=now(),
         model=model,
         status="queued",
+        substatus=substatus,
         training_file=body.training_file,
         validation_file=body.validation_file,
         method={
@@ -302,6 +311,7 @@ def plan_job(services: Services, session: Session, owner: str, raw: Any) -> Job:
             "adapter": adapter.model_dump(),
             "max_seq_len": max_seq_len,
             "integrations": body.integrations or [],
+            "resources": resources.model_dump(),
         },
         # OpenAI picks a random seed when none is given, and reports it on the job.
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
@@ -322,9 +332,13 @@ def create_job(services: Services, session: Session, owner: str, raw: Any) -> Jo
 
 
 def enqueue_committed(services: Services, job: Job) -> None:
-    """Hand a committed job to the broker; if that fails, fail the job rather than lose it."""
+    """Hand a committed job to the broker, on its queue; if that fails, fail the job rather
+    than lose it."""
+    queue = workers.job_queue(services.settings, job.extensions)
+    if job.status == "queued" and job.substatus is None:
+        _note_unserved(services, job, queue)  # a resumed job: is its queue still served?
     try:
-        services.queue.enqueue(job.id)
+        services.queue.enqueue(job.id, queue)
     except Exception as exc:
         log.exception("could not enqueue %s", job.id)
         with services.sessions() as session, session.begin():
@@ -346,6 +360,20 @@ def enqueue_committed(services: Services, job: Job) -> None:
         raise APIError(
             503, "The job queue is unreachable; the job was not started.", code="queue_unavailable"
         ) from exc
+
+
+def _note_unserved(services: Services, job: Job, queue: str) -> None:
+    with services.sessions() as session, session.begin():
+        if workers.known_workers(session, services.settings, queue):
+            return
+        note = workers.unserved_substatus(queue)
+        done = session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == "queued", Job.substatus.is_(None))
+            .values(substatus=note)
+        )
+        if done.rowcount:  # type: ignore[attr-defined]
+            job.substatus = note
 
 
 def get_job(session: Session, owner: str, job_id: str) -> Job:
@@ -540,6 +568,8 @@ def render_job(job: Job, queue_position: int | None = None) -> dict[str, Any]:
         "progress": progress,
         "adapter": job.extensions.get("adapter"),
         "max_seq_len": job.extensions.get("max_seq_len"),
+        # Jobs from before resources existed ran with the defaults.
+        "resources": job.extensions.get("resources") or ResourcesSpec().model_dump(),
     }
 
 

@@ -288,3 +288,27 @@ class UploadPartChunk(Base):
     )
     index: Mapped[int] = mapped_column(Integer, primary_key=True)
     data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Worker(Base):
+    """A registered ``alignd worker``: its queues and what it can run (operator data).
+
+    Not a tenant's row, so it has no owner: no ``/v1`` route shows it. Each worker upserts
+    its row when it is ready and refreshes ``last_seen`` while it runs; a stopped worker's row
+    stays, and counts as known until ``ALIGND_WORKER_REGISTRY_TTL_S`` after its last refresh.
+    """
+
+    __tablename__ = "workers"
+
+    # The Celery node name (``celery@host``), as jobs record it in ``jobs.worker``.
+    hostname: Mapped[str] = mapped_column(String(256), primary_key=True)
+    queues: Mapped[list[str]] = mapped_column(JSON)
+    device_kind: Mapped[str] = mapped_column(String(16))  # cuda | cpu
+    # Devices it hands out to jobs (GPUs, or CPU processes on a machine without CUDA).
+    slots: Mapped[int] = mapped_column(Integer)
+    device_name: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    precisions: Mapped[list[str]] = mapped_column(JSON)
+    zero_stages: Mapped[list[int]] = mapped_column(JSON)
+    # Unix seconds (fractional).
+    started_at: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float] = mapped_column(Float)

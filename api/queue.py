@@ -59,8 +59,17 @@ class JobQueue:
         self._settings = settings
         self._app = make_celery(settings)
 
-    def enqueue(self, job_id: str) -> None:
-        self._app.send_task(RUN_JOB_TASK, args=[job_id], queue=self._settings.default_queue)
+    def enqueue(
+        self, job_id: str, queue: str | None = None, countdown: float | None = None
+    ) -> None:
+        """Send the job to ``queue`` (its worker class; the default queue when None), to be
+        run no sooner than ``countdown`` seconds from now."""
+        self._app.send_task(
+            RUN_JOB_TASK,
+            args=[job_id],
+            queue=queue or self._settings.default_queue,
+            countdown=countdown,
+        )
 
     def ping(self) -> None:
         """Raises when the broker cannot be reached (for /readyz)."""

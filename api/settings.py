@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -47,6 +47,21 @@ class Settings(BaseSettings):
     broker_polling_interval_s: float = 0.05
     # A running job whose heartbeat is older than this may be claimed again (its worker died).
     stale_heartbeat_s: int = 600
+
+    # Worker registry (the ``workers`` table). A worker counts as known to the API (its
+    # capabilities are checked at job creation, its queues count as served) while its row was
+    # refreshed within this many seconds; each worker refreshes its row every
+    # ``worker_registry_refresh_s``.
+    worker_registry_ttl_s: float = Field(86_400.0, gt=0)
+    worker_registry_refresh_s: float = Field(30.0, gt=0)
+    # The devices this worker hands out as slots, comma-separated ids ("0,1,2,3"), and their
+    # kind ("cuda" or "cpu"). `alignd worker` sets both (from --gpus, or what it detects) for
+    # its pool's processes; None: detect.
+    worker_devices: str | None = None
+    worker_device_kind: Literal["cuda", "cpu"] | None = None
+    # A job that finds too few free slots on its worker is sent back to its queue after this
+    # many seconds (the pool process never waits for slots).
+    slot_retry_s: float = Field(5.0, ge=0)
 
     # Throughput assumed by POST /v1/fine_tuning/jobs/estimate until this server has finished
     # a job on the same model (then the measured rate is used).

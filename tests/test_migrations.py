@@ -29,6 +29,7 @@ TABLES = {
     "uploads",
     "upload_parts",
     "upload_part_chunks",
+    "workers",
 }
 
 

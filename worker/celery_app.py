@@ -6,8 +6,10 @@ process stays small and never holds training memory.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import socket
 from typing import Any
 
 from billiard.exceptions import WorkerLostError
@@ -17,6 +19,7 @@ from celery.worker.request import Request
 from api.queue import RUN_JOB_TASK, make_celery
 from api.services import Services
 from api.settings import load_settings
+from worker import slots
 
 log = logging.getLogger("alignd.worker")
 
@@ -58,21 +61,78 @@ class JobTask(Task):  # type: ignore[misc]
 
 @app.task(name=RUN_JOB_TASK, base=JobTask, bind=True)
 def run_job(self: Task, job_id: str) -> str | None:
+    """Take the job's slots (all or none) and run it on them. Too few free now: say so on
+    the job and send it back to its queue for a little later; a pool process never waits."""
     from worker.execution import execute
 
-    return execute(services(), job_id, str(self.request.hostname))
+    svc = services()
+    needs = slots.job_gpus(svc, job_id)
+    if needs is None:
+        log.info("job %s not claimable (already taken, cancelled or finished)", job_id)
+        return None
+    n, queue = needs
+    kind, devices = _devices()
+    held = slots.acquire(slots.lock_dir(settings), devices, n)
+    if held is None:
+        log.info("job %s needs %d free slot(s) of %s; trying again later", job_id, n, devices)
+        slots.mark_waiting(svc, job_id, n)
+        svc.queue.enqueue(job_id, queue, countdown=settings.slot_retry_s)
+        return None
+    try:
+        return execute(
+            svc, job_id, str(self.request.hostname), devices=held.devices, device_kind=kind
+        )
+    finally:
+        held.release()
+
+
+@functools.cache
+def _devices() -> tuple[str, list[str]]:
+    """This worker's device kind and slot ids (``alignd worker`` sets them; else detected)."""
+    return slots.worker_devices(settings)
+
+
+def _consumed_queues(sender: Any) -> list[str]:
+    """The queues this worker consumes (``-Q``), from the consumer worker_ready sends."""
+    try:
+        return sorted(sender.app.amqp.queues.consume_from)
+    except AttributeError:
+        return [settings.default_queue]
 
 
 @signals.worker_ready.connect
 def requeue_pending(**_kwargs: Any) -> None:
     """A broker may lose messages (Redis without persistence, a wiped folder). On start,
-    send every job that should be running again; the claim makes duplicates harmless."""
+    send every job that should be running again, each to its own queue; the claim makes
+    duplicates harmless."""
+    from api.models import Job
+    from api.workers import job_queue
     from worker.execution import pending_jobs
 
     svc = services()
     for job_id in pending_jobs(svc):
-        log.info("re-sending pending job %s", job_id)
-        svc.queue.enqueue(job_id)
+        with svc.sessions() as session:
+            job = session.get(Job, job_id)
+            queue = job_queue(settings, job.extensions if job else None)
+        log.info("re-sending pending job %s to queue %s", job_id, queue)
+        svc.queue.enqueue(job_id, queue)
+
+
+_heartbeat: Any = None
+
+
+@signals.worker_ready.connect
+def register_worker(sender: Any = None, **_kwargs: Any) -> None:
+    """Put this worker's queues, slots and capabilities in the registry, and keep its row
+    fresh (worker/registry.py)."""
+    global _heartbeat
+    from worker import registry
+
+    hostname = str(getattr(sender, "hostname", None) or f"celery@{socket.gethostname()}")
+    queues = _consumed_queues(sender)
+    kind, devices = _devices()
+    registry.register(services(), hostname, queues, registry.detect(kind, devices))
+    _heartbeat = registry.Heartbeat(services(), hostname, queues).start()
 
 
 _dispatcher: Any = None
@@ -92,3 +152,5 @@ def start_webhook_dispatcher(**_kwargs: Any) -> None:
 def stop_webhook_dispatcher(**_kwargs: Any) -> None:
     if _dispatcher is not None:
         _dispatcher.stop()
+    if _heartbeat is not None:
+        _heartbeat.stop()  # the row stays: known until worker_registry_ttl_s has passed

@@ -12,7 +12,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import ColumnElement, and_, or_, select, update
 
 import trainer_core
 from api import webhooks
@@ -24,25 +24,25 @@ from api.services import Services
 from trainer_core import graders
 from trainer_core.seams import RunResult
 from trainer_core.specs import TrainSpec
-from worker import job_logs
+from worker import job_logs, launch
 from worker.sinks import ArtifactCheckpointStore, DatabaseSink, StopFlag
 
 log = logging.getLogger("alignd.worker")
 
 
-def claim(services: Services, job_id: str, worker: str) -> Job | None:
+def claimable(services: Services) -> ColumnElement[bool]:
+    """Jobs a worker may start: queued ones, and running ones whose worker stopped beating
+    (lost with its worker)."""
     stale = now() - services.settings.stale_heartbeat_s
+    return or_(Job.status == "queued", and_(Job.status == "running", Job.heartbeat_at < stale))
+
+
+def claim(services: Services, job_id: str, worker: str) -> Job | None:
     with services.sessions() as session, session.begin():
         result = session.execute(
             update(Job)
             .where(Job.id == job_id)
-            .where(
-                or_(
-                    Job.status == "queued",
-                    # A running job whose worker stopped beating was lost with its worker.
-                    and_(Job.status == "running", Job.heartbeat_at < stale),
-                )
-            )
+            .where(claimable(services))
             .values(
                 status="running",
                 started_at=now(),
@@ -149,6 +149,7 @@ def build_spec(
             "reward_models": reward_models,
             "reward_http_allowed_hosts": list(settings.reward_http_allowed_hosts),
             "reward_http_timeout_s": settings.reward_http_timeout_s,
+            "resources": job.extensions.get("resources") or {},
         }
     )
 
@@ -192,7 +193,14 @@ def finish(
             )
 
 
-def execute(services: Services, job_id: str, worker: str) -> str | None:
+def execute(
+    services: Services,
+    job_id: str,
+    worker: str,
+    *,
+    devices: list[str] | None = None,
+    device_kind: str = "cpu",
+) -> str | None:
     """Run one job; returns its terminal status, or None when there was nothing to claim."""
     job = claim(services, job_id, worker)
     if job is None:
@@ -216,15 +224,31 @@ def execute(services: Services, job_id: str, worker: str) -> str | None:
                 services, job.extensions["resume_from"], workdir / "resume"
             )
         spec = build_spec(services, job, train_path, valid_path, resume_dir)
-        result = trainer_core.run(
-            spec,
-            DatabaseSink(services.sessions, job_id, job.owner),
-            ArtifactCheckpointStore(services.sessions, services.artifacts, job_id, job.owner),
-            StopFlag(services.sessions, job_id),
-        )
-        status = "cancelled" if result.status == "stopped" else "succeeded"
+        result: RunResult | None
+        if spec.resources.distributed or device_kind == "cuda":
+            # Its own processes: several ranks, DeepSpeed, or GPUs pinned to this job.
+            result = launch.run_group(
+                spec,
+                job_id=job_id,
+                owner=job.owner,
+                workdir=workdir,
+                should_stop=StopFlag(services.sessions, job_id),
+                devices=devices,
+                device_kind=device_kind,
+            )
+        else:
+            result = trainer_core.run(
+                spec,
+                DatabaseSink(services.sessions, job_id, job.owner),
+                ArtifactCheckpointStore(services.sessions, services.artifacts, job_id, job.owner),
+                StopFlag(services.sessions, job_id),
+            )
+        status = "cancelled" if result is None or result.status == "stopped" else "succeeded"
         finish(services, job_id, status, result=result)
-        log.info("job %s ended at step %s (%s)", job_id, result.step, result.status)
+        if result is not None:
+            log.info("job %s ended at step %s (%s)", job_id, result.step, result.status)
+        else:
+            log.info("job %s ended (stopped before rank 0 reported)", job_id)
         return status
     except Exception as exc:
         log.exception("job %s failed", job_id)
@@ -255,17 +279,5 @@ def fail_lost(services: Services, job_id: str, reason: str) -> None:
 
 def pending_jobs(services: Services) -> list[str]:
     """Jobs a broker may have lost: queued ones, and running ones whose worker went silent."""
-    stale = now() - services.settings.stale_heartbeat_s
     with services.sessions() as session:
-        return list(
-            session.scalars(
-                select(Job.id)
-                .where(
-                    or_(
-                        Job.status == "queued",
-                        and_(Job.status == "running", Job.heartbeat_at < stale),
-                    )
-                )
-                .order_by(Job.id)
-            )
-        )
+        return list(session.scalars(select(Job.id).where(claimable(services)).order_by(Job.id)))

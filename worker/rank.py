@@ -1,0 +1,62 @@
+"""One rank of a job that runs in several processes (started by ``worker.launch``).
+
+    python -m worker.rank SPEC_JSON JOB_ID OWNER      (with RANK, WORLD_SIZE, ... set)
+
+Rank 0 reports into the database and stores checkpoints, as an in-process job does; the
+other ranks compute and report nothing. SIGTERM asks for a stop: the ranks agree on it at
+the next step (``distributed.any_rank``), rank 0 saves a checkpoint, and all exit 0. An
+exception is written to ``rank-N.error`` in the job's folder (the working directory) for the
+launcher to report, and the rank exits 1.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import sys
+import threading
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    spec_path, job_id, owner = argv
+    rank = int(os.environ["RANK"])
+    # Die with the worker process that launched us, whatever happens to it.
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
+    try:
+        import trainer_core
+        from trainer_core.distributed import NullSink
+        from trainer_core.seams import CheckpointStore, FolderCheckpointStore, MetricSink
+        from trainer_core.specs import TrainSpec
+
+        spec = TrainSpec.model_validate_json(Path(spec_path).read_text())
+        sink: MetricSink
+        store: CheckpointStore
+        if rank == 0:
+            from api.services import Services
+            from api.settings import load_settings
+            from worker.sinks import ArtifactCheckpointStore, DatabaseSink
+
+            services = Services.build(load_settings())
+            sink = DatabaseSink(services.sessions, job_id, owner)
+            store = ArtifactCheckpointStore(services.sessions, services.artifacts, job_id, owner)
+        else:
+            sink, store = NullSink(), FolderCheckpointStore(Path(f"rank-{rank}-unused"))
+        result = trainer_core.run(spec, sink, store, stop.is_set)
+    except BaseException as exc:
+        traceback.print_exc()
+        Path(f"rank-{rank}.error").write_text(f"{type(exc).__name__}: {exc}"[:4000])
+        return 1
+    if rank == 0:
+        Path("result.json").write_text(json.dumps(asdict(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
