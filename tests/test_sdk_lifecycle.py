@@ -52,9 +52,10 @@ def create(client: openai.OpenAI, file_id: str, metadata: dict[str, str], n_epoc
 def test_pause_resume_download_and_delete(
     client: openai.OpenAI, pg_api: Api, pg_worker: WorkerProcess
 ) -> None:
-    train = client.files.create(file=("t.jsonl", chat_rows(8).encode()), purpose="fine-tune")
+    # 240 steps: a pause sent at step 3 must land before a fast worker could finish.
+    train = client.files.create(file=("t.jsonl", chat_rows(40).encode()), purpose="fine-tune")
     tag = f"run-{time.monotonic_ns()}"
-    job = create(client, train.id, {"suite": tag, "kind": "long"}, n_epochs=6)  # 48 steps
+    job = create(client, train.id, {"suite": tag, "kind": "long"}, n_epochs=6)
     other = create(client, train.id, {"suite": tag, "kind": "other"}, n_epochs=1)
 
     # metadata filter, and paging across pages (iterating a page fetches the next ones)
@@ -68,7 +69,7 @@ def test_pause_resume_download_and_delete(
     assert client.fine_tuning.jobs.pause(job.id).status in ("running", "paused")
     paused = wait(client, job.id, lambda j: j.status == "paused", 60)
     paused_step = paused.model_extra["progress"]["step"]
-    assert 3 <= paused_step < 48
+    assert 3 <= paused_step < 240
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert checkpoints[0].step_number == paused_step
     wait(
@@ -80,7 +81,7 @@ def test_pause_resume_download_and_delete(
     done = wait(client, job.id, lambda j: j.status in ("succeeded", "failed", "cancelled"))
     assert done.status == "succeeded", pg_worker.output()[-3000:]
     steps = pg_api.http.get(f"fine_tuning/jobs/{job.id}/metrics").json()["step"]
-    assert steps == list(range(1, 49)), (
+    assert steps == list(range(1, 241)), (
         steps
     )  # every step once: the resumed run began at paused_step + 1
     messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=200).data]
@@ -171,10 +172,10 @@ def test_resume_restarts_a_failed_job_from_its_last_checkpoint(
     from api.models import Job
     from api.services import Services
 
-    train = client.files.create(file=("t.jsonl", chat_rows(4).encode()), purpose="fine-tune")
-    job = create(
-        client, train.id, {"suite": "failed-resume"}, n_epochs=8
-    )  # 32 steps, a checkpoint every 4
+    # 384 steps, a checkpoint every 48: long enough that the pause, sent after the first
+    # checkpoint, lands before the job could finish on a fast worker (32 steps did not).
+    train = client.files.create(file=("t.jsonl", chat_rows(48).encode()), purpose="fine-tune")
+    job = create(client, train.id, {"suite": "failed-resume"}, n_epochs=8)
     wait(client, job.id, lambda j: len(client.fine_tuning.jobs.checkpoints.list(j.id).data) >= 1)
     client.fine_tuning.jobs.pause(job.id)
     wait(client, job.id, lambda j: j.status == "paused", 60)
@@ -195,7 +196,7 @@ def test_resume_restarts_a_failed_job_from_its_last_checkpoint(
     done = wait(client, job.id, lambda j: j.status in ("succeeded", "failed", "cancelled"))
     assert done.status == "succeeded" and done.error is None
     steps = pg_api.http.get(f"fine_tuning/jobs/{job.id}/metrics").json()["step"]
-    assert steps == list(range(1, 33))
+    assert steps == list(range(1, 385))
     messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=200).data]
     assert any(
         m.startswith(f"Job resumed from its checkpoint at step {stopped_at}") for m in messages
