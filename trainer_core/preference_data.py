@@ -60,6 +60,12 @@ class PreferenceExample:
     margin: float | None  # the row's optional "margin" column (reward modelling)
     line: int  # 1-based line of the row in its file
 
+    @property
+    def padded_length(self) -> int:
+        """The row length this pair pads to: its longer side (chosen and rejected share a
+        batch), which is what length-grouped batching sorts by."""
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
 
 @dataclass(frozen=True)
 class PreferenceData:
@@ -75,6 +81,10 @@ class UnpairedExample:
     completion_ids: list[int]
     label: bool  # True = desirable
     line: int
+
+    @property
+    def padded_length(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
 
 
 @dataclass(frozen=True)

@@ -170,6 +170,8 @@ def train(
             gradient_accumulation_steps=hp.gradient_accumulation_steps,
             seed=spec.seed,
             epoch=epoch,
+            # Rows of similar length share a batch: far less padding to run through the model.
+            lengths=[example.padded_length for example in train_data.examples],
         )
         for steps_in_epoch, micro_batches in enumerate(plan):
             if already_done(start, epoch, steps_in_epoch):
