@@ -25,12 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from dataclasses import dataclass
 from datetime import date
@@ -38,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import _sentences, peak_rss_mib, tiny_model, write_jsonl
+from bench.contention import CONTENDED, CONTENDED_NOTE, launch, mark, measure_pairs
 from bench.parity import machine, versions
-from bench.speed import wait_for_quiet
 
 PROMPTS_PER_STEP = 8  # our batch_size; TRL's per_device_train_batch_size is this × G
 NUM_GENERATIONS = 4
@@ -220,17 +217,6 @@ def worker(config: Config) -> dict[str, float]:
     return run_trl_online(config, rows, steps)
 
 
-def launch(config: Config) -> dict[str, float] | None:
-    command = [sys.executable, "-m", "bench.online_speed", "--worker", json.dumps(config.__dict__)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-    if done.returncode != 0:
-        print(f"{config.name} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
-        return None
-    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
-
-
 def table(results: dict[Config, dict[str, float] | None]) -> str:
     lines = [
         "| method | adapter | model | ours tok/s | TRL tok/s | speed-up | ours peak RSS | "
@@ -244,8 +230,8 @@ def table(results: dict[Config, dict[str, float] | None]) -> str:
             lines.append(f"| {method} | {adapter} | {size} | failed | | | | | |")
             continue
         lines.append(
-            f"| {method} | {adapter} | {size} | {ours['tokens_per_second']:,.0f} | "
-            f"{trl['tokens_per_second']:,.0f} | "
+            f"| {method} | {adapter} | {size} | {ours['tokens_per_second']:,.0f}{mark(ours)} | "
+            f"{trl['tokens_per_second']:,.0f}{mark(trl)} | "
             f"{ours['tokens_per_second'] / trl['tokens_per_second']:.2f}× | "
             f"{ours['peak_rss_mib']:,.0f} MiB | {trl['peak_rss_mib']:,.0f} MiB | "
             f"{ours['peak_rss_mib'] / trl['peak_rss_mib']:.2f} |"
@@ -258,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", default=["1m", "30m"], choices=list(STEPS))
     parser.add_argument("--methods", nargs="+", default=["grpo", "rloo"], choices=["grpo", "rloo"])
     parser.add_argument("--adapters", nargs="+", default=["lora", "full"], choices=["lora", "full"])
-    parser.add_argument("--repeats", type=int, default=2, help="runs per configuration")
+    parser.add_argument("--repeats", type=int, default=1, help="clean runs per configuration")
+    parser.add_argument("--tries", type=int, default=4, help="runs at most per configuration")
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -269,35 +256,31 @@ def main(argv: list[str] | None = None) -> int:
 
     for size in args.sizes:
         tiny_model(size)  # built once here, not inside the timed subprocesses
-    results: dict[Config, dict[str, float] | None] = {}
-    for size in args.sizes:
-        for method in args.methods:
-            for adapter in args.adapters:
-                # TRL and ours alternate, each after the machine is quiet; the best of the
-                # repeats counts (other jobs only ever slow a run down).
-                for _ in range(args.repeats):
-                    for trainer in ("trl", "ours"):
-                        config = Config(size, method, adapter, trainer)
-                        busy = wait_for_quiet()
-                        started = time.monotonic()
-                        run = launch(config)
-                        print(
-                            f"-- {config.name} (busy {busy:.0%}, "
-                            f"{time.monotonic() - started:.0f} s): {run}",
-                            file=sys.stderr,
-                        )
-                        best = results.get(config)
-                        if run is not None and (
-                            best is None or run["tokens_per_second"] > best["tokens_per_second"]
-                        ):
-                            results[config] = run
-                        results.setdefault(config, None)
+    pairs = [
+        [Config(size, method, adapter, t) for t in ("trl", "ours")]
+        for size in args.sizes
+        for method in args.methods
+        for adapter in args.adapters
+    ]
+    results = measure_pairs(
+        pairs,
+        lambda config: launch(
+            [sys.executable, "-m", "bench.online_speed", "--worker", json.dumps(config.__dict__)],
+            threads=THREADS,
+            name=config.name,
+        ),
+        repeats=args.repeats,
+        tries=args.tries,
+        name=lambda config: config.name,
+    )
     header = (
         f"{date.today().isoformat()}; {machine()}; {versions()}; {PROMPTS_PER_STEP} prompts × "
         f"{NUM_GENERATIONS} completions of {MAX_COMPLETION_LENGTH} tokens per step, fp32, "
         f"{THREADS} torch threads, steps per run {STEPS}"
     )
     text = table(results)
+    if any(r is not None and r["others"] > CONTENDED for r in results.values()):
+        text += "\n\n" + CONTENDED_NOTE
     print(header + "\n\n" + text)
     if args.markdown:
         args.markdown.write_text(header + "\n\n" + text + "\n")

@@ -19,17 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.common import preference_rows, sft_rows, tiny_model, write_jsonl
+from bench.contention import CONTENDED, CONTENDED_NOTE, launch, mark, measure_pairs
 from bench.parity import machine, method_exists, versions
 
 BATCH_SIZE = 8
@@ -37,8 +34,6 @@ THREADS = 2
 MAX_SEQ_LEN = 512
 # Optimizer steps per run: ~20-60 s per configuration on 2 cores.
 STEPS = {"1m": 60, "30m": 10}
-# Other processes' CPU use (in cores) above which a run counts as disturbed.
-CONTENDED = 0.2
 # Sentences (~9 tokens each) per prompt / completion: rows of ~20 to ~250 tokens.
 MAX_SENTENCES = 12
 
@@ -122,70 +117,6 @@ def worker(config: Config) -> dict[str, float]:
     }
 
 
-def busy_fraction(seconds: float = 2.0) -> float:
-    """How busy the machine's CPUs were over the next ``seconds`` (from /proc/stat)."""
-
-    def sample() -> tuple[int, int]:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-        idle = fields[3] + fields[4]  # idle + iowait
-        return sum(fields), idle
-
-    total0, idle0 = sample()
-    time.sleep(seconds)
-    total1, idle1 = sample()
-    return 1 - (idle1 - idle0) / max(1, total1 - total0)
-
-
-def wait_for_quiet(limit: float = 180.0) -> float:
-    """Wait (up to ``limit`` s) until other processes leave the CPUs idle; other jobs on a
-    2-core machine halve a run's speed. Returns the busy fraction last seen."""
-    deadline = time.monotonic() + limit
-    busy = busy_fraction()
-    while busy > 0.1 and time.monotonic() < deadline:
-        busy = busy_fraction()
-    return busy
-
-
-def _cpu_seconds() -> tuple[float, float]:
-    """(busy CPU seconds of the whole machine, CPU seconds of our finished children)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return busy / os.sysconf("SC_CLK_TCK"), children.ru_utime + children.ru_stime
-
-
-def launch(config: Config) -> dict[str, float] | None:
-    """Run ``config`` in a subprocess; ``others`` in the result is how many CPU cores other
-    processes kept busy meanwhile (a run with others > CONTENDED is not a clean measure)."""
-    command = [sys.executable, "-m", "bench.speed", "--worker", json.dumps(config.__dict__)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false"}
-    busy0, ours0 = _cpu_seconds()
-    began = time.monotonic()
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-    wall = time.monotonic() - began
-    busy1, ours1 = _cpu_seconds()
-    if done.returncode != 0:
-        print(f"{config.name} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
-        return None
-    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
-    result["others"] = max(0.0, (busy1 - busy0) - (ours1 - ours0)) / wall
-    return result
-
-
-def summary(config_runs: list[dict[str, float]]) -> dict[str, float] | None:
-    """The clean runs (all runs if none was clean): the best tokens/s (other jobs only ever
-    slow a run down) and the mean peak RSS (which varies ±5% from run to run)."""
-    if not config_runs:
-        return None
-    clean = [r for r in config_runs if r["others"] <= CONTENDED] or config_runs
-    best = max(clean, key=lambda r: r["tokens_per_second"])
-    return {
-        **best,
-        "peak_rss_mib": sum(r["peak_rss_mib"] for r in clean) / len(clean),
-        "runs": len(clean),
-    }
-
-
 def table(results: dict[Config, dict[str, float] | None]) -> str:
     lines = [
         "| method | adapter | model | ours tok/s | TRL tok/s | speed-up | ours peak RSS | "
@@ -199,10 +130,9 @@ def table(results: dict[Config, dict[str, float] | None]) -> str:
         if ours is None or trl is None:
             lines.append(f"| {method} | {adapter} | {size} | failed | | | | | |")
             continue
-        mark = {k: " †" if v["others"] > CONTENDED else "" for k, v in (("o", ours), ("t", trl))}
         lines.append(
-            f"| {method} | {adapter} | {size} | {ours['tokens_per_second']:,.0f}{mark['o']} | "
-            f"{trl['tokens_per_second']:,.0f}{mark['t']} | "
+            f"| {method} | {adapter} | {size} | {ours['tokens_per_second']:,.0f}{mark(ours)} | "
+            f"{trl['tokens_per_second']:,.0f}{mark(trl)} | "
             f"{ours['tokens_per_second'] / trl['tokens_per_second']:.2f}× | "
             f"{ours['peak_rss_mib']:,.0f} MiB | {trl['peak_rss_mib']:,.0f} MiB | "
             f"{ours['peak_rss_mib'] / trl['peak_rss_mib']:.2f} |"
@@ -229,32 +159,26 @@ def main(argv: list[str] | None = None) -> int:
     missing = [m for m in args.methods if m not in methods]
     for size in args.sizes:
         tiny_model(size)  # built once here, not inside the timed subprocesses
-    runs: dict[Config, list[dict[str, float]]] = {}
-    clean_runs: dict[Config, int] = {}
-    for size in args.sizes:
-        for method in methods:
-            for adapter in args.adapters:
-                # Alternating TRL and ours, each after the machine is quiet, until both have
-                # ``repeats`` clean runs (no other process busy meanwhile) or the tries run
-                # out.
-                pair = [Config(size, method, adapter, t) for t in ("trl", "ours")]
-                for _ in range(args.tries):
-                    for config in pair:
-                        if clean_runs.get(config, 0) >= args.repeats:
-                            continue
-                        busy = wait_for_quiet()
-                        run = launch(config)
-                        print(f"-- {config.name} (busy {busy:.0%}): {run}", file=sys.stderr)
-                        runs.setdefault(config, [])
-                        if run is not None:
-                            runs[config].append(run)
-                            clean_runs[config] = clean_runs.get(config, 0) + (
-                                run["others"] <= CONTENDED
-                            )
-    results = {config: summary(config_runs) for config, config_runs in runs.items()}
+    pairs = [
+        [Config(size, method, adapter, t) for t in ("trl", "ours")]
+        for size in args.sizes
+        for method in methods
+        for adapter in args.adapters
+    ]
+    results = measure_pairs(
+        pairs,
+        lambda config: launch(
+            [sys.executable, "-m", "bench.speed", "--worker", json.dumps(config.__dict__)],
+            threads=THREADS,
+            name=config.name,
+        ),
+        repeats=args.repeats,
+        tries=args.tries,
+        name=lambda config: config.name,
+    )
     text = table(results)
     if any(r is not None and r["others"] > CONTENDED for r in results.values()):
-        text += "\n\n† other processes kept the CPUs busy during every run of this one."
+        text += "\n\n" + CONTENDED_NOTE
     if missing:
         text += "\n\nNot measured (no trainer_core.methods module yet): " + ", ".join(missing)
     header = (
