@@ -6,12 +6,6 @@ a result when nothing else ran beside it. Each run is a subprocess; ``others`` i
 is how many cores other processes kept busy during it (whole-machine busy CPU seconds minus
 the run's own, over the run's wall time). A run with ``others`` > ``CONTENDED`` is tried
 again, up to ``tries`` runs per configuration.
-
-Work at low priority does not count: CPU time of processes with a positive nice value (the
-``nice`` column of /proc/stat) is left out of ``busy_fraction`` and ``others``. The
-scheduler gives a nice-19 process about 1.5% of a core that a nice-0 run also wants
-(weights 15 vs 1024), so background work started with ``nice -n 19`` barely disturbs a run
-at normal priority. Run the benchmark itself at nice 0 (or lower).
 """
 
 from __future__ import annotations
@@ -36,8 +30,8 @@ def busy_fraction(seconds: float = 2.0) -> float:
     """How busy the machine's CPUs were over the next ``seconds`` (from /proc/stat)."""
 
     def sample() -> tuple[int, int]:
-        fields = _cpu_fields()
-        idle = fields[1] + fields[3] + fields[4]  # niced + idle + iowait
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
         return sum(fields), idle
 
     total0, idle0 = sample()
@@ -56,16 +50,10 @@ def wait_for_quiet(limit: float = 180.0) -> float:
     return busy
 
 
-def _cpu_fields() -> list[int]:
-    """The machine's CPU time counters: user, nice, system, idle, iowait, irq, softirq, ..."""
-    return [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-
-
 def _cpu_seconds() -> tuple[float, float]:
-    """(busy CPU seconds of the whole machine at normal priority, CPU seconds of our
-    finished children)."""
-    fields = _cpu_fields()
-    busy = sum(fields) - fields[1] - fields[3] - fields[4]  # all but niced, idle, iowait
+    """(busy CPU seconds of the whole machine, CPU seconds of our finished children)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return busy / os.sysconf("SC_CLK_TCK"), children.ru_utime + children.ru_stime
 
