@@ -6,6 +6,10 @@ a result when nothing else ran beside it. Each run is a subprocess; ``others`` i
 is how many cores other processes kept busy during it (whole-machine busy CPU seconds minus
 the run's own, over the run's wall time). A run with ``others`` > ``CONTENDED`` is tried
 again, up to ``tries`` runs per configuration.
+
+Niced work counts too. Measured here (2026-11-21): with a ``nice -n 19`` test run beside it,
+a benchmark at nice 0 still ran at half its idle speed: its Python parts keep one core, the
+niced process takes the other, and torch's 2-thread regions wait for it to be preempted.
 """
 
 from __future__ import annotations
