@@ -45,7 +45,9 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from trainer_core import placement
 from trainer_core.optim import optimizer_step as single_optimizer_step
+from trainer_core.placement import Placement, local_device, place
 from trainer_core.specs import ResourcesSpec
 
 T = TypeVar("T")
@@ -64,6 +66,10 @@ class Distributed:
     # empty state_dict: the layout a portable checkpoint is written in.
     ordered_params: list[nn.Parameter] = dataclasses.field(default_factory=list)
     optimizer_layout: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # This rank's device and precision, and fp16's loss scaler outside DeepSpeed (under
+    # DeepSpeed its config scales the loss).
+    placement: Placement = dataclasses.field(default_factory=Placement)
+    scaler: torch.amp.GradScaler | None = None
 
     @property
     def is_main(self) -> bool:
@@ -73,22 +79,45 @@ class Distributed:
     def zero_stage(self) -> int:
         return self.resources.zero_stage
 
+    @property
+    def comm_device(self) -> torch.device:
+        """Where the tensors of our own collectives live: nccl reduces CUDA tensors only."""
+        return self.placement.device
+
 
 def setup(resources: ResourcesSpec) -> Distributed:
-    """Join the job's process group (when the job runs under DeepSpeed or in several processes)."""
+    """Join the job's process group (when the job runs under DeepSpeed or in several
+    processes), on this rank's device: ``cuda:<LOCAL_RANK>`` with nccl, else the CPU with gloo.
+    """
+    # Before the group: nccl binds each rank to the current CUDA device (``place`` sets it).
+    where = place(resources)
+    # DeepSpeed scales fp16 losses itself; elsewhere fp16 needs our scaler.
+    scaler = where.grad_scaler() if resources.zero_stage == 0 else None
     if not resources.distributed:
-        return Distributed(resources=resources)
+        return Distributed(resources=resources, placement=where, scaler=scaler)
     import deepspeed
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if local_device().type == "cuda" else "gloo"
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    return Distributed(rank=dist.get_rank(), world_size=dist.get_world_size(), resources=resources)
+    return Distributed(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        resources=resources,
+        placement=where,
+        scaler=scaler,
+    )
 
 
 def deepspeed_config(d: Distributed, *, batch_size: int, max_grad_norm: float) -> dict[str, Any]:
-    """The DeepSpeed config of a job: ZeRO stage, precision, clipping; accumulation is ours."""
+    """The DeepSpeed config of a job: ZeRO stage, precision, clipping; accumulation is ours.
+
+    bf16/fp16 are DeepSpeed's own mixed precision: the engine keeps the module in half
+    precision and fp32 master weights in the optimizer's partitions (fp16 with its dynamic
+    loss scale); our forwards still run under ``placement``'s autocast, so a frozen fp32
+    reference computes like the policy. Checkpoints hold the fp32 masters (``gathered``).
+    """
     r = d.resources
     zero: dict[str, Any] = {"stage": r.zero_stage}
     if r.offload_optimizer:
@@ -151,7 +180,7 @@ def share(d: Distributed, indices: Sequence[int]) -> tuple[list[int], float]:
 def backward(d: Distributed, loss: torch.Tensor, *, last: bool) -> None:
     """Backward of one micro-batch; ``last``: the last micro-batch of the optimizer step."""
     if d.engine is None:
-        loss.backward()
+        placement.backward(loss, d.scaler)
         return
     # DeepSpeed averages gradients over the ranks; our losses already add up to the whole.
     d.engine.backward(loss * d.world_size, scale_wrt_gas=False)
@@ -177,7 +206,7 @@ def optimizer_step(
             for param in params:
                 if param.grad is not None:
                     dist.all_reduce(param.grad)
-        return single_optimizer_step(params, optimizer, scheduler, max_grad_norm)
+        return single_optimizer_step(params, optimizer, scheduler, max_grad_norm, d.scaler)
     learning_rate = float(scheduler.get_last_lr()[0])
     d.engine.step()
     norm = d.engine.get_global_grad_norm()
@@ -197,11 +226,14 @@ def all_reduce_sum(d: Distributed, stats: T) -> T:
     sign = [-1.0 if f.name.endswith("_min") else 1.0 for f in fields]
     extreme = [f.name.endswith(("_min", "_max")) for f in fields]
     sums = torch.tensor(
-        [0.0 if e else v for v, e in zip(values, extreme, strict=True)], dtype=torch.float64
+        [0.0 if e else v for v, e in zip(values, extreme, strict=True)],
+        dtype=torch.float64,
+        device=d.comm_device,
     )
     peaks = torch.tensor(
         [s * v if e else -math.inf for v, s, e in zip(values, sign, extreme, strict=True)],
         dtype=torch.float64,
+        device=d.comm_device,
     )
     dist.all_reduce(sums)
     dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
@@ -253,7 +285,7 @@ def sum_int(d: Distributed, value: int) -> int:
         return value
     import torch.distributed as dist
 
-    total = torch.tensor([value], dtype=torch.int64)
+    total = torch.tensor([value], dtype=torch.int64, device=d.comm_device)
     dist.all_reduce(total)
     return int(total.item())
 
@@ -264,7 +296,7 @@ def any_rank(d: Distributed, flag: bool) -> bool:
         return flag
     import torch.distributed as dist
 
-    value = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    value = torch.tensor([1 if flag else 0], dtype=torch.int64, device=d.comm_device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
 
@@ -278,14 +310,41 @@ def barrier(d: Distributed) -> None:
 
 @contextlib.contextmanager
 def gathered(d: Distributed, model: nn.Module) -> Iterator[None]:
-    """Every parameter whole on every rank for the duration (ZeRO-3 shards them)."""
-    if d.engine is None or d.zero_stage != 3:
+    """Every parameter whole on every rank for the duration (ZeRO-3 shards them), and the
+    trained ones in fp32 (a collective under ZeRO: every rank calls it)."""
+    if d.engine is None:
         yield
+        return
+    if d.zero_stage != 3:
+        with _fp32_masters(d):
+            yield
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+    whole = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    with whole, _fp32_masters(d):
         yield
+
+
+@contextlib.contextmanager
+def _fp32_masters(d: Distributed) -> Iterator[None]:
+    """Under DeepSpeed's bf16/fp16 the module holds half-precision copies and the optimizer
+    the fp32 master weights; a checkpoint must hold the masters (what one process would
+    save, and what resumes without losing the low bits), so they stand in for the duration."""
+    if d.resources.precision == "fp32":
+        yield
+        return
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = [safe_get_full_fp32_param(param) for param in d.ordered_params]  # collective
+    held = [param.data for param in d.ordered_params]
+    try:
+        for param, master in zip(d.ordered_params, masters, strict=True):
+            param.data = master.to(param.device)
+        yield
+    finally:
+        for param, data in zip(d.ordered_params, held, strict=True):
+            param.data = data
 
 
 def optimizer_state(

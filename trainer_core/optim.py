@@ -65,15 +65,29 @@ def optimizer_step(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     max_grad_norm: float,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Clip, step, advance the schedule and clear the gradients: one optimizer step.
 
     Returns the gradient norm before clipping and the learning rate the step used (the
     schedule's rate before it advances, which is the one to log against this step).
+
+    With fp16's ``scaler`` the gradients are unscaled before clipping (the norm is the true
+    one); a step whose gradients overflowed is skipped, and so is its schedule step, as
+    accelerate does, so that the schedule counts the steps actually taken.
     """
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     learning_rate = float(scheduler.get_last_lr()[0])
-    optimizer.step()
-    scheduler.step()
+    if scaler is None:
+        optimizer.step()
+        scheduler.step()
+    else:
+        scale = scaler.get_scale()
+        scaler.step(optimizer)  # skipped when a gradient is inf/nan
+        scaler.update()  # halves the scale after an overflow
+        if scaler.get_scale() >= scale:
+            scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, learning_rate

@@ -28,6 +28,7 @@ from torch import nn
 
 from trainer_core.batching import fixed_batches
 from trainer_core.logprobs import next_token_logps
+from trainer_core.placement import Placement
 from trainer_core.preference_data import PairBatch, PreferenceExample, collate_pairs
 from trainer_core.preference_losses import completion_logps
 
@@ -90,7 +91,7 @@ class Precomputed:
         self.rejected_logps = rejected_logps  # (N,)
 
     def logps(self, batch: PairBatch, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.tensor(list(indices), dtype=torch.long)
+        index = torch.tensor(list(indices), dtype=torch.long, device=self.chosen_logps.device)
         return self.chosen_logps[index], self.rejected_logps[index]
 
 
@@ -109,12 +110,17 @@ def precompute(
     *,
     batch_size: int,
     pad_token_id: int,
+    where: Placement | None = None,
 ) -> Precomputed:
-    """One pass of ``reference`` over ``examples``, in file order."""
+    """One pass of ``reference`` over ``examples``, in file order, on ``where``'s device and in
+    its precision (the CPU in fp32 by default): the precision the policy will train in, so
+    that policy = reference still gives Δ = 0 at the first step."""
+    where = where or Placement()
     chosen, rejected = [], []
     for indices in fixed_batches(len(examples), batch_size):
-        batch = collate_pairs([examples[i] for i in indices], pad_token_id)
-        ref_chosen_logps, ref_rejected_logps = reference.logps(batch, indices)  # (B,) each
+        batch = where.to(collate_pairs([examples[i] for i in indices], pad_token_id))
+        with where.autocast():
+            ref_chosen_logps, ref_rejected_logps = reference.logps(batch, indices)  # (B,) each
         chosen.append(ref_chosen_logps)
         rejected.append(ref_rejected_logps)
     return Precomputed(torch.cat(chosen), torch.cat(rejected))

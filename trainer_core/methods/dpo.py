@@ -18,7 +18,9 @@ Dropout is switched off in the policy and the reference, LoRA's included (TRL's
 ``disable_dropout=True``), so at the first step the policy is the reference and L = log 2.
 
 Deliberately left out (for now): TRL's f-divergences, WPO weighting, LD-DPO, the aot and
-discopop losses, syncing the reference (TR-DPO), mixed precision, and resuming from ``state/``.
+discopop losses, syncing the reference (TR-DPO), and resuming from ``state/``. The device,
+mixed precision and gradient checkpointing: ``placement`` (the policy's and the reference's
+forward and the loss run under its autocast).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from trainer_core.dpo_losses import DpoStats, add_dpo_stats, combined_dpo_loss
 from trainer_core.methods.supervised import seed_everything
 from trainer_core.models import load_model, load_model_and_tokenizer, load_tokenizer
 from trainer_core.optim import build_optimizer, build_scheduler
+from trainer_core.placement import Placement, enable_gradient_checkpointing
 from trainer_core.preference_data import (
     PairBatch,
     PreferenceExample,
@@ -72,11 +75,13 @@ def train(
     seed_everything(spec.seed, spec.num_threads)
     # Several processes / DeepSpeed: join the group before the model is built (ZeRO-3).
     d = distributed.setup(spec.resources)
+    where = d.placement
 
     # -- model and data ------------------------------------------------------------------
     base, tokenizer = load_model_and_tokenizer(
         spec.model, allow_hub=spec.allow_hub, trust_remote_code=spec.trust_remote_code
     )
+    enable_gradient_checkpointing(base, spec.resources.gradient_checkpointing)
     train_data = load_preference(spec.train_file, tokenizer, spec.max_seq_len)
     report_truncation(sink, train_data, "training", spec.max_seq_len, unit="pairs")
     if not train_data.examples:
@@ -89,7 +94,8 @@ def train(
             raise ValueError(f"no validation pair has a completion token within {spec.max_seq_len}")
     pad_token_id = tokenizer.pad_token_id
 
-    model = apply_adapter(base, spec.adapter)
+    # On the device before the reference is taken: a frozen copy lands there too.
+    model = where.model(apply_adapter(base, spec.adapter))
     disable_dropout(model)
     model.train()
 
@@ -100,12 +106,20 @@ def train(
         # Before the first step the policy is the reference: no copy is needed.
         now = live_reference(model, spec.adapter.type, keep=False)
         train_ref = precompute(
-            now, train_data.examples, batch_size=hp.batch_size, pad_token_id=pad_token_id
+            now,
+            train_data.examples,
+            batch_size=hp.batch_size,
+            pad_token_id=pad_token_id,
+            where=where,
         )
         valid_ref = None
         if valid_data is not None:
             valid_ref = precompute(
-                now, valid_data.examples, batch_size=hp.batch_size, pad_token_id=pad_token_id
+                now,
+                valid_data.examples,
+                batch_size=hp.batch_size,
+                pad_token_id=pad_token_id,
+                where=where,
             )
     else:
         train_ref = valid_ref = live_reference(model, spec.adapter.type)
@@ -145,7 +159,7 @@ def train(
             metrics["train_loss"] = step_stats.loss
         if valid_data is not None and valid_ref is not None:
             metrics |= validation_metrics(
-                model, valid_ref, valid_data.examples, hp, pad_token_id=pad_token_id
+                model, valid_ref, valid_data.examples, hp, pad_token_id=pad_token_id, where=where
             )
         state = TrainerState(
             step, epoch, steps_in_epoch, spec.seed, total_steps, num_tokens, trained_tokens
@@ -195,14 +209,15 @@ def train(
             micro_stats = []
             for n, (indices, whole) in enumerate(batches):
                 mine, weight = distributed.share(d, indices)
-                batch = (
+                batch = where.to(
                     whole
                     if d.world_size == 1
                     else collate_pairs([train_data.examples[i] for i in mine], pad_token_id)
                 )
-                loss, stats = pair_loss(
-                    model, train_ref, batch, mine, hp, num_pairs, num_chosen_tokens
-                )
+                with where.autocast():
+                    loss, stats = pair_loss(
+                        model, train_ref, batch, mine, hp, num_pairs, num_chosen_tokens
+                    )
                 distributed.backward(d, loss * weight, last=n == len(micro_batches) - 1)
                 micro_stats.append(stats if weight else distributed.nothing(stats))
                 trained_tokens += whole.num_tokens
@@ -288,15 +303,19 @@ def validation_metrics(
     hp: DpoHyperparameters,
     *,
     pad_token_id: int,
+    where: Placement | None = None,
 ) -> dict[str, float]:
-    """The loss and reward accuracy/margin over all ``examples``, in eval mode (no dropout)."""
+    """The loss and reward accuracy/margin over all ``examples``, in eval mode (no dropout),
+    on ``where``'s device and in its precision (the CPU in fp32 by default)."""
+    where = where or Placement()
     was_training = model.training
     model.eval()
     totals = []
     for indices in fixed_batches(len(examples), hp.batch_size):
-        batch = collate_pairs([examples[i] for i in indices], pad_token_id)
+        batch = where.to(collate_pairs([examples[i] for i in indices], pad_token_id))
         # Normalisers of 1 give sums; DpoStats.loss divides by the totals at the end.
-        _, stats = pair_loss(model, reference, batch, indices, hp, 1, 1)
+        with where.autocast():
+            _, stats = pair_loss(model, reference, batch, indices, hp, 1, 1)
         totals.append(stats)
     model.train(was_training)
     total = add_dpo_stats(totals)

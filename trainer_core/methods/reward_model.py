@@ -21,8 +21,8 @@ padding and the reward is read one token earlier, exactly as in TRL.
 
 Dropout is switched off, LoRA's included (TRL's ``disable_dropout=True``). One difference
 from TRL 1.16: pairs longer than ``max_seq_len`` keep their start (TRL drops them; see
-``preference_data``). Deliberately left out, as in ``supervised``: mixed precision, gradient
-checkpointing, multi-device training and resuming.
+``preference_data``). The device, mixed precision and gradient checkpointing: ``placement``
+(the forward and the loss run under its autocast); several processes: ``distributed``.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from trainer_core.data import Message, _encode, _messages, _render, _with_eos
 from trainer_core.methods.supervised import seed_everything
 from trainer_core.models import check_model_source, load_tokenizer
 from trainer_core.optim import build_optimizer, build_scheduler
+from trainer_core.placement import Placement, enable_gradient_checkpointing
 from trainer_core.preference_data import (
     PairBatch,
     PreferenceExample,
@@ -73,6 +74,7 @@ def train(
     seed_everything(spec.seed, spec.num_threads)  # before loading: the new head is random
     # Several processes / DeepSpeed: join the group before the model is built (ZeRO-3).
     d = distributed.setup(spec.resources)
+    where = d.placement
 
     # -- model and data ------------------------------------------------------------------
     tokenizer = load_tokenizer(
@@ -84,6 +86,7 @@ def train(
         allow_hub=spec.allow_hub,
         trust_remote_code=spec.trust_remote_code,
     )
+    enable_gradient_checkpointing(base, spec.resources.gradient_checkpointing)
     train_data = load_preference(spec.train_file, tokenizer, spec.max_seq_len)
     report_truncation(sink, train_data, "training", spec.max_seq_len, unit="pairs")
     if not train_data.examples:
@@ -96,7 +99,7 @@ def train(
             raise ValueError(f"no validation pair has a completion token within {spec.max_seq_len}")
     pad_token_id = tokenizer.pad_token_id
 
-    model = apply_adapter(base, spec.adapter, task_type=TaskType.SEQ_CLS)
+    model = where.model(apply_adapter(base, spec.adapter, task_type=TaskType.SEQ_CLS))
     disable_dropout(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -136,6 +139,7 @@ def train(
                 batch_size=hp.batch_size,
                 pad_token_id=pad_token_id,
                 center_rewards_coefficient=hp.center_rewards_coefficient,
+                where=where,
             )
         # Every token is read (there is no loss mask), so both counts are the same.
         state = TrainerState(
@@ -181,15 +185,18 @@ def train(
             step_tokens = 0  # this rank's
             for n, indices in enumerate(micro_batches):
                 mine, weight = distributed.share(d, indices)
-                batch = collate_pairs([train_data.examples[i] for i in mine], pad_token_id)
-                chosen_rewards, rejected_rewards = forward(model, batch)  # (B,) each
-                loss, stats = bradley_terry_loss(
-                    chosen_rewards,
-                    rejected_rewards,
-                    batch.margin,
-                    center_rewards_coefficient=hp.center_rewards_coefficient,
-                    normaliser=pairs_in_step,
+                batch = where.to(
+                    collate_pairs([train_data.examples[i] for i in mine], pad_token_id)
                 )
+                with where.autocast():
+                    chosen_rewards, rejected_rewards = forward(model, batch)  # (B,) each
+                    loss, stats = bradley_terry_loss(
+                        chosen_rewards,
+                        rejected_rewards,
+                        batch.margin,
+                        center_rewards_coefficient=hp.center_rewards_coefficient,
+                        normaliser=pairs_in_step,
+                    )
                 distributed.backward(d, loss * weight, last=n == len(micro_batches) - 1)
                 micro_stats.append(stats if weight else distributed.nothing(stats))
                 step_tokens += batch.num_tokens if weight else 0
@@ -258,10 +265,13 @@ def load_reward_base(
 
 
 def forward(model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(chosen_rewards, rejected_rewards)``, (B,) each, from one pass over the 2B rows."""
-    rewards = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-    ).logits.squeeze(-1)  # (2B, 1) -> (2B,)
+    """``(chosen_rewards, rejected_rewards)``, (B,) each, from one pass over the 2B rows
+    (fp32 whatever the autocast: rewards are compared and reported)."""
+    rewards = (
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        .logits.squeeze(-1)  # (2B, 1) -> (2B,)
+        .float()
+    )
     chosen_rewards, rejected_rewards = rewards.chunk(2)
     return chosen_rewards, rejected_rewards
 
@@ -274,20 +284,24 @@ def validation_metrics(
     batch_size: int,
     pad_token_id: int,
     center_rewards_coefficient: float = 0.0,
+    where: Placement | None = None,
 ) -> dict[str, float]:
-    """Pair-mean loss and accuracy over all ``examples``, in eval mode (no dropout)."""
+    """Pair-mean loss and accuracy over all ``examples``, in eval mode (no dropout), on
+    ``where``'s device and in its precision (the CPU in fp32 by default)."""
+    where = where or Placement()
     was_training = model.training
     model.eval()
     totals = []
     for indices in fixed_batches(len(examples), batch_size):
-        batch = collate_pairs([examples[i] for i in indices], pad_token_id)
-        chosen_rewards, rejected_rewards = forward(model, batch)
-        _, stats = bradley_terry_loss(
-            chosen_rewards,
-            rejected_rewards,
-            batch.margin,
-            center_rewards_coefficient=center_rewards_coefficient,
-        )
+        batch = where.to(collate_pairs([examples[i] for i in indices], pad_token_id))
+        with where.autocast():
+            chosen_rewards, rejected_rewards = forward(model, batch)
+            _, stats = bradley_terry_loss(
+                chosen_rewards,
+                rejected_rewards,
+                batch.margin,
+                center_rewards_coefficient=center_rewards_coefficient,
+            )
         totals.append(stats)
     model.train(was_training)
     metrics = add_stats(totals).metrics()
@@ -350,9 +364,11 @@ class RewardModel:
         *,
         allow_hub: bool = False,
         trust_remote_code: bool = False,
+        device: torch.device | None = None,
     ) -> RewardModel:
         """The reward model a run saved: ``adapter_dir`` is a checkpoint's ``adapter/`` folder
         (a PEFT folder on ``model_path``, or a full model folder), None for the untrained base.
+        It scores on ``device`` (the CPU by default; an online method passes its own).
 
         A PEFT folder loads as ``PeftModel.from_pretrained`` on
         ``AutoModelForSequenceClassification(model_path, num_labels=1)``; its saved head
@@ -380,6 +396,8 @@ class RewardModel:
             )
         else:
             model = load_reward_base(model_path, pad_token_id=tokenizer.pad_token_id, **options)
+        if device is not None:
+            model.to(device)  # type: ignore[arg-type]  # transformers types .to oddly
         return cls(model, tokenizer)
 
     def token_ids(self, sequence: Scorable) -> list[int]:

@@ -14,7 +14,8 @@ A run resumes from a checkpoint (``spec.resume_from``) exactly where it left off
 optimizer, scheduler, RNG and position in the epoch (``checkpoint.resume``).
 
 Several processes and DeepSpeed's ZeRO stages: ``distributed`` (each rank takes its share of
-every micro-batch; the step's normaliser stays the whole step's).
+every micro-batch; the step's normaliser stays the whole step's). The device, mixed precision
+and gradient checkpointing: ``placement`` (the forward and the loss run under its autocast).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from trainer_core.losses import SftStats, sft_loss
 from trainer_core.models import load_model_and_tokenizer, load_tokenizer
 from trainer_core.optim import build_optimizer, build_scheduler
 from trainer_core.packing import PackedRow, attention_inputs, collate_packed, pack_examples
+from trainer_core.placement import Placement, enable_gradient_checkpointing
 from trainer_core.reporting import report_truncation
 from trainer_core.seams import CheckpointStore, MetricSink, RunResult, ShouldStop
 from trainer_core.specs import SupervisedHyperparameters, TrainSpec
@@ -55,11 +57,13 @@ def train(
     seed_everything(spec.seed, spec.num_threads)
     # Several processes / DeepSpeed: join the group before the model is built (ZeRO-3).
     d = distributed.setup(spec.resources)
+    where = d.placement
 
     # -- model and data ------------------------------------------------------------------
     base, tokenizer = load_model_and_tokenizer(
         spec.model, allow_hub=spec.allow_hub, trust_remote_code=spec.trust_remote_code
     )
+    enable_gradient_checkpointing(base, spec.resources.gradient_checkpointing)
     masks = {
         "completion_only_loss": hp.completion_only_loss,
         "assistant_only_loss": hp.assistant_only_loss,
@@ -88,7 +92,7 @@ def train(
         )
     row_lengths = [len(row.input_ids) for row in rows]
 
-    model = apply_adapter(base, spec.adapter)
+    model = where.model(apply_adapter(base, spec.adapter))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, learning_rate=hp.learning_rate, weight_decay=hp.weight_decay)
@@ -122,7 +126,11 @@ def train(
         }
         if valid_data is not None:
             metrics |= validation_metrics(
-                model, valid_data.examples, batch_size=hp.batch_size, pad_token_id=pad_token_id
+                model,
+                valid_data.examples,
+                batch_size=hp.batch_size,
+                pad_token_id=pad_token_id,
+                where=where,
             )
         state = TrainerState(
             step, epoch, steps_in_epoch, spec.seed, total_steps, num_tokens, trained_tokens
@@ -169,15 +177,16 @@ def train(
             micro_stats = []
             for n, (indices, whole) in enumerate(zip(micro_batches, batches, strict=True)):
                 mine, weight = distributed.share(d, indices)
-                batch = (
+                batch = where.to(
                     whole
                     if d.world_size == 1
                     else make_batch([rows[i] for i in mine], pad_token_id)
                 )
-                per_token_logps, token_correct = forward(model, batch)  # (B, T-1) each
-                loss, stats = sft_loss(
-                    per_token_logps, batch.completion_mask[:, 1:], token_correct, normaliser
-                )
+                with where.autocast():
+                    per_token_logps, token_correct = forward(model, batch)  # (B, T-1) each
+                    loss, stats = sft_loss(
+                        per_token_logps, batch.completion_mask[:, 1:], token_correct, normaliser
+                    )
                 distributed.backward(d, loss * weight, last=n == len(micro_batches) - 1)
                 if weight:
                     micro_stats.append(stats)
@@ -263,16 +272,24 @@ def add_stats(stats: Sequence[SftStats]) -> SftStats:
 
 @torch.no_grad()
 def validation_metrics(
-    model: nn.Module, examples: Sequence[SupervisedExample], *, batch_size: int, pad_token_id: int
+    model: nn.Module,
+    examples: Sequence[SupervisedExample],
+    *,
+    batch_size: int,
+    pad_token_id: int,
+    where: Placement | None = None,
 ) -> dict[str, float]:
-    """Token-weighted loss and accuracy over all ``examples``, in eval mode (no dropout)."""
+    """Token-weighted loss and accuracy over all ``examples``, in eval mode (no dropout), on
+    ``where``'s device and in its precision (the CPU in fp32 by default)."""
+    where = where or Placement()
     was_training = model.training
     model.eval()
     totals = []
     for indices in fixed_batches(len(examples), batch_size):
-        batch = collate([examples[i] for i in indices], pad_token_id)
-        per_token_logps, token_correct = forward(model, batch)  # (B, T-1) each
-        _, stats = sft_loss(per_token_logps, batch.completion_mask[:, 1:], token_correct, 1)
+        batch = where.to(collate([examples[i] for i in indices], pad_token_id))
+        with where.autocast():
+            per_token_logps, token_correct = forward(model, batch)  # (B, T-1) each
+            _, stats = sft_loss(per_token_logps, batch.completion_mask[:, 1:], token_correct, 1)
         totals.append(stats)
     model.train(was_training)
     total = add_stats(totals)
