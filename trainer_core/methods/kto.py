@@ -21,7 +21,8 @@ under full fine-tuning (``reference.frozen_copy``). Dropout is switched off, LoR
 (TRL's ``disable_dropout=True``), so at the first step the policy is the reference: Δ = z = 0.
 
 Deliberately left out (for now): TRL's ``apo_zero_unpaired`` loss, precomputed reference
-logps, its warning on unbalanced desirable/undesirable weights, mixed precision and resuming.
+logps, its warning on unbalanced desirable/undesirable weights, and resuming. The device, mixed
+precision and gradient checkpointing: ``placement``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from trainer_core.logprobs import next_token_logps
 from trainer_core.methods.supervised import seed_everything
 from trainer_core.models import load_model_and_tokenizer
 from trainer_core.optim import build_optimizer, build_scheduler, optimizer_step
+from trainer_core.placement import Placement, backward, enable_gradient_checkpointing, place
 from trainer_core.preference_data import (
     UnpairedBatch,
     UnpairedExample,
@@ -63,11 +65,14 @@ def train(
             "another row's completion"
         )
     seed_everything(spec.seed, spec.num_threads)
+    where = place(spec.resources)  # device and precision (see placement)
+    scaler = where.grad_scaler()
 
     # -- model and data ------------------------------------------------------------------
     base, tokenizer = load_model_and_tokenizer(
         spec.model, allow_hub=spec.allow_hub, trust_remote_code=spec.trust_remote_code
     )
+    enable_gradient_checkpointing(base, spec.resources.gradient_checkpointing)
     train_data = load_unpaired(spec.train_file, tokenizer, spec.max_seq_len)
     report_truncation(sink, train_data, "training", spec.max_seq_len)
     if len(train_data.examples) < 2:
@@ -86,7 +91,7 @@ def train(
             )
     pad_token_id = tokenizer.pad_token_id
 
-    model = apply_adapter(base, spec.adapter)
+    model = where.model(apply_adapter(base, spec.adapter))
     disable_dropout(model)
     model.train()
     # The reference: None means the policy with its adapter switched off (LoRA).
@@ -120,7 +125,13 @@ def train(
             metrics["train_loss"] = step_stats.metrics()["train_loss"]
         if valid_data is not None:
             metrics |= validation_metrics(
-                model, ref_model, valid_data.examples, hp, spec.max_seq_len, pad_token_id
+                model,
+                ref_model,
+                valid_data.examples,
+                hp,
+                spec.max_seq_len,
+                pad_token_id,
+                where=where,
             )
         state = TrainerState(
             step, epoch, steps_in_epoch, spec.seed, total_steps, num_tokens, trained_tokens
@@ -162,16 +173,19 @@ def train(
             rows_in_step = sum(len(indices) for indices in micro_batches)
             micro_stats = []
             for indices in micro_batches:
-                batch, kl_batch = collate_with_mismatched(
-                    train_data.examples, indices, spec.max_seq_len, pad_token_id
+                batch, kl_batch = where.to(
+                    collate_with_mismatched(
+                        train_data.examples, indices, spec.max_seq_len, pad_token_id
+                    )
                 )
-                loss, stats = kto_step_loss(model, ref_model, batch, kl_batch, hp, rows_in_step)
-                loss.backward()
+                with where.autocast():
+                    loss, stats = kto_step_loss(model, ref_model, batch, kl_batch, hp, rows_in_step)
+                backward(loss, scaler)
                 micro_stats.append(stats)
                 trained_tokens += batch.num_tokens
                 num_tokens += int(batch.completion_mask[:, 1:].sum())
             grad_norm, learning_rate = optimizer_step(
-                params, optimizer, scheduler, hp.max_grad_norm
+                params, optimizer, scheduler, hp.max_grad_norm, scaler
             )
             step += 1
 
@@ -287,14 +301,21 @@ def validation_metrics(
     hp: KtoHyperparameters,
     max_seq_len: int,
     pad_token_id: int,
+    *,
+    where: Placement | None = None,
 ) -> dict[str, float]:
-    """The loss, z and rewards over all ``examples`` in file order, in eval mode."""
+    """The loss, z and rewards over all ``examples`` in file order, in eval mode, on
+    ``where``'s device and in its precision (the CPU in fp32 by default)."""
+    where = where or Placement()
     was_training = model.training
     model.eval()
     totals = []
     for indices in fixed_batches(len(examples), hp.batch_size):
-        batch, kl_batch = collate_with_mismatched(examples, indices, max_seq_len, pad_token_id)
-        _, stats = kto_step_loss(model, ref_model, batch, kl_batch, hp, len(indices))
+        batch, kl_batch = where.to(
+            collate_with_mismatched(examples, indices, max_seq_len, pad_token_id)
+        )
+        with where.autocast():
+            _, stats = kto_step_loss(model, ref_model, batch, kl_batch, hp, len(indices))
         totals.append(stats)
     model.train(was_training)
     metrics = add_stats(totals).metrics()

@@ -16,7 +16,8 @@ whole step → backward → clip → AdamW step → schedule → metrics → che
 
 Dropout is switched off, LoRA's included (TRL's ``disable_dropout=True``). Deliberately left
 out (for now): CPO's NLL term and its other losses, AlphaPO's reward shaping, label
-smoothing, mixed precision and resuming from ``state/``.
+smoothing and resuming from ``state/``. The device, mixed precision and gradient
+checkpointing: ``placement``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from trainer_core.logprobs import next_token_logps
 from trainer_core.methods.supervised import seed_everything
 from trainer_core.models import load_model_and_tokenizer
 from trainer_core.optim import build_optimizer, build_scheduler, optimizer_step
+from trainer_core.placement import Placement, backward, enable_gradient_checkpointing, place
 from trainer_core.preference_data import (
     PairBatch,
     PreferenceExample,
@@ -52,11 +54,14 @@ def train(
     hp = spec.hyperparameters
     assert isinstance(hp, SimpoHyperparameters)
     seed_everything(spec.seed, spec.num_threads)
+    where = place(spec.resources)  # device and precision (see placement)
+    scaler = where.grad_scaler()
 
     # -- model and data ------------------------------------------------------------------
     base, tokenizer = load_model_and_tokenizer(
         spec.model, allow_hub=spec.allow_hub, trust_remote_code=spec.trust_remote_code
     )
+    enable_gradient_checkpointing(base, spec.resources.gradient_checkpointing)
     train_data = load_preference(spec.train_file, tokenizer, spec.max_seq_len)
     report_truncation(sink, train_data, "training", spec.max_seq_len, unit="pairs")
     if not train_data.examples:
@@ -69,7 +74,7 @@ def train(
             raise ValueError(f"no validation pair has a completion token within {spec.max_seq_len}")
     pad_token_id = tokenizer.pad_token_id
 
-    model = apply_adapter(base, spec.adapter)
+    model = where.model(apply_adapter(base, spec.adapter))
     disable_dropout(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -99,7 +104,9 @@ def train(
         if step_stats is not None:
             metrics["train_loss"] = step_stats.metrics()["train_loss"]
         if valid_data is not None:
-            metrics |= validation_metrics(model, valid_data.examples, hp, pad_token_id=pad_token_id)
+            metrics |= validation_metrics(
+                model, valid_data.examples, hp, pad_token_id=pad_token_id, where=where
+            )
         state = TrainerState(
             step, epoch, steps_in_epoch, spec.seed, total_steps, num_tokens, trained_tokens
         )
@@ -136,7 +143,7 @@ def train(
 
             # -- one optimizer step over its micro-batches -----------------------------------
             batches = [
-                collate_pairs([train_data.examples[i] for i in indices], pad_token_id)
+                where.to(collate_pairs([train_data.examples[i] for i in indices], pad_token_id))
                 for indices in micro_batches
             ]
             # The loss is a mean over the pairs of the whole step, so accumulating
@@ -144,13 +151,14 @@ def train(
             num_pairs = sum(len(indices) for indices in micro_batches)
             micro_stats = []
             for batch in batches:
-                loss, stats = pair_loss(model, batch, hp, num_pairs)
-                loss.backward()
+                with where.autocast():
+                    loss, stats = pair_loss(model, batch, hp, num_pairs)
+                backward(loss, scaler)
                 micro_stats.append(stats)
                 trained_tokens += batch.num_tokens
                 num_tokens += int(batch.completion_mask[:, 1:].sum())
             grad_norm, learning_rate = optimizer_step(
-                params, optimizer, scheduler, hp.max_grad_norm
+                params, optimizer, scheduler, hp.max_grad_norm, scaler
             )
             step += 1
 
@@ -211,14 +219,17 @@ def validation_metrics(
     hp: SimpoHyperparameters,
     *,
     pad_token_id: int,
+    where: Placement | None = None,
 ) -> dict[str, float]:
     """The loss and reward accuracy/margin over all ``examples``, in eval mode."""
+    where = where or Placement()
     was_training = model.training
     model.eval()
     totals = []
     for indices in fixed_batches(len(examples), hp.batch_size):
-        batch = collate_pairs([examples[i] for i in indices], pad_token_id)
-        _, stats = pair_loss(model, batch, hp, len(indices))
+        batch = where.to(collate_pairs([examples[i] for i in indices], pad_token_id))
+        with where.autocast():
+            _, stats = pair_loss(model, batch, hp, len(indices))
         totals.append(stats)
     model.train(was_training)
     metrics = add_stats(totals).metrics()
