@@ -30,7 +30,8 @@ run and saved in checkpoints, so a resumed run samples what the uninterrupted on
 Deliberately left out: vLLM, GSPO's sequence-level ratio, entropy bonuses and masks, the
 cispo/sapo/vespo/luspo losses, multi-objective "normalize_then_sum", reward weights, tools and
 multi-turn rollouts, syncing the reference, a validation pass (reinforcement's eval_interval /
-eval_samples are accepted and not used yet), and mixed precision.
+eval_samples are accepted and not used yet), and the device, mixed precision and gradient
+checkpointing: it runs on the CPU in fp32 (``placement.cpu_only``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from trainer_core.methods.reward_model import RewardModel, Scorable
 from trainer_core.methods.supervised import seed_everything
 from trainer_core.models import load_model_and_tokenizer
 from trainer_core.optim import build_optimizer, build_scheduler
+from trainer_core.placement import cpu_only
 from trainer_core.prompt_data import PromptData, PromptExample, load_prompts
 from trainer_core.reference import disable_dropout, frozen_copy
 from trainer_core.rl_losses import RlStats, add_rl_stats, group_advantages, grpo_loss, nanstd
@@ -74,6 +76,7 @@ def train(
     if not spec.reward_functions:
         raise ValueError("grpo needs at least one reward function")
     seed_everything(spec.seed, spec.num_threads)
+    cpu_only(spec.resources, "grpo", sink)  # see docs/methods.md
 
     # -- model, prompts, reference, rewards ----------------------------------------------
     base, tokenizer = load_model_and_tokenizer(

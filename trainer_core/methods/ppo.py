@@ -32,7 +32,8 @@ losses are token means over the whole rollout, so accumulation is exact.
 
 Deliberately left out: the k3 KL estimator and an adaptive KL controller, several mini-batches
 per PPO epoch (TRL's ``num_mini_batches``), more than one completion per prompt, entropy
-metrics, a validation pass, tools, and mixed precision.
+metrics, a validation pass, tools, and the device, mixed precision and gradient checkpointing:
+it runs on the CPU in fp32 (``placement.cpu_only``).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from trainer_core.methods.reward_model import RewardModel
 from trainer_core.methods.supervised import seed_everything
 from trainer_core.models import load_model_and_tokenizer
 from trainer_core.optim import build_optimizer, build_scheduler
+from trainer_core.placement import cpu_only
 from trainer_core.ppo_losses import (
     PpoStats,
     gae,
@@ -86,6 +88,7 @@ def train(
     if not isinstance(hp, PpoHyperparameters):
         raise TypeError("the ppo method needs PpoHyperparameters")
     seed_everything(spec.seed, spec.num_threads)
+    cpu_only(spec.resources, "ppo", sink)  # see docs/methods.md
 
     # -- model, prompts, reference, reward model, value head -------------------------------
     base, tokenizer = load_model_and_tokenizer(

@@ -21,7 +21,8 @@ checkpoints on rollout boundaries); the rollout helpers are GRPO's. With β = 0 
 old log-probs are π_θ.detach() and their forward is skipped.
 
 Deliberately left out: reward clipping (``reward_clip_range``), ε_high ≠ ε, vLLM, tools,
-syncing the reference, a validation pass, and mixed precision.
+syncing the reference, a validation pass, and the device, mixed precision and gradient
+checkpointing: it runs on the CPU in fp32 (``placement.cpu_only``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from trainer_core.methods.grpo import (
 from trainer_core.methods.supervised import seed_everything
 from trainer_core.models import load_model_and_tokenizer
 from trainer_core.optim import build_optimizer, build_scheduler
+from trainer_core.placement import cpu_only
 from trainer_core.prompt_data import load_prompts
 from trainer_core.reference import disable_dropout
 from trainer_core.rl_losses import RlStats, add_rl_stats, rloo_advantages, rloo_loss
@@ -65,6 +67,7 @@ def train(
     if not spec.reward_functions:
         raise ValueError("rloo needs at least one reward function")
     seed_everything(spec.seed, spec.num_threads)
+    cpu_only(spec.resources, "rloo", sink)  # see docs/methods.md
 
     # -- model, prompts, reference, rewards ----------------------------------------------
     base, tokenizer = load_model_and_tokenizer(
