@@ -1,0 +1,105 @@
+"""DeepSpeed's side of ``resources`` in 2 CPU processes (gloo): ZeRO-1 and ZeRO-2 with the
+optimizer offloaded compute the 1-process steps, and ``precision: bf16`` under ZeRO is
+DeepSpeed's own mixed precision that still saves fp32 weights.
+
+bf16 runs cap oneDNN below AMX (see test_precision.py for why).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("deepspeed")
+pytestmark = pytest.mark.slow
+
+
+def run(tmp: Path, name: str, spec: dict[str, Any], ranks: int) -> list[dict[str, float]]:
+    path = tmp / f"{name}.json"
+    path.write_text(json.dumps(spec))
+    entry = ["-m", "trainer_core", "run", str(path), "--output", str(tmp / f"out-{name}")]
+    entry += ["--metrics", str(tmp / f"m-{name}.json")]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    command = [sys.executable, *(launcher if ranks > 1 else []), *entry]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16",
+    }
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    points: list[dict[str, float]] = json.loads((tmp / f"m-{name}.json").read_text())
+    return points
+
+
+def adapter(tmp: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(tmp / f"out-{name}" / "final" / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture
+def spec(tiny_model: Path, facts_file: Path) -> dict[str, Any]:
+    return {
+        "method": "supervised",
+        "model": str(tiny_model),
+        "train_file": str(facts_file),
+        "seed": 0,
+        "max_seq_len": 128,
+        "num_threads": 1,
+        "adapter": {"type": "lora", "r": 8, "alpha": 16},
+        "hyperparameters": {
+            "n_epochs": 3,
+            "batch_size": 4,
+            "learning_rate_multiplier": 1.0,
+            "learning_rate": 1e-2,
+            "gradient_accumulation_steps": 1,
+            "warmup_ratio": 0.0,
+            "lr_scheduler": "linear",
+            "weight_decay": 0.0,
+            "max_grad_norm": 1.0,
+        },
+    }
+
+
+def test_zero1_and_zero2_offload_match_one_process(spec: dict[str, Any], tmp_path: Path) -> None:
+    one = run(tmp_path, "one", spec, 1)
+    zero1 = run(tmp_path, "zero1", {**spec, "resources": {"gpus": 2, "zero_stage": 1}}, 2)
+    offload = {"gpus": 2, "zero_stage": 2, "offload_optimizer": True}
+    zero2_offload = run(tmp_path, "zero2-offload", {**spec, "resources": offload}, 2)
+    assert len(one) == len(zero1) == len(zero2_offload) == 6
+    assert one[-1]["train_loss"] < one[0]["train_loss"] - 0.1
+    for name, curve in (("zero1", zero1), ("zero2-offload", zero2_offload)):
+        for step, (a, b) in enumerate(zip(one, curve, strict=True), start=1):
+            assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4), (name, step)
+        for key, weight in adapter(tmp_path, "one").items():
+            torch.testing.assert_close(adapter(tmp_path, name)[key], weight, rtol=1e-4, atol=1e-5)
+
+
+def test_zero2_bf16_is_deepspeed_mixed_precision_saving_fp32(
+    spec: dict[str, Any], tmp_path: Path
+) -> None:
+    one = run(tmp_path, "one", spec, 1)
+    bf16 = run(
+        tmp_path,
+        "bf16",
+        {**spec, "resources": {"gpus": 2, "zero_stage": 2, "precision": "bf16"}},
+        2,
+    )
+    assert len(bf16) == 6
+    assert bf16[0]["train_loss"] == pytest.approx(one[0]["train_loss"], rel=2e-2)
+    assert bf16[0]["train_loss"] != one[0]["train_loss"]  # bf16 really computed
+    assert bf16[-1]["train_loss"] < bf16[0]["train_loss"] - 0.1
+    # The checkpoint holds DeepSpeed's fp32 master weights, not the module's bf16 copies:
+    # fp32, and not all of them representable in bf16.
+    weights = adapter(tmp_path, "bf16")
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+    trained = torch.cat([w.flatten() for w in weights.values()])
+    assert not torch.equal(trained, trained.bfloat16().float())
