@@ -1,5 +1,6 @@
 """Jobs in several processes through the service: a 2-process ZeRO-2 DPO job computes what the
-1-process job computes, and cancelling a 2-process job leaves no process behind.
+1-process job computes, cancelling a 2-process job leaves no process behind, and a rank that
+dies fails the job with that rank's error instead of leaving the others hanging.
 
 On this machine the ranks are CPU processes talking over gloo (``worker.launch``); the
 arithmetic of the split is the same on GPUs.
@@ -7,6 +8,8 @@ arithmetic of the split is the same on GPUs.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -116,6 +119,53 @@ def test_cancelling_a_two_process_job_leaves_no_process(
     assert pg_api.http.post(f"fine_tuning/jobs/{job_id}/cancel").status_code == 200
     job = pg_api.wait_terminal(job_id, timeout_s=120)
     assert job["status"] == "cancelled", job
+    deadline = time.monotonic() + 10
+    while rank_processes(job_id) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert rank_processes(job_id) == []
+
+
+def rank_of(pid: int) -> int | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for entry in environ:
+        if entry.startswith(b"RANK="):
+            return int(entry[5:])
+    return None
+
+
+def test_a_rank_that_dies_fails_the_job_naming_it(pg_api: Api, pg_worker: WorkerProcess) -> None:
+    """kill -9 of rank 1 mid-run: rank 0 is left waiting in a collective for a peer that will
+    never come; the launcher must see rank 1's exit, fail the job naming rank 1 and the
+    signal, and stop rank 0, well within a bound (no hang until a gloo timeout)."""
+    train = pg_api.upload(chat_rows(64, seed=6))
+    created = pg_api.http.post(
+        "fine_tuning/jobs",
+        json={
+            "model": "tiny",
+            "training_file": train["id"],
+            "method": {
+                "type": "supervised",
+                "supervised": {"hyperparameters": {"n_epochs": 50, "batch_size": 4}},
+            },
+            "resources": {"gpus": 2, "zero_stage": 2},
+            "max_seq_len": 64,
+        },
+    )
+    assert created.status_code == 200, created.text
+    job_id = created.json()["id"]
+    pg_api.wait_for(job_id, lambda job: (job.get("progress") or {}).get("step", 0) >= 2, 300)
+    ranks = {rank_of(pid): pid for pid in rank_processes(job_id)}
+    assert set(ranks) == {0, 1}, ranks
+    os.kill(ranks[1], signal.SIGKILL)
+    killed_at = time.monotonic()
+    job = pg_api.wait_terminal(job_id, timeout_s=60)
+    assert time.monotonic() - killed_at < 30
+    assert job["status"] == "failed", job
+    assert job["error"]["code"] == "training_error", job["error"]
+    assert job["error"]["message"].startswith("rank 1 failed (signal 9)"), job["error"]
     deadline = time.monotonic() + 10
     while rank_processes(job_id) and time.monotonic() < deadline:
         time.sleep(0.2)
