@@ -18,6 +18,7 @@ work, which on small models with large vocabularies is a good part of the step.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 def next_token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -46,14 +47,14 @@ def keep_positions(completion_mask: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def kept_next_token_logps(
+def kept_logps(
     kept_logits: torch.Tensor, input_ids: torch.Tensor, keep: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(per_token_logps, token_correct)``, both (B, T-1), from the logits of kept positions.
+) -> torch.Tensor:
+    """``per_token_logps`` (B, T-1) from the logits of kept positions.
 
     ``kept_logits`` (N, V) are the logits at the N True positions of ``keep`` (B, T), in
-    row-major order (what ``logits_to_keep=keep`` returns). Positions not kept get logp 0
-    and ``token_correct`` False; masks must exclude them anyway.
+    row-major order (what ``logits_to_keep=keep`` returns). Positions not kept get logp 0;
+    masks must exclude them anyway.
     """
     predicts = keep[:, :-1]  # (B, T-1): position t is kept, so token t+1 is scored
     targets = input_ids[:, 1:][predicts]  # (N,)
@@ -68,9 +69,37 @@ def kept_next_token_logps(
                 for chunk, t in zip(kept_logits.split(1024), targets.split(1024), strict=True)
             ]
         )
-    per_token_logps = logps.new_zeros(predicts.shape).masked_scatter(predicts, logps)
+    return logps.new_zeros(predicts.shape).masked_scatter(predicts, logps)
+
+
+def completion_token_logps(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+) -> torch.Tensor:
+    """``per_token_logps`` (B, T-1) of the completion tokens of right-padded rows under
+    ``model``, 0 elsewhere. Only positions whose next token is a completion token go through
+    the LM head (``logits_to_keep``): prompts and padding cost no vocabulary projection."""
+    keep = keep_positions(completion_mask)  # (B, T) bool
+    kept_logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        logits_to_keep=keep,
+        use_cache=False,
+    ).logits  # (N, V), N = keep.sum()
+    return kept_logps(kept_logits, input_ids, keep)
+
+
+def kept_next_token_logps(
+    kept_logits: torch.Tensor, input_ids: torch.Tensor, keep: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(per_token_logps, token_correct)``, both (B, T-1), from the logits of kept positions
+    (see ``kept_logps``); ``token_correct`` is False where a position was not kept."""
+    predicts = keep[:, :-1]
+    per_token_logps = kept_logps(kept_logits, input_ids, keep)
     with torch.no_grad():
-        correct = kept_logits.argmax(dim=-1) == targets  # (N,)
+        correct = kept_logits.argmax(dim=-1) == input_ids[:, 1:][predicts]  # (N,)
         token_correct = torch.zeros_like(predicts).masked_scatter(predicts, correct)
     return per_token_logps, token_correct
 

@@ -27,18 +27,18 @@ import torch
 from torch import nn
 
 from trainer_core.batching import fixed_batches
-from trainer_core.logprobs import next_token_logps
+from trainer_core.logprobs import completion_token_logps
 from trainer_core.placement import Placement
 from trainer_core.preference_data import PairBatch, PreferenceExample, collate_pairs
 from trainer_core.preference_losses import completion_logps
 
 
 def forward_logps(model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(per_token_logps (2B, T-1), logps (2B,))``: each row's summed completion log-prob."""
-    logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-    ).logits  # (2B, T, V)
-    per_token_logps = next_token_logps(logits, batch.input_ids)  # (2B, T-1)
+    """``(per_token_logps (2B, T-1), logps (2B,))``: each row's summed completion log-prob
+    (per-token logps are 0 outside the completions, which the completion mask drops)."""
+    per_token_logps = completion_token_logps(
+        model, batch.input_ids, batch.attention_mask, batch.completion_mask
+    )  # (2B, T-1)
     return per_token_logps, completion_logps(per_token_logps, batch.completion_mask[:, 1:])
 
 

@@ -36,7 +36,7 @@ from torch import nn
 from trainer_core.adapters import apply_adapter
 from trainer_core.batching import epoch_steps, fixed_batches, steps_per_epoch
 from trainer_core.checkpoint import TrainerState, already_done, resume, save_checkpoint
-from trainer_core.logprobs import next_token_logps
+from trainer_core.logprobs import completion_token_logps
 from trainer_core.methods.supervised import seed_everything
 from trainer_core.models import load_model_and_tokenizer
 from trainer_core.optim import build_optimizer, build_scheduler, optimizer_step
@@ -248,10 +248,9 @@ def collate_with_mismatched(
 
 def sequence_logps(model: nn.Module, batch: UnpairedBatch) -> torch.Tensor:
     """(B,) summed log-probs of each row's completion tokens under ``model``."""
-    logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-    ).logits  # (B, T, V)
-    per_token_logps = next_token_logps(logits, batch.input_ids)  # (B, T-1)
+    per_token_logps = completion_token_logps(
+        model, batch.input_ids, batch.attention_mask, batch.completion_mask
+    )  # (B, T-1)
     return completion_logps(per_token_logps, batch.completion_mask[:, 1:])  # (B,)
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from trainer_core.adapters import apply_adapter
 from trainer_core.batching import epoch_steps, fixed_batches, steps_per_epoch
 from trainer_core.checkpoint import TrainerState, already_done, resume, save_checkpoint
-from trainer_core.logprobs import next_token_logps
+from trainer_core.logprobs import completion_token_logps
 from trainer_core.methods.supervised import seed_everything
 from trainer_core.models import load_model_and_tokenizer
 from trainer_core.optim import build_optimizer, build_scheduler, optimizer_step
@@ -197,10 +197,9 @@ def pair_loss(
     model: nn.Module, batch: PairBatch, hp: SimpoHyperparameters, num_pairs: int
 ) -> tuple[torch.Tensor, PairStats]:
     """One micro-batch's share of the step's loss, from one forward pass over its 2B rows."""
-    logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-    ).logits  # (2B, T, V)
-    per_token_logps = next_token_logps(logits, batch.input_ids)  # (2B, T-1)
+    per_token_logps = completion_token_logps(
+        model, batch.input_ids, batch.attention_mask, batch.completion_mask
+    )  # (2B, T-1)
     logps = completion_logps(per_token_logps, batch.completion_mask[:, 1:], average=True)
     policy_chosen_logps, policy_rejected_logps = logps.chunk(2)  # (B,) each
     return simpo_loss(
