@@ -70,7 +70,10 @@ def test_two_process_zero2_dpo_matches_one_process(pg_api: Api, pg_worker: Worke
     one, two = loss_curve(pg_api, ids["one"]), loss_curve(pg_api, ids["zero2"])
     assert len(one) == len(two) == 10
     assert one[0] == pytest.approx(0.693147, abs=1e-5)  # policy = reference at step 1
-    assert one[-1] < one[0] - 0.01  # it learned, so the comparison is not of constants
+    # The policy moved off the reference (the loss left log 2), so the comparison is of
+    # updated weights, not of constants. (Whether 10 steps on these pairs lower the last
+    # step's loss depends on which pairs land in it; the invariance is the point here.)
+    assert max(abs(loss - one[0]) for loss in one[1:]) > 0.01, one
     for step, (a, b) in enumerate(zip(one, two, strict=True), start=1):
         assert b == pytest.approx(a, rel=1e-4), f"step {step}: {a} vs {b}"
     # Every rank's output is in the job's log, and only rank 0 wrote checkpoints.
