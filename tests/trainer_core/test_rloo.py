@@ -108,3 +108,18 @@ def test_without_beta_the_kl_is_not_computed(make_spec: MakeSpec, tmp_path: Path
     _, sink, _ = run(make_spec(beta=0.0, batch_size=8), tmp_path)
     assert "kl" not in sink.points[0][1]
     assert sink.points[0][1]["train_loss"] == pytest.approx(0.0, abs=1e-6)  # Σ LOO A = 0
+
+
+def test_one_micro_batch_reuses_the_training_forward_for_the_old_logps(
+    make_spec: MakeSpec, tmp_path: Path
+) -> None:
+    """With μ = 1 and one micro-batch the old log-probs come from the step's own forward
+    (detached) instead of a second no-grad pass; with two micro-batches they come from that
+    pass. Same rollouts, same arithmetic: the curves agree (float summation order aside)."""
+    _, fused, _ = run(make_spec(n_epochs=2), tmp_path / "one")
+    _, two_pass, _ = run(make_spec(n_epochs=2, gradient_accumulation_steps=2), tmp_path / "two")
+    assert len(fused.points) == len(two_pass.points) == 4
+    for (step, a), (_, b) in zip(fused.points, two_pass.points, strict=True):
+        for key in ("train_loss", "reward", "kl", "clip_ratio"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (step, key)
+    assert fused.points[-1][1]["kl"] != 0.0  # the policy moved, so the KL is not trivially 0
