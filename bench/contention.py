@@ -20,14 +20,26 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 # Other processes' CPU use (in cores) above which a run counts as disturbed.
 CONTENDED = 0.2
 
-C = TypeVar("C")
+
+@dataclass(frozen=True)
+class Config:
+    """One benchmark run: a model size, a method, an adapter and whose trainer."""
+
+    size: str
+    method: str
+    adapter: str
+    trainer: str  # "ours" or "trl"
+
+    @property
+    def name(self) -> str:
+        return f"{self.method} {self.adapter} {self.size} {self.trainer}"
 
 
 def busy_fraction(seconds: float = 2.0) -> float:
@@ -80,32 +92,43 @@ def launch(command: Sequence[str], *, threads: int, name: str) -> dict[str, floa
     return result
 
 
-def measure_pairs(
-    pairs: Sequence[Sequence[C]],
-    run: Callable[[C], dict[str, float] | None],
+def measure(
+    module: str,
     *,
+    sizes: Sequence[str],
+    methods: Sequence[str],
+    adapters: Sequence[str],
+    threads: int,
     repeats: int,
     tries: int,
-    name: Callable[[C], str],
-) -> dict[C, dict[str, float] | None]:
-    """Each pair's configurations (TRL, then ours) alternate, each after the machine is
-    quiet, until every one has ``repeats`` clean runs or ``tries`` runs; then ``summary``."""
-    runs: dict[C, list[dict[str, float]]] = {}
-    clean: dict[C, int] = {}
-    for pair in pairs:
-        for _ in range(tries):
-            for config in pair:
-                if clean.get(config, 0) >= repeats:
-                    continue
-                busy = wait_for_quiet()
-                result = run(config)
-                print(f"-- {name(config)} (busy {busy:.0%}): {result}", file=sys.stderr)
-                runs.setdefault(config, [])
-                if result is not None:
-                    runs[config].append(result)
-                    clean[config] = clean.get(config, 0) + (result["others"] <= CONTENDED)
-            if all(clean.get(config, 0) >= repeats for config in pair):
-                break
+) -> dict[Config, dict[str, float] | None]:
+    """Every size × method × adapter, TRL then ours, each run as ``python -m module --worker
+    CONFIG`` after the machine is quiet, until each has ``repeats`` clean runs or ``tries``
+    runs; then ``summary`` of each."""
+    runs: dict[Config, list[dict[str, float]]] = {}
+    clean: dict[Config, int] = {}
+    for size in sizes:
+        for method in methods:
+            for adapter in adapters:
+                pair = [Config(size, method, adapter, t) for t in ("trl", "ours")]
+                for _ in range(tries):
+                    for config in pair:
+                        if clean.get(config, 0) >= repeats:
+                            continue
+                        busy = wait_for_quiet()
+                        command = [sys.executable, "-m", module, "--worker"]
+                        result = launch(
+                            [*command, json.dumps(config.__dict__)],
+                            threads=threads,
+                            name=config.name,
+                        )
+                        print(f"-- {config.name} (busy {busy:.0%}): {result}", file=sys.stderr)
+                        runs.setdefault(config, [])
+                        if result is not None:
+                            runs[config].append(result)
+                            clean[config] = clean.get(config, 0) + (result["others"] <= CONTENDED)
+                    if all(clean.get(config, 0) >= repeats for config in pair):
+                        break
     return {config: summary(config_runs) for config, config_runs in runs.items()}
 
 
@@ -123,9 +146,31 @@ def summary(config_runs: list[dict[str, float]]) -> dict[str, float] | None:
     }
 
 
-def mark(result: dict[str, float]) -> str:
-    """ " †" after a figure no clean run stands behind."""
+def table(results: dict[Config, dict[str, float] | None]) -> str:
+    """Ours beside TRL, a row per size × method × adapter; "†" marks a figure no clean run
+    stands behind (explained under the table)."""
+    lines = [
+        "| method | adapter | model | ours tok/s | TRL tok/s | speed-up | ours peak RSS | "
+        "TRL peak RSS | RSS ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, adapter, size in sorted({(c.method, c.adapter, c.size) for c in results}):
+        ours = results.get(Config(size, method, adapter, "ours"))
+        trl = results.get(Config(size, method, adapter, "trl"))
+        if ours is None or trl is None:
+            lines.append(f"| {method} | {adapter} | {size} | failed | | | | | |")
+            continue
+        lines.append(
+            f"| {method} | {adapter} | {size} | {ours['tokens_per_second']:,.0f}{_mark(ours)} | "
+            f"{trl['tokens_per_second']:,.0f}{_mark(trl)} | "
+            f"{ours['tokens_per_second'] / trl['tokens_per_second']:.2f}× | "
+            f"{ours['peak_rss_mib']:,.0f} MiB | {trl['peak_rss_mib']:,.0f} MiB | "
+            f"{ours['peak_rss_mib'] / trl['peak_rss_mib']:.2f} |"
+        )
+    if any(r is not None and r["others"] > CONTENDED for r in results.values()):
+        lines.append("\n† other processes kept the CPUs busy during every run of this one.")
+    return "\n".join(lines)
+
+
+def _mark(result: dict[str, float]) -> str:
     return " †" if result["others"] > CONTENDED else ""
-
-
-CONTENDED_NOTE = "† other processes kept the CPUs busy during every run of this one."

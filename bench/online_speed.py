@@ -29,13 +29,12 @@ import random
 import sys
 import tempfile
 import warnings
-from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 from bench.common import _sentences, peak_rss_mib, tiny_model, write_jsonl
-from bench.contention import CONTENDED, CONTENDED_NOTE, launch, mark, measure_pairs
+from bench.contention import Config, measure, table
 from bench.parity import machine, versions
 
 PROMPTS_PER_STEP = 8  # our batch_size; TRL's per_device_train_batch_size is this × G
@@ -44,18 +43,6 @@ MAX_COMPLETION_LENGTH = 16
 THREADS = 2
 STEPS = {"1m": 40, "30m": 8}  # ~20-60 s per configuration on 2 cores
 LENGTH_TARGET = 20  # characters
-
-
-@dataclass(frozen=True)
-class Config:
-    size: str
-    method: str
-    adapter: str
-    trainer: str  # "ours" or "trl"
-
-    @property
-    def name(self) -> str:
-        return f"{self.method} {self.adapter} {self.size} {self.trainer}"
 
 
 def prompt_rows(n: int) -> list[dict[str, Any]]:
@@ -217,28 +204,6 @@ def worker(config: Config) -> dict[str, float]:
     return run_trl_online(config, rows, steps)
 
 
-def table(results: dict[Config, dict[str, float] | None]) -> str:
-    lines = [
-        "| method | adapter | model | ours tok/s | TRL tok/s | speed-up | ours peak RSS | "
-        "TRL peak RSS | RSS ratio |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for method, adapter, size in sorted({(c.method, c.adapter, c.size) for c in results}):
-        ours = results.get(Config(size, method, adapter, "ours"))
-        trl = results.get(Config(size, method, adapter, "trl"))
-        if ours is None or trl is None:
-            lines.append(f"| {method} | {adapter} | {size} | failed | | | | | |")
-            continue
-        lines.append(
-            f"| {method} | {adapter} | {size} | {ours['tokens_per_second']:,.0f}{mark(ours)} | "
-            f"{trl['tokens_per_second']:,.0f}{mark(trl)} | "
-            f"{ours['tokens_per_second'] / trl['tokens_per_second']:.2f}× | "
-            f"{ours['peak_rss_mib']:,.0f} MiB | {trl['peak_rss_mib']:,.0f} MiB | "
-            f"{ours['peak_rss_mib'] / trl['peak_rss_mib']:.2f} |"
-        )
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["1m", "30m"], choices=list(STEPS))
@@ -256,22 +221,14 @@ def main(argv: list[str] | None = None) -> int:
 
     for size in args.sizes:
         tiny_model(size)  # built once here, not inside the timed subprocesses
-    pairs = [
-        [Config(size, method, adapter, t) for t in ("trl", "ours")]
-        for size in args.sizes
-        for method in args.methods
-        for adapter in args.adapters
-    ]
-    results = measure_pairs(
-        pairs,
-        lambda config: launch(
-            [sys.executable, "-m", "bench.online_speed", "--worker", json.dumps(config.__dict__)],
-            threads=THREADS,
-            name=config.name,
-        ),
+    results = measure(
+        "bench.online_speed",
+        sizes=args.sizes,
+        methods=args.methods,
+        adapters=args.adapters,
+        threads=THREADS,
         repeats=args.repeats,
         tries=args.tries,
-        name=lambda config: config.name,
     )
     header = (
         f"{date.today().isoformat()}; {machine()}; {versions()}; {PROMPTS_PER_STEP} prompts × "
@@ -279,8 +236,6 @@ def main(argv: list[str] | None = None) -> int:
         f"{THREADS} torch threads, steps per run {STEPS}"
     )
     text = table(results)
-    if any(r is not None and r["others"] > CONTENDED for r in results.values()):
-        text += "\n\n" + CONTENDED_NOTE
     print(header + "\n\n" + text)
     if args.markdown:
         args.markdown.write_text(header + "\n\n" + text + "\n")

@@ -21,12 +21,11 @@ import argparse
 import json
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.common import preference_rows, sft_rows, tiny_model, write_jsonl
-from bench.contention import CONTENDED, CONTENDED_NOTE, launch, mark, measure_pairs
+from bench.contention import Config, measure, table
 from bench.parity import machine, method_exists, versions
 
 BATCH_SIZE = 8
@@ -36,18 +35,6 @@ MAX_SEQ_LEN = 512
 STEPS = {"1m": 60, "30m": 10}
 # Sentences (~9 tokens each) per prompt / completion: rows of ~20 to ~250 tokens.
 MAX_SENTENCES = 12
-
-
-@dataclass(frozen=True)
-class Config:
-    size: str
-    method: str
-    adapter: str
-    trainer: str  # "ours" or "trl"
-
-    @property
-    def name(self) -> str:
-        return f"{self.method} {self.adapter} {self.size} {self.trainer}"
 
 
 def rows_for(method: str, n: int) -> list[dict[str, Any]]:
@@ -117,29 +104,6 @@ def worker(config: Config) -> dict[str, float]:
     }
 
 
-def table(results: dict[Config, dict[str, float] | None]) -> str:
-    lines = [
-        "| method | adapter | model | ours tok/s | TRL tok/s | speed-up | ours peak RSS | "
-        "TRL peak RSS | RSS ratio |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    pairs = sorted({(c.method, c.adapter, c.size) for c in results})
-    for method, adapter, size in pairs:
-        ours = results.get(Config(size, method, adapter, "ours"))
-        trl = results.get(Config(size, method, adapter, "trl"))
-        if ours is None or trl is None:
-            lines.append(f"| {method} | {adapter} | {size} | failed | | | | | |")
-            continue
-        lines.append(
-            f"| {method} | {adapter} | {size} | {ours['tokens_per_second']:,.0f}{mark(ours)} | "
-            f"{trl['tokens_per_second']:,.0f}{mark(trl)} | "
-            f"{ours['tokens_per_second'] / trl['tokens_per_second']:.2f}× | "
-            f"{ours['peak_rss_mib']:,.0f} MiB | {trl['peak_rss_mib']:,.0f} MiB | "
-            f"{ours['peak_rss_mib'] / trl['peak_rss_mib']:.2f} |"
-        )
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["1m", "30m"], choices=list(STEPS))
@@ -159,26 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     missing = [m for m in args.methods if m not in methods]
     for size in args.sizes:
         tiny_model(size)  # built once here, not inside the timed subprocesses
-    pairs = [
-        [Config(size, method, adapter, t) for t in ("trl", "ours")]
-        for size in args.sizes
-        for method in methods
-        for adapter in args.adapters
-    ]
-    results = measure_pairs(
-        pairs,
-        lambda config: launch(
-            [sys.executable, "-m", "bench.speed", "--worker", json.dumps(config.__dict__)],
-            threads=THREADS,
-            name=config.name,
-        ),
+    results = measure(
+        "bench.speed",
+        sizes=args.sizes,
+        methods=methods,
+        adapters=args.adapters,
+        threads=THREADS,
         repeats=args.repeats,
         tries=args.tries,
-        name=lambda config: config.name,
     )
     text = table(results)
-    if any(r is not None and r["others"] > CONTENDED for r in results.values()):
-        text += "\n\n" + CONTENDED_NOTE
     if missing:
         text += "\n\nNot measured (no trainer_core.methods module yet): " + ", ".join(missing)
     header = (
