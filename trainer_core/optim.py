@@ -38,7 +38,8 @@ def build_optimizer(
         for params, wd in ((decay, weight_decay), (no_decay, 0.0))
         if params
     ]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    # fused: one kernel over every tensor per step instead of ~10 per tensor (TRL's default too).
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8, fused=True)
 
 
 def warmup_steps(total_steps: int, warmup_ratio: float) -> int:

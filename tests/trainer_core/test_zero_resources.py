@@ -80,7 +80,11 @@ def test_zero1_and_zero2_offload_match_one_process(spec: dict[str, Any], tmp_pat
         for step, (a, b) in enumerate(zip(one, curve, strict=True), start=1):
             assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4), (name, step)
         for key, weight in adapter(tmp_path, "one").items():
-            torch.testing.assert_close(adapter(tmp_path, name)[key], weight, rtol=1e-4, atol=1e-5)
+            # Losses match to the 1e-4; weights to 1e-4 absolute, against up to
+            # lr * steps = 6e-2 of movement: fused AdamW rounds DeepSpeed's flat partitions
+            # differently from per-tensor steps, and Adam's division by each weight's own RMS
+            # turns that into up to ~3e-5 on a weight whose gradient is near zero (measured).
+            torch.testing.assert_close(adapter(tmp_path, name)[key], weight, rtol=1e-4, atol=1e-4)
 
 
 def test_zero2_bf16_is_deepspeed_mixed_precision_saving_fp32(
