@@ -17,6 +17,7 @@ from typing import Any
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 
+from trainer_core import lora_matmul
 from trainer_core.models import load_model
 from trainer_core.specs import AdapterSpec
 
@@ -51,7 +52,9 @@ def apply_adapter(
         modules_to_save=modules_to_save,
     )
     with _without_peft_deprecation_warning():
-        return get_peft_model(model, config)  # type: ignore[arg-type]
+        wrapped = get_peft_model(model, config)  # type: ignore[arg-type]
+    lora_matmul.install(wrapped)
+    return wrapped
 
 
 def save_adapter(model: nn.Module, tokenizer: Any, folder: Path) -> None:
