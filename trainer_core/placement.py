@@ -68,7 +68,7 @@ class Placement:
 
     def to(self, value: T) -> T:
         """``value`` with its tensors on the device: a tensor, a dataclass (a batch) whose
-        tensor fields move, or a tuple of these; anything else is returned as it is."""
+        tensor (and dataclass) fields move, or a tuple of these; anything else is returned as it is."""
         return to_device(value, self.device)
 
     def model(self, model: nn.Module) -> nn.Module:
@@ -98,9 +98,10 @@ def to_device(value: T, device: torch.device) -> T:
         return tuple(to_device(item, device) for item in value)  # type: ignore[return-value]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         moved = {
-            f.name: getattr(value, f.name).to(device)
+            f.name: to_device(getattr(value, f.name), device)
             for f in dataclasses.fields(value)
             if isinstance(getattr(value, f.name), torch.Tensor)
+            or dataclasses.is_dataclass(getattr(value, f.name))
         }
         if not moved:
             return value

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from jinja2 import TemplateError
 
+from trainer_core import shared_prompt
 from trainer_core.data import (
     Message,
     _common_prefix_len,
@@ -65,6 +66,11 @@ class PreferenceExample:
         """The row length this pair pads to: its longer side (chosen and rejected share a
         batch), which is what length-grouped batching sorts by."""
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+    @property
+    def shared_length(self) -> int:
+        """The row length of this pair with the prompt once (``shared_prompt``)."""
+        return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
 
 
 @dataclass(frozen=True)
@@ -312,6 +318,9 @@ class PairBatch:
     completion_mask: torch.Tensor  # (2B, T), 1 = completion token (a target of the loss)
     margin: torch.Tensor | None  # (B,) float, None when no example has a margin (missing = 0)
     num_tokens: int  # non-padding tokens
+    # The same pairs as one row each, the prompt computed once (shared_prompt.py); what the
+    # model actually runs where its attention takes a 4D mask.
+    shared: shared_prompt.SharedPromptRows | None = None
 
 
 @dataclass
@@ -331,7 +340,9 @@ def collate_pairs(examples: Sequence[PreferenceExample], pad_token_id: int) -> P
     margin = None
     if any(e.margin is not None for e in examples):
         margin = torch.tensor([e.margin or 0.0 for e in examples], dtype=torch.float32)
-    return PairBatch(input_ids, attention_mask, completion_mask, margin, int(attention_mask.sum()))
+    shared = shared_prompt.collate(examples, pad_token_id)
+    num_tokens = int(attention_mask.sum())
+    return PairBatch(input_ids, attention_mask, completion_mask, margin, num_tokens, shared)
 
 
 def collate_unpaired(examples: Sequence[UnpairedExample], pad_token_id: int) -> UnpairedBatch:

@@ -26,6 +26,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from trainer_core import shared_prompt
 from trainer_core.batching import fixed_batches
 from trainer_core.logprobs import completion_token_logps
 from trainer_core.placement import Placement
@@ -36,9 +37,16 @@ from trainer_core.preference_losses import completion_logps
 def forward_logps(model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """``(per_token_logps (2B, T-1), logps (2B,))``: each row's summed completion log-prob
     (per-token logps are 0 outside the completions, which the completion mask drops)."""
-    per_token_logps = completion_token_logps(
-        model, batch.input_ids, batch.attention_mask, batch.completion_mask
-    )  # (2B, T-1)
+    if batch.shared is not None and shared_prompt.supported(model):
+        # One row per pair, the prompt once; its scored tokens land where the two-row layout
+        # has them (chosen rows, then rejected rows, in row-major order).
+        scored = batch.completion_mask[:, 1:].bool()  # (2B, T-1)
+        logps = shared_prompt.scored_logps(model, batch.shared)  # (N,)
+        per_token_logps = logps.new_zeros(scored.shape).masked_scatter(scored, logps)
+    else:
+        per_token_logps = completion_token_logps(
+            model, batch.input_ids, batch.attention_mask, batch.completion_mask
+        )  # (2B, T-1)
     return per_token_logps, completion_logps(per_token_logps, batch.completion_mask[:, 1:])
 
 

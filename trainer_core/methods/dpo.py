@@ -10,8 +10,9 @@ or one of the variants in ``dpo_losses`` (IPO, hinge, robust, ..., weighted sums
 The reference is the base model (the adapter switched off) under LoRA, a frozen copy under
 full fine-tuning, or log-probs computed once before training (see ``reference.py``).
 
-One optimizer step, top to bottom: micro-batches of pairs (chosen and rejected rows in one
-2B batch) → policy logps → reference logps → loss normalised by the pairs of the whole step →
+One optimizer step, top to bottom: micro-batches of pairs (chosen and rejected in one
+forward: one row per pair with the prompt computed once, ``shared_prompt.py``, or under
+FlashAttention chosen and rejected rows in one 2B batch) → policy logps → reference logps → loss normalised by the pairs of the whole step →
 backward → clip → AdamW step → schedule → metrics → checkpoint.
 
 Dropout is switched off in the policy and the reference, LoRA's included (TRL's
@@ -32,7 +33,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from trainer_core import distributed
+from trainer_core import distributed, shared_prompt
 from trainer_core.adapters import apply_adapter, load_trained
 from trainer_core.batching import epoch_steps, fixed_batches, steps_per_epoch
 from trainer_core.checkpoint import (
@@ -177,6 +178,7 @@ def train(
         )
         saved_at, last_metrics = step, metrics
 
+    shared = shared_prompt.supported(model)  # pairs run as one row each (shared_prompt.py)
     for epoch in range(start.epoch if start else 0, hp.n_epochs):
         plan = epoch_steps(
             len(train_data.examples),
@@ -185,7 +187,10 @@ def train(
             seed=spec.seed,
             epoch=epoch,
             # Rows of similar length share a batch: far less padding to run through the model.
-            lengths=[example.padded_length for example in train_data.examples],
+            lengths=[
+                example.shared_length if shared else example.padded_length
+                for example in train_data.examples
+            ],
         )
         for steps_in_epoch, micro_batches in enumerate(plan):
             if already_done(start, epoch, steps_in_epoch):

@@ -38,7 +38,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from trainer_core import distributed
+from trainer_core import distributed, shared_prompt
 from trainer_core.adapters import _without_peft_deprecation_warning, apply_adapter
 from trainer_core.batching import epoch_steps, fixed_batches, steps_per_epoch
 from trainer_core.checkpoint import (
@@ -158,6 +158,7 @@ def train(
         )
         saved_at, last_metrics = step, metrics
 
+    shared = uses_shared_prompt(model)
     for epoch in range(start.epoch if start else 0, hp.n_epochs):
         plan = epoch_steps(
             len(train_data.examples),
@@ -166,7 +167,10 @@ def train(
             seed=spec.seed,
             epoch=epoch,
             # Rows of similar length share a batch: far less padding to run through the model.
-            lengths=[example.padded_length for example in train_data.examples],
+            lengths=[
+                example.shared_length if shared else example.padded_length
+                for example in train_data.examples
+            ],
         )
         for steps_in_epoch, micro_batches in enumerate(plan):
             if already_done(start, epoch, steps_in_epoch):
@@ -264,14 +268,24 @@ def load_reward_base(
     return loaded
 
 
+def uses_shared_prompt(model: nn.Module) -> bool:
+    """Whether pairs run as one row each: the attention takes a 4D mask and the head is
+    ``score`` (transformers' sequence classifiers)."""
+    return shared_prompt.supported(model) and shared_prompt.classifier_parts(model) is not None
+
+
 def forward(model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """``(chosen_rewards, rejected_rewards)``, (B,) each, from one pass over the 2B rows
     (fp32 whatever the autocast: rewards are compared and reported)."""
-    rewards = (
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        .logits.squeeze(-1)  # (2B, 1) -> (2B,)
-        .float()
-    )
+    if batch.shared is not None and uses_shared_prompt(model):
+        # One row per pair, the prompt once (shared_prompt.py).
+        rewards = shared_prompt.sequence_scores(model, batch.shared).squeeze(-1).float()
+    else:
+        rewards = (
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            .logits.squeeze(-1)  # (2B, 1) -> (2B,)
+            .float()
+        )
     chosen_rewards, rejected_rewards = rewards.chunk(2)
     return chosen_rewards, rejected_rewards
 
