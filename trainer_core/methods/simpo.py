@@ -10,9 +10,10 @@ TRL 1.16 has no SimPO trainer; this is its ``experimental.cpo.CPOTrainer`` with
 ``loss_type="simpo"`` and ``cpo_alpha=0`` (no NLL term), the setting TRL documents for
 SimPO (see ``preference_losses.simpo_loss``). The rewards it reports are β · π̄, as TRL's.
 
-One optimizer step, top to bottom: micro-batches of pairs (chosen and rejected rows in one
-2B batch) → per-token logps → length-averaged logps → loss normalised by the pairs of the
-whole step → backward → clip → AdamW step → schedule → metrics → checkpoint.
+One optimizer step, top to bottom: micro-batches of pairs (chosen and rejected in one
+forward: one row per pair with the prompt once, ``shared_prompt.py``) → per-token logps →
+length-averaged logps → loss normalised by the pairs of the whole step → backward → clip →
+AdamW step → schedule → metrics → checkpoint.
 
 Dropout is switched off, LoRA's included (TRL's ``disable_dropout=True``). Deliberately left
 out (for now): CPO's NLL term and its other losses, AlphaPO's reward shaping, label
@@ -27,10 +28,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from trainer_core import shared_prompt
 from trainer_core.adapters import apply_adapter
 from trainer_core.batching import epoch_steps, fixed_batches, steps_per_epoch
 from trainer_core.checkpoint import TrainerState, already_done, resume, save_checkpoint
-from trainer_core.logprobs import completion_token_logps
 from trainer_core.methods.supervised import seed_everything
 from trainer_core.models import load_model_and_tokenizer
 from trainer_core.optim import build_optimizer, build_scheduler, optimizer_step
@@ -42,7 +43,7 @@ from trainer_core.preference_data import (
     load_preference,
 )
 from trainer_core.preference_losses import PairStats, add_stats, completion_logps, simpo_loss
-from trainer_core.reference import disable_dropout
+from trainer_core.reference import disable_dropout, forward_logps
 from trainer_core.reporting import report_truncation
 from trainer_core.seams import CheckpointStore, MetricSink, RunResult, ShouldStop
 from trainer_core.specs import SimpoHyperparameters, TrainSpec
@@ -122,6 +123,7 @@ def train(
         )
         saved_at, last_metrics = step, metrics
 
+    shared = shared_prompt.supported(model)  # pairs run as one row each (shared_prompt.py)
     for epoch in range(start.epoch if start else 0, hp.n_epochs):
         plan = epoch_steps(
             len(train_data.examples),
@@ -130,7 +132,10 @@ def train(
             seed=spec.seed,
             epoch=epoch,
             # Rows of similar length share a batch: far less padding to run through the model.
-            lengths=[example.padded_length for example in train_data.examples],
+            lengths=[
+                example.shared_length if shared else example.padded_length
+                for example in train_data.examples
+            ],
         )
         for steps_in_epoch, micro_batches in enumerate(plan):
             if already_done(start, epoch, steps_in_epoch):
@@ -196,10 +201,9 @@ def train(
 def pair_loss(
     model: nn.Module, batch: PairBatch, hp: SimpoHyperparameters, num_pairs: int
 ) -> tuple[torch.Tensor, PairStats]:
-    """One micro-batch's share of the step's loss, from one forward pass over its 2B rows."""
-    per_token_logps = completion_token_logps(
-        model, batch.input_ids, batch.attention_mask, batch.completion_mask
-    )  # (2B, T-1)
+    """One micro-batch's share of the step's loss, from one forward pass over its pairs (one
+    row per pair where the attention takes a 4D mask: ``shared_prompt``)."""
+    per_token_logps, _ = forward_logps(model, batch)  # (2B, T-1)
     logps = completion_logps(per_token_logps, batch.completion_mask[:, 1:], average=True)
     policy_chosen_logps, policy_rejected_logps = logps.chunk(2)  # (B,) each
     return simpo_loss(
