@@ -124,13 +124,23 @@ def attention_inputs(batch: Batch, model: nn.Module) -> dict[str, torch.Tensor |
     """
     if batch.sequence_ids is None:
         return {"attention_mask": batch.attention_mask}
-    config: Any = getattr(model, "config", None)
-    implementation = str(getattr(config, "_attn_implementation", None) or "eager")
-    if "flash" in implementation:
+    if "flash" in attention_implementation(model):
         return {"attention_mask": None, "position_ids": batch.position_ids}
     mask = block_causal_mask(batch.sequence_ids).to(batch.input_ids.device)
-    if implementation == "eager":
-        dtype = next(model.parameters()).dtype
-        additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-        mask = additive.masked_fill(~mask, torch.finfo(dtype).min)
-    return {"attention_mask": mask, "position_ids": batch.position_ids}
+    return {"attention_mask": model_mask(mask, model), "position_ids": batch.position_ids}
+
+
+def attention_implementation(model: nn.Module) -> str:
+    """The model's attention: "sdpa", "eager", a FlashAttention name, ..."""
+    config: Any = getattr(model, "config", None)
+    return str(getattr(config, "_attn_implementation", None) or "eager")
+
+
+def model_mask(mask: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """A 4D bool mask (True = may attend) as ``model``'s attention takes it: as is for SDPA,
+    additive in the model's dtype for eager attention."""
+    if attention_implementation(model) != "eager":
+        return mask
+    dtype = next(model.parameters()).dtype
+    additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    return additive.masked_fill(~mask, torch.finfo(dtype).min)

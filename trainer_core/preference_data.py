@@ -73,6 +73,12 @@ class PreferenceExample:
         return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
 
 
+def pair_lengths(examples: Sequence[PreferenceExample], *, one_row: bool) -> list[int]:
+    """What length-grouped batching sorts pairs by: the one-row length where the model runs a
+    pair as one row (``shared_prompt``), else the pair's longer side."""
+    return [e.shared_length if one_row else e.padded_length for e in examples]
+
+
 @dataclass(frozen=True)
 class PreferenceData:
     examples: list[PreferenceExample]

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
+
+from trainer_core.packing import attention_implementation, model_mask
 
 PAD, PROMPT, CHOSEN, REJECTED = 0, 1, 2, 3
 
@@ -123,21 +125,13 @@ def attention_mask(segments: torch.Tensor) -> torch.Tensor:
 
 def supported(model: nn.Module) -> bool:
     """Whether ``model``'s attention takes a 4D mask (SDPA or eager; not FlashAttention)."""
-    config: Any = getattr(model, "config", None)
-    implementation = str(getattr(config, "_attn_implementation", None) or "eager")
-    return implementation in ("sdpa", "eager")
+    return attention_implementation(model) in ("sdpa", "eager")
 
 
 def model_inputs(rows: SharedPromptRows, model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's ``input_ids``, ``attention_mask`` (bool for SDPA, additive for eager) and
     ``position_ids`` for these rows."""
-    mask = attention_mask(rows.segments)
-    config: Any = getattr(model, "config", None)
-    if str(getattr(config, "_attn_implementation", None) or "eager") == "eager":
-        dtype = next(model.parameters()).dtype
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
-            ~mask, torch.finfo(dtype).min
-        )
+    mask = model_mask(attention_mask(rows.segments), model)
     return {"input_ids": rows.input_ids, "attention_mask": mask, "position_ids": rows.position_ids}
 
 

@@ -12,8 +12,9 @@ full fine-tuning, or log-probs computed once before training (see ``reference.py
 
 One optimizer step, top to bottom: micro-batches of pairs (chosen and rejected in one
 forward: one row per pair with the prompt computed once, ``shared_prompt.py``, or under
-FlashAttention chosen and rejected rows in one 2B batch) → policy logps → reference logps → loss normalised by the pairs of the whole step →
-backward → clip → AdamW step → schedule → metrics → checkpoint.
+FlashAttention chosen and rejected rows in one 2B batch) → policy logps → reference logps →
+loss normalised by the pairs of the whole step → backward → clip → AdamW step → schedule →
+metrics → checkpoint.
 
 Dropout is switched off in the policy and the reference, LoRA's included (TRL's
 ``disable_dropout=True``), so at the first step the policy is the reference and L = log 2.
@@ -53,6 +54,7 @@ from trainer_core.preference_data import (
     PreferenceExample,
     collate_pairs,
     load_preference,
+    pair_lengths,
 )
 from trainer_core.reference import (
     LiveReference,
@@ -187,10 +189,7 @@ def train(
             seed=spec.seed,
             epoch=epoch,
             # Rows of similar length share a batch: far less padding to run through the model.
-            lengths=[
-                example.shared_length if shared else example.padded_length
-                for example in train_data.examples
-            ],
+            lengths=pair_lengths(train_data.examples, one_row=shared),
         )
         for steps_in_epoch, micro_batches in enumerate(plan):
             if already_done(start, epoch, steps_in_epoch):

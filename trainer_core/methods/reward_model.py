@@ -58,6 +58,7 @@ from trainer_core.preference_data import (
     PreferenceExample,
     collate_pairs,
     load_preference,
+    pair_lengths,
 )
 from trainer_core.preference_losses import RewardStats, add_stats, bradley_terry_loss
 from trainer_core.reference import disable_dropout
@@ -167,10 +168,7 @@ def train(
             seed=spec.seed,
             epoch=epoch,
             # Rows of similar length share a batch: far less padding to run through the model.
-            lengths=[
-                example.shared_length if shared else example.padded_length
-                for example in train_data.examples
-            ],
+            lengths=pair_lengths(train_data.examples, one_row=shared),
         )
         for steps_in_epoch, micro_batches in enumerate(plan):
             if already_done(start, epoch, steps_in_epoch):

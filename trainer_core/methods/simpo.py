@@ -41,6 +41,7 @@ from trainer_core.preference_data import (
     PreferenceExample,
     collate_pairs,
     load_preference,
+    pair_lengths,
 )
 from trainer_core.preference_losses import PairStats, add_stats, completion_logps, simpo_loss
 from trainer_core.reference import disable_dropout, forward_logps
@@ -132,10 +133,7 @@ def train(
             seed=spec.seed,
             epoch=epoch,
             # Rows of similar length share a batch: far less padding to run through the model.
-            lengths=[
-                example.shared_length if shared else example.padded_length
-                for example in train_data.examples
-            ],
+            lengths=pair_lengths(train_data.examples, one_row=shared),
         )
         for steps_in_epoch, micro_batches in enumerate(plan):
             if already_done(start, epoch, steps_in_epoch):
