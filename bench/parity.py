@@ -113,11 +113,24 @@ class Result:
     case: Case
     adapter: str
     steps: int
-    worst: dict[str, tuple[float, float, int]]  # metric -> (max rel., max abs. diff, at step)
-    tokens_match: bool  # TRL trained on exactly the non-padding tokens we did
     values: dict[str, list[tuple[float, float]]]  # metric -> (ours, TRL) at every step
-    losses: list[tuple[float, float]]  # (ours, TRL) train_loss per step
+    tokens_match: bool  # TRL trained on exactly the non-padding tokens we did
     note: str = ""
+
+    @property
+    def worst(self) -> dict[str, tuple[float, float, int]]:
+        """metric -> (max rel. diff, max abs. diff, the step of the max rel. diff)."""
+        worst = {}
+        for name, pairs in self.values.items():
+            diffs = [(rel(a, b), abs(a - b), step) for step, (a, b) in enumerate(pairs, start=1)]
+            top = max(diffs)
+            worst[name] = (top[0], max(d[1] for d in diffs), top[2])
+        return worst
+
+    @property
+    def losses(self) -> list[tuple[float, float]]:
+        """(ours, TRL) train_loss per step."""
+        return self.values.get("train_loss", [])
 
 
 def rel(a: float, b: float) -> float:
@@ -147,24 +160,16 @@ def compare(case: Case, adapter: str, steps: int, size: str, workdir: Path) -> R
     theirs = run_trl(spec, rows, max_steps=steps, capture=capture)
     if len(ours.steps) != steps or len(theirs.steps) != steps:
         n = min(len(ours.steps), len(theirs.steps))
-        return Result(case, adapter, n, {}, False, {}, [], "a run stopped early")
+        return Result(case, adapter, n, {}, False, "a run stopped early")
     pairs = list(zip(ours.steps, theirs.steps, strict=True))
-    worst = {}
-    values = {}
-    for name in TRL_NAMES[case.method].values():
-        if name == "num_tokens" or name not in ours.steps[0] or name not in theirs.steps[0]:
-            continue
-        diffs = [
-            (rel(a[name], b[name]), abs(a[name] - b[name]), step)
-            for step, (a, b) in enumerate(pairs, start=1)
-        ]
-        values[name] = [(a[name], b[name]) for a, b in pairs]
-        top = max(diffs)
-        worst[name] = (top[0], max(d[1] for d in diffs), top[2])
+    values = {
+        name: [(a[name], b[name]) for a, b in pairs]
+        for name in TRL_NAMES[case.method].values()
+        if name != "num_tokens" and name in ours.steps[0] and name in theirs.steps[0]
+    }
     # num_tokens is an integer count: TRL's (non-padding tokens so far) must equal ours exactly.
     tokens_match = all(a.get("num_tokens") == b.get("num_tokens") for a, b in pairs)
-    losses = [(a["train_loss"], b["train_loss"]) for a, b in pairs]
-    return Result(case, adapter, steps, worst, tokens_match, values, losses)
+    return Result(case, adapter, steps, values, tokens_match)
 
 
 def machine() -> str:
