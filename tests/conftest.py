@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -190,13 +190,19 @@ def pg_api(pg_settings: Settings) -> Iterator[Api]:
 
 
 class WorkerProcess:
+    """``alignd worker`` with ``args``, in its own process group, logging to ``log_path``."""
+
     def __init__(
-        self, settings: Settings, log_path: Path, extra_env: dict[str, str] | None = None
+        self,
+        settings: Settings,
+        log_path: Path,
+        extra_env: dict[str, str] | None = None,
+        args: Sequence[str] = ("--log-level", "info"),
     ) -> None:
         self.log_path = log_path
         self.log = open(log_path, "wb")  # noqa: SIM115 -- open as long as the worker runs
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "alignd", "worker", "--log-level", "info"],
+            [sys.executable, "-m", "alignd", "worker", *args],
             env={**settings_env(settings), **(extra_env or {})},
             stdout=self.log,
             stderr=subprocess.STDOUT,

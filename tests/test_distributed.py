@@ -98,11 +98,11 @@ def rank_processes(job_id: str) -> list[int]:
     return pids
 
 
-def test_cancelling_a_two_process_job_leaves_no_process(
-    pg_api: Api, pg_worker: WorkerProcess
-) -> None:
-    train = pg_api.upload(chat_rows(64, seed=5))
-    created = pg_api.http.post(
+def start_two_process_job(api: Api, *, seed: int, zero_stage: int) -> str:
+    """A 2-process supervised job far too long to finish during a test, once it has taken two
+    steps (both ranks are up): its id."""
+    train = api.upload(chat_rows(64, seed=seed))
+    created = api.http.post(
         "fine_tuning/jobs",
         json={
             "model": "tiny",
@@ -111,13 +111,20 @@ def test_cancelling_a_two_process_job_leaves_no_process(
                 "type": "supervised",
                 "supervised": {"hyperparameters": {"n_epochs": 50, "batch_size": 4}},
             },
-            "resources": {"gpus": 2, "zero_stage": 3},
+            "resources": {"gpus": 2, "zero_stage": zero_stage},
             "max_seq_len": 64,
         },
     )
     assert created.status_code == 200, created.text
-    job_id = created.json()["id"]
-    pg_api.wait_for(job_id, lambda job: (job.get("progress") or {}).get("step", 0) >= 2, 300)
+    job_id: str = created.json()["id"]
+    api.wait_for(job_id, lambda job: (job.get("progress") or {}).get("step", 0) >= 2, 300)
+    return job_id
+
+
+def test_cancelling_a_two_process_job_leaves_no_process(
+    pg_api: Api, pg_worker: WorkerProcess
+) -> None:
+    job_id = start_two_process_job(pg_api, seed=5, zero_stage=3)
     assert len(rank_processes(job_id)) == 2
     assert pg_api.http.post(f"fine_tuning/jobs/{job_id}/cancel").status_code == 200
     job = pg_api.wait_terminal(job_id, timeout_s=120)
@@ -143,23 +150,7 @@ def test_a_rank_that_dies_fails_the_job_naming_it(pg_api: Api, pg_worker: Worker
     """kill -9 of rank 1 mid-run: rank 0 is left waiting in a collective for a peer that will
     never come; the launcher must see rank 1's exit, fail the job naming rank 1 and the
     signal, and stop rank 0, well within a bound (no hang until a gloo timeout)."""
-    train = pg_api.upload(chat_rows(64, seed=6))
-    created = pg_api.http.post(
-        "fine_tuning/jobs",
-        json={
-            "model": "tiny",
-            "training_file": train["id"],
-            "method": {
-                "type": "supervised",
-                "supervised": {"hyperparameters": {"n_epochs": 50, "batch_size": 4}},
-            },
-            "resources": {"gpus": 2, "zero_stage": 2},
-            "max_seq_len": 64,
-        },
-    )
-    assert created.status_code == 200, created.text
-    job_id = created.json()["id"]
-    pg_api.wait_for(job_id, lambda job: (job.get("progress") or {}).get("step", 0) >= 2, 300)
+    job_id = start_two_process_job(pg_api, seed=6, zero_stage=2)
     ranks = {rank_of(pid): pid for pid in rank_processes(job_id)}
     assert set(ranks) == {0, 1}, ranks
     os.kill(ranks[1], signal.SIGKILL)

@@ -9,9 +9,6 @@ jobs one after the other, never side by side, the second saying what it waits fo
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,37 +21,20 @@ from api.db import make_engine, make_sessionmaker
 from api.models import Job as JobRow
 from api.models import JobLog, Worker
 from api.settings import Settings
-from tests.conftest import Api, chat_rows, settings_env
+from tests.conftest import Api, WorkerProcess, chat_rows
 from worker.slots import acquire, resolve_devices
 
 
-class CliWorker:
-    """``alignd worker`` with its command-line arguments, in its own process group."""
+class CliWorker(WorkerProcess):
+    """``alignd worker --hostname <hostname> <args>``, retrying busy device slots every second."""
 
     def __init__(self, settings: Settings, log_path: Path, hostname: str, *args: str) -> None:
         self.hostname = hostname
-        self.log_path = log_path
-        self.log = open(log_path, "wb")  # noqa: SIM115 -- open as long as the worker runs
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "alignd", "worker", "--hostname", hostname, *args],
-            env={**settings_env(settings), "ALIGND_SLOT_RETRY_S": "1"},
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.log.close()
+        retry = {"ALIGND_SLOT_RETRY_S": "1"}
+        super().__init__(settings, log_path, retry, args=["--hostname", hostname, *args])
 
     def output(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
+        return super().output()[-4000:]
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.trainer_core.hyperparameters import COMMON
 from trainer_core.specs import AdapterSpec, SupervisedHyperparameters, TrainSpec
 from trainer_core.tiny_models import create_tiny_model
 
@@ -67,15 +68,7 @@ def make_spec(tiny_model: Path, facts_file: Path) -> MakeSpec:
 
     def make(**overrides: Any) -> TrainSpec:
         hp: dict[str, Any] = {
-            "n_epochs": 1,
-            "batch_size": 4,
-            "learning_rate_multiplier": 1.0,
-            "learning_rate": 1e-2,
-            "gradient_accumulation_steps": 1,
-            "warmup_ratio": 0.0,
-            "lr_scheduler": "constant",
-            "weight_decay": 0.0,
-            "max_grad_norm": 1.0,
+            **COMMON,
         }
         for name in list(overrides):
             if name in SupervisedHyperparameters.model_fields:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.trainer_core.hyperparameters import COMMON
 from trainer_core.adapters import apply_adapter
 from trainer_core.methods import grpo
 from trainer_core.seams import FolderCheckpointStore, ListSink, RunResult
@@ -43,15 +44,7 @@ def make_spec(tiny_model: Path, prompts_file: Path) -> MakeSpec:
 
     def make(**overrides: Any) -> TrainSpec:
         hp: dict[str, Any] = {
-            "n_epochs": 1,
-            "batch_size": 4,
-            "learning_rate_multiplier": 1.0,
-            "learning_rate": 1e-2,
-            "gradient_accumulation_steps": 1,
-            "warmup_ratio": 0.0,
-            "lr_scheduler": "constant",
-            "weight_decay": 0.0,
-            "max_grad_norm": 1.0,
+            **COMMON,
             "max_completion_length": 16,
             "temperature": 1.0,
             "top_p": 1.0,

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 import trainer_core
+from tests.trainer_core.hyperparameters import COMMON
 from trainer_core.optim import optimizer_step
 from trainer_core.seams import FolderCheckpointStore, ListSink
 from trainer_core.specs import ResourcesSpec, TrainSpec
@@ -36,18 +37,7 @@ CPU_BF16_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
 
 
 def hyperparameters(**extra: Any) -> dict[str, Any]:
-    return {
-        "n_epochs": 5,
-        "batch_size": 4,
-        "learning_rate_multiplier": 1.0,
-        "learning_rate": 1e-2,
-        "gradient_accumulation_steps": 1,
-        "warmup_ratio": 0.0,
-        "lr_scheduler": "constant",
-        "weight_decay": 0.0,
-        "max_grad_norm": 1.0,
-        **extra,
-    }
+    return {**COMMON, "n_epochs": 5, **extra}
 
 
 def run_cli(tmp: Path, name: str, spec: dict[str, Any], ranks: int = 1) -> list[dict[str, float]]:

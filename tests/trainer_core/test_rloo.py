@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from tests.trainer_core.hyperparameters import COMMON
 from tests.trainer_core.test_grpo import LENGTH_REWARD, prompts_file  # noqa: F401 (fixture)
 from trainer_core.methods import rloo
 from trainer_core.seams import FolderCheckpointStore, ListSink, RunResult
@@ -20,15 +21,7 @@ MakeSpec = Callable[..., TrainSpec]
 def make_spec(tiny_model: Path, prompts_file: Path) -> MakeSpec:  # noqa: F811
     def make(**overrides: Any) -> TrainSpec:
         hp: dict[str, Any] = {
-            "n_epochs": 1,
-            "batch_size": 4,
-            "learning_rate_multiplier": 1.0,
-            "learning_rate": 1e-2,
-            "gradient_accumulation_steps": 1,
-            "warmup_ratio": 0.0,
-            "lr_scheduler": "constant",
-            "weight_decay": 0.0,
-            "max_grad_norm": 1.0,
+            **COMMON,
             "max_completion_length": 16,
             "temperature": 1.0,
             "top_p": 1.0,
