@@ -4,13 +4,12 @@ DeepSpeed and in one process, continuing the 1-process loss curve."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.trainer_core.cli_run import run_cli
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
@@ -22,20 +21,6 @@ def rows() -> str:
         a, b = i % 7 + 1, i % 5 + 2
         lines.append(json.dumps({"prompt": f"What is {a} plus {b}?", "completion": f" {a + b}."}))
     return "\n".join(lines) + "\n"
-
-
-def run(tmp: Path, name: str, spec: dict[str, Any], ranks: int) -> list[dict[str, float]]:
-    path = tmp / f"{name}.json"
-    path.write_text(json.dumps(spec))
-    entry = ["-m", "trainer_core", "run", str(path), "--output", str(tmp / f"out-{name}")]
-    entry += ["--metrics", str(tmp / f"m-{name}.json")]
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
-    command = [sys.executable, *(launcher if ranks > 1 else []), *entry]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    points: list[dict[str, float]] = json.loads((tmp / f"m-{name}.json").read_text())
-    return points
 
 
 def test_zero3_supervised_runs_and_resumes(tmp_path: Path, tiny_model: Path) -> None:
@@ -65,16 +50,16 @@ def test_zero3_supervised_runs_and_resumes(tmp_path: Path, tiny_model: Path) -> 
         },
     }
     zero3 = {"gpus": 2, "zero_stage": 3}
-    one = {p["step"]: p for p in run(tmp_path, "one", spec, 1)}
+    one = {p["step"]: p for p in run_cli(tmp_path, "one", spec, 1)}
     assert len(one) == 6
-    sharded = run(tmp_path, "z3", {**spec, "resources": zero3}, 2)
-    resumed_here = run(
+    sharded = run_cli(tmp_path, "z3", {**spec, "resources": zero3}, 2)
+    resumed_here = run_cli(
         tmp_path,
         "z3-resumed-z3",
         {**spec, "resources": zero3, "resume_from": str(tmp_path / "out-z3" / "step-3")},
         2,
     )
-    resumed_single = run(
+    resumed_single = run_cli(
         tmp_path, "z3-resumed-one", {**spec, "resume_from": str(tmp_path / "out-z3" / "step-3")}, 1
     )
     assert [p["step"] for p in sharded] == list(range(1, 7))

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import trainer_core
+from tests.trainer_core.hyperparameters import COMMON
 from trainer_core.logprobs import next_token_logps
 from trainer_core.methods import orpo, simpo
 from trainer_core.models import load_model
@@ -66,15 +67,8 @@ def pair_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def make_spec(method: str, model: Path, train_file: Path, **overrides: Any) -> TrainSpec:
     hp: dict[str, Any] = {
-        "n_epochs": 1,
+        **COMMON,
         "batch_size": 8,
-        "learning_rate_multiplier": 1.0,
-        "learning_rate": 1e-2,
-        "gradient_accumulation_steps": 1,
-        "warmup_ratio": 0.0,
-        "lr_scheduler": "constant",
-        "weight_decay": 0.0,
-        "max_grad_norm": 1.0,
     }
     hp_cls: Any = OrpoHyperparameters
     if method == "orpo":

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 import trainer_core
+from tests.trainer_core.cli_run import CPU_BF16_ENV, final_adapter, run_cli
 from tests.trainer_core.hyperparameters import COMMON
 from trainer_core.optim import optimizer_step
 from trainer_core.seams import FolderCheckpointStore, ListSink
@@ -33,31 +31,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing`:Futu
 
 # bf16 keeps 8 bits of mantissa: a first-step loss within 2% of fp32 is bf16 rounding, not a bug.
 BF16_RTOL = 2e-2
-CPU_BF16_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
 
 
 def hyperparameters(**extra: Any) -> dict[str, Any]:
     return {**COMMON, "n_epochs": 5, **extra}
-
-
-def run_cli(tmp: Path, name: str, spec: dict[str, Any], ranks: int = 1) -> list[dict[str, float]]:
-    """Run ``spec`` in ``ranks`` fresh processes; the metric points, and ``out-<name>`` holds
-    the checkpoints."""
-    path = tmp / f"{name}.json"
-    path.write_text(json.dumps(spec))
-    entry = ["-m", "trainer_core", "run", str(path), "--output", str(tmp / f"out-{name}")]
-    entry += ["--metrics", str(tmp / f"m-{name}.json")]
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
-    command = [sys.executable, *(launcher if ranks > 1 else []), *entry]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **CPU_BF16_ENV}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    points: list[dict[str, float]] = json.loads((tmp / f"m-{name}.json").read_text())
-    return points
-
-
-def final_weights(tmp: Path, name: str) -> dict[str, torch.Tensor]:
-    return load_file(tmp / f"out-{name}" / "final" / "adapter" / "adapter_model.safetensors")
 
 
 def pair_rows() -> list[dict[str, Any]]:
@@ -99,8 +76,8 @@ def test_bf16_supervised_learns_like_fp32_and_saves_fp32(
     tmp_path: Path, tiny_model: Path, facts_file: Path
 ) -> None:
     spec = base_spec(tiny_model, facts_file, "supervised")
-    fp32 = run_cli(tmp_path, "fp32", spec)
-    bf16 = run_cli(tmp_path, "bf16", {**spec, "resources": {"precision": "bf16"}})
+    fp32 = run_cli(tmp_path, "fp32", spec, env=CPU_BF16_ENV)
+    bf16 = run_cli(tmp_path, "bf16", {**spec, "resources": {"precision": "bf16"}}, env=CPU_BF16_ENV)
     assert len(bf16) == len(fp32) == 10
     first32, first16 = fp32[0]["train_loss"], bf16[0]["train_loss"]
     assert first16 == pytest.approx(first32, rel=BF16_RTOL)
@@ -110,7 +87,7 @@ def test_bf16_supervised_learns_like_fp32_and_saves_fp32(
     assert bf16[-1]["train_loss"] < bf16[0]["train_loss"] - 0.5
     assert bf16[-1]["train_loss"] == pytest.approx(fp32[-1]["train_loss"], rel=0.05)
     # Master weights stay fp32: the saved adapter is fp32, and it is near the fp32 run's.
-    weights16, weights32 = final_weights(tmp_path, "bf16"), final_weights(tmp_path, "fp32")
+    weights16, weights32 = final_adapter(tmp_path, "bf16"), final_adapter(tmp_path, "fp32")
     assert weights16.keys() == weights32.keys()
     assert {w.dtype for w in weights16.values()} == {torch.float32}
 
@@ -128,8 +105,8 @@ def test_bf16_dpo_starts_at_log_2_and_learns(
         # The reference pass before training runs under the same autocast as the policy.
         "precompute_ref_log_probs": True,
     }
-    fp32 = run_cli(tmp_path, "fp32", spec)
-    bf16 = run_cli(tmp_path, "bf16", {**spec, "resources": {"precision": "bf16"}})
+    fp32 = run_cli(tmp_path, "fp32", spec, env=CPU_BF16_ENV)
+    bf16 = run_cli(tmp_path, "bf16", {**spec, "resources": {"precision": "bf16"}}, env=CPU_BF16_ENV)
     assert len(bf16) == len(fp32) == 9
     # Policy and reference go through the same autocast: still exactly log 2 at step 1.
     assert bf16[0]["train_loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -140,7 +117,7 @@ def test_bf16_dpo_starts_at_log_2_and_learns(
     assert bf16[-1]["rewards/accuracies"] > 0.5
     for a, b in zip(fp32, bf16, strict=True):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=BF16_RTOL)
-    assert {w.dtype for w in final_weights(tmp_path, "bf16").values()} == {torch.float32}
+    assert {w.dtype for w in final_adapter(tmp_path, "bf16").values()} == {torch.float32}
 
 
 def in_process(spec: TrainSpec, root: Path) -> tuple[list[float], FolderCheckpointStore]:

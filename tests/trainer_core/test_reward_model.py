@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 import trainer_core
+from tests.trainer_core.hyperparameters import COMMON
 from trainer_core.methods import reward_model
 from trainer_core.methods.reward_model import RewardModel, load_reward_base, score
 from trainer_core.preference_data import collate_pairs, load_preference
@@ -63,15 +64,8 @@ def pair_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def make_spec(model: Path, train_file: Path, **overrides: Any) -> TrainSpec:
     hp: dict[str, Any] = {
-        "n_epochs": 1,
+        **COMMON,
         "batch_size": 8,
-        "learning_rate_multiplier": 1.0,
-        "learning_rate": 1e-2,
-        "gradient_accumulation_steps": 1,
-        "warmup_ratio": 0.0,
-        "lr_scheduler": "constant",
-        "weight_decay": 0.0,
-        "max_grad_norm": 1.0,
         "center_rewards_coefficient": 0.0,
     }
     for name in list(overrides):
