@@ -132,6 +132,20 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 
+def _prefill(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> Any:
+    """One cached forward over left-padded prompts (B, P); logits of the last position only
+    where the model takes ``logits_to_keep``. Returns the model's output (its cache in
+    ``past_key_values``)."""
+    keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    return model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=position_ids(mask),
+        use_cache=True,
+        **keep,
+    )
+
+
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
     get_base = getattr(model, "get_base_model", None)  # a peft model forwards **kwargs
     base = get_base() if callable(get_base) else model
@@ -201,14 +215,7 @@ def _sample(
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)  # (B, P)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-    keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-    out = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=position_ids(prompt_mask),
-        use_cache=True,
-        **keep,
-    )
+    out = _prefill(model, prompt_ids, prompt_mask)
     # One prefill per prompt, then G copies of its cache: (B, ...) -> (N = B*G, ...).
     cache = out.past_key_values
     cache.batch_repeat_interleave(num_generations)
@@ -360,14 +367,7 @@ def _shared_prompt_logits(
     """As ``_whole_rows_logits``, running each of the U distinct prompts once."""
     p = rollout.prompt_ids.size(1)
     unique_ids, unique_mask = unique[:, :p], unique[:, p:]  # (U, P) each
-    keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-    out = model(
-        input_ids=unique_ids,
-        attention_mask=unique_mask,
-        position_ids=position_ids(unique_mask),
-        use_cache=True,
-        **keep,
-    )
+    out = _prefill(model, unique_ids, unique_mask)
     cache = out.past_key_values
     cache.batch_select_indices(inverse)  # (U, ...) -> (N, ...), differentiable
     last_prompt_logits = out.logits[:, -1:][inverse]  # (N, 1, V)
