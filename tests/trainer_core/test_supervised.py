@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import trainer_core
+from trainer_core import loop
 from trainer_core.__main__ import main
 from trainer_core.adapters import apply_adapter, load_trained
 from trainer_core.checkpoint import load_state
@@ -98,13 +99,13 @@ def test_lora_moves_the_adapter_only_and_reloads_exactly(
     make_spec: Any, tiny_model: Path, facts_file: Path, tmp_path: Path, monkeypatch: Any
 ) -> None:
     trained: dict[str, Any] = {}
-    real_save = supervised.save_checkpoint
+    real_save = loop.save_checkpoint
 
     def keep_model(store: Any, **kwargs: Any) -> None:
         trained["model"] = kwargs["model"]  # the in-memory model, for comparison below
         real_save(store, **kwargs)
 
-    monkeypatch.setattr(supervised, "save_checkpoint", keep_model)
+    monkeypatch.setattr(loop, "save_checkpoint", keep_model)
     spec = make_spec(
         adapter={"type": "lora", "r": 4, "alpha": 8},
         n_epochs=2,

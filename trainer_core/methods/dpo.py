@@ -45,7 +45,7 @@ from trainer_core.checkpoint import (
     save_checkpoint,
 )
 from trainer_core.dpo_losses import DpoStats, add_dpo_stats, combined_dpo_loss
-from trainer_core.methods.supervised import seed_everything
+from trainer_core.loop import seed_everything
 from trainer_core.models import load_model, load_model_and_tokenizer, load_tokenizer
 from trainer_core.optim import build_optimizer, build_scheduler
 from trainer_core.placement import Placement, enable_gradient_checkpointing

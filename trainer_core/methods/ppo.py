@@ -58,7 +58,7 @@ from trainer_core.methods.grpo import (
     window_metrics,
 )
 from trainer_core.methods.reward_model import RewardModel
-from trainer_core.methods.supervised import seed_everything
+from trainer_core.loop import seed_everything
 from trainer_core.models import load_model_and_tokenizer
 from trainer_core.optim import build_optimizer, build_scheduler
 from trainer_core.placement import cpu_only

@@ -49,7 +49,7 @@ from trainer_core.checkpoint import (
     save_checkpoint,
 )
 from trainer_core.data import Message, _encode, _messages, _render, _with_eos
-from trainer_core.methods.supervised import seed_everything
+from trainer_core.loop import seed_everything
 from trainer_core.models import check_model_source, load_tokenizer
 from trainer_core.optim import build_optimizer, build_scheduler
 from trainer_core.placement import Placement, enable_gradient_checkpointing

@@ -47,7 +47,7 @@ from trainer_core.methods.grpo import (
     reward_metrics,
     window_metrics,
 )
-from trainer_core.methods.supervised import seed_everything
+from trainer_core.loop import seed_everything
 from trainer_core.models import load_model_and_tokenizer
 from trainer_core.optim import build_optimizer, build_scheduler
 from trainer_core.placement import cpu_only

@@ -32,7 +32,7 @@ from trainer_core import shared_prompt
 from trainer_core.adapters import apply_adapter
 from trainer_core.batching import epoch_steps, fixed_batches, steps_per_epoch
 from trainer_core.checkpoint import TrainerState, already_done, resume, save_checkpoint
-from trainer_core.methods.supervised import seed_everything
+from trainer_core.loop import seed_everything
 from trainer_core.models import load_model_and_tokenizer
 from trainer_core.optim import build_optimizer, build_scheduler, optimizer_step
 from trainer_core.placement import Placement, backward, enable_gradient_checkpointing, place

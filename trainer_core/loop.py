@@ -1,0 +1,426 @@
+"""The training loop every method shares: functions, and one record of a run's state.
+
+A method module keeps its own story on screen: how it batches, what it computes (log-probs,
+rewards, advantages), its loss and its metrics. Everything around that story is here, once:
+
+- ``setup``: seeding and the process group (joined before the model is built: ZeRO-3);
+- ``load_base`` and ``load_splits``: the model and tokenizer, the training and validation
+  data with the truncation report;
+- ``start_run``: optimizer, schedule, resume from a checkpoint, the DeepSpeed wrap; it
+  returns the ``Run``, the one object that carries the run's state from step to step;
+- ``Run.steps``: the iterator over optimizer steps (or rollouts), which owns the stop check,
+  the checkpoint cadence and the skipping of steps a resumed run already took;
+- ``Run.shares``, ``Run.backward``, ``Run.optimizer_step``: the one backward/step path, the
+  distributed one, which is plain single-process code in one process;
+- ``Run.count`` and ``Run.record``: token counts and the metrics window;
+- ``evaluating`` and ``validation_batches``: a validation pass in eval mode without grad;
+- ``Run.result``: how the run ended.
+
+A method's loop then reads (supervised, in short)::
+
+    run = loop.start_run(spec, sink, store, should_stop, d, model, tokenizer, ...)
+    for micro_batches in run.steps(len(rows)):
+        for share in run.shares(micro_batches):
+            loss, stats = ...                       # the method's own computation
+            run.backward(loss * share.weight, last=share.last)
+        grad_norm, learning_rate = run.optimizer_step()
+        run.record(step_stats, grad_norm=grad_norm, learning_rate=learning_rate)
+    return run.result()
+
+Shared functions, not a base class with hooks: what differs between methods is passed in as
+plain values and functions (``summarise``, ``validate``), and each method calls the pieces in
+its own order.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import torch
+from torch import nn
+
+from trainer_core import distributed
+from trainer_core.batching import Step, epoch_steps, fixed_batches
+from trainer_core.checkpoint import (
+    TrainerState,
+    already_done,
+    reload_after_wrap,
+    resume,
+    save_checkpoint,
+)
+from trainer_core.distributed import Distributed
+from trainer_core.models import load_model_and_tokenizer
+from trainer_core.optim import build_optimizer, build_scheduler
+from trainer_core.placement import Placement, enable_gradient_checkpointing
+from trainer_core.reporting import TruncationCounts, report_truncation
+from trainer_core.seams import CheckpointStore, MetricSink, RunResult, ShouldStop
+from trainer_core.specs import TrainSpec
+
+D = TypeVar("D", bound=TruncationCounts)
+B = TypeVar("B")
+E = TypeVar("E")
+S = TypeVar("S")
+
+
+def seed_everything(seed: int, num_threads: int | None) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    # warn_only: on CUDA some kernels have no deterministic version; better a warning in
+    # the log than a failed job. On CPU every op used here is deterministic.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+
+
+def setup(spec: TrainSpec) -> Distributed:
+    """Seed the run and join its process group: this rank's place, device and precision.
+
+    First thing in a method: ZeRO-3 needs the group before the model is built.
+    """
+    seed_everything(spec.seed, spec.num_threads)
+    return distributed.setup(spec.resources)
+
+
+def load_base(spec: TrainSpec) -> tuple[nn.Module, Any]:
+    """The base model (gradient checkpointing on when the job asks) and its tokenizer."""
+    base, tokenizer = load_model_and_tokenizer(
+        spec.model, allow_hub=spec.allow_hub, trust_remote_code=spec.trust_remote_code
+    )
+    enable_gradient_checkpointing(base, spec.resources.gradient_checkpointing)
+    return base, tokenizer
+
+
+def load_splits(
+    spec: TrainSpec,
+    sink: MetricSink,
+    load: Callable[[str], D],
+    *,
+    rows: Callable[[D], Sequence[Any]],
+    unit: str = "examples",
+    minimum: int = 1,
+    too_few: str | None = None,
+) -> tuple[D, D | None]:
+    """The training data and, when the job has one, the validation data, each loaded with
+    ``load`` and reported (rows cut or dropped at ``max_seq_len``).
+
+    A split with fewer than ``minimum`` usable ``rows`` is an error: "no training pair has a
+    completion token within N", or ``too_few`` (formatted with ``split`` and ``max_seq_len``).
+    """
+
+    def checked(path: str, split: str) -> D:
+        data = load(path)
+        report_truncation(sink, data, split, spec.max_seq_len, unit=unit)
+        if len(rows(data)) < minimum:
+            message = too_few or "no {split} {row} has a completion token within {max_seq_len}"
+            raise ValueError(
+                message.format(
+                    split=split, row=unit.removesuffix("s"), max_seq_len=spec.max_seq_len
+                )
+            )
+        return data
+
+    train_data = checked(spec.train_file, "training")
+    valid_data = None
+    if spec.validation_file is not None:
+        valid_data = checked(spec.validation_file, "validation")
+    return train_data, valid_data
+
+
+@dataclass(frozen=True)
+class Share:
+    """This rank's part of one micro-batch of an optimizer step (``Run.shares``)."""
+
+    rows: list[int]  # the rows this rank computes (all of them in one process)
+    weight: float  # of its loss: 0 for the stand-in row of a rank with no rows of its own
+    last: bool  # the step's last micro-batch (ZeRO-3 counts backward passes by it)
+    whole: bool  # ``rows`` is the whole micro-batch: a batch built for it can be reused
+
+
+@dataclass
+class Run(Generic[S]):
+    """A run's state from its first step to its result; ``start_run`` makes it.
+
+    ``S`` is the type of the method's per-step statistics, which ``summarise`` turns into
+    metric values over the steps of a logging window (and over the last step, for a
+    checkpoint's metrics).
+    """
+
+    spec: TrainSpec
+    sink: MetricSink
+    store: CheckpointStore
+    should_stop: ShouldStop
+    dist: Distributed
+    model: nn.Module
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    params: list[nn.Parameter]
+    per_epoch: int  # optimizer steps in an epoch
+    start: TrainerState | None  # where a resumed run picked up; None for a fresh one
+    summarise: Callable[[Sequence[S]], dict[str, float]]
+    # Of ``summarise``'s values of the last step, those a checkpoint's metrics keep.
+    checkpoint_keys: tuple[str, ...] = ("train_loss",)
+    validate: Callable[[], dict[str, float]] | None = None
+    step: int = 0  # optimizer steps taken
+    num_tokens: int = 0  # counted (loss) tokens so far
+    trained_tokens: int = 0  # non-padding tokens so far (TRL's num_tokens)
+    saved_at: int = -1  # step of the latest checkpoint
+    stopped: bool = False
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    last_stats: S | None = None
+    window: list[S] = field(default_factory=list)  # stats of the steps since the last point
+
+    @property
+    def total_steps(self) -> int:
+        return self.per_epoch * self.spec.hyperparameters.n_epochs
+
+    @property
+    def where(self) -> Placement:
+        return self.dist.placement
+
+    # -- the steps ---------------------------------------------------------------------------
+
+    def steps(
+        self,
+        n_rows: int,
+        *,
+        lengths: Sequence[int] | None = None,
+        gradient_accumulation_steps: int | None = None,
+        steps_per_item: int = 1,
+    ) -> Iterator[Step]:
+        """Each optimizer step's micro-batches (lists of row indices) of every epoch left.
+
+        The plan of an epoch is ``batching.epoch_steps`` (seeded by the run's seed and the
+        epoch, length-grouped by ``lengths``). Before each step: skip it if a resumed run took
+        it already, and stop, keeping a checkpoint, if any rank was asked to. After it: a
+        checkpoint every ``checkpoint_every`` steps, or at the end of every epoch without one.
+
+        ``steps_per_item``: an item that takes several optimizer steps (an online method's
+        rollout, trained on ``num_iterations`` times). Its steps are then counted by the item,
+        and checkpoints and stops fall between items.
+        """
+        hp = self.spec.hyperparameters
+        every = self.spec.checkpoint_every
+        accumulation = gradient_accumulation_steps or hp.gradient_accumulation_steps
+        for epoch in range(self.start.epoch if self.start else 0, hp.n_epochs):
+            plan = epoch_steps(
+                n_rows,
+                batch_size=hp.batch_size,
+                gradient_accumulation_steps=accumulation,
+                seed=self.spec.seed,
+                epoch=epoch,
+                # Rows of similar length share a batch: far less padding to run through.
+                lengths=lengths,
+            )
+            for index, micro_batches in enumerate(plan):
+                position = index * steps_per_item  # optimizer steps of this epoch before it
+                if already_done(self.start, epoch, position):
+                    continue
+                if distributed.any_rank(self.dist, self.should_stop()):
+                    # Nothing trained yet means nothing worth keeping.
+                    if self.step > 0 and self.saved_at != self.step:
+                        self.checkpoint(epoch, position, final=False)
+                    self.stopped = True
+                    return
+                yield micro_batches
+                if every is not None and (
+                    self.step // every > (self.step - steps_per_item) // every
+                    or self.step == self.total_steps
+                ):
+                    self.checkpoint(
+                        epoch, position + steps_per_item, final=self.step == self.total_steps
+                    )
+            if every is None:
+                self.checkpoint(epoch + 1, 0, final=epoch == hp.n_epochs - 1)
+
+    def shares(self, micro_batches: Sequence[Sequence[int]]) -> list[Share]:
+        """This rank's rows of each micro-batch of a step (``distributed.share``)."""
+        shares = []
+        for n, indices in enumerate(micro_batches):
+            rows, weight = distributed.share(self.dist, indices)
+            last = n == len(micro_batches) - 1
+            shares.append(Share(rows, weight, last, whole=self.dist.world_size == 1))
+        return shares
+
+    def backward(self, loss: torch.Tensor, *, last: bool) -> None:
+        """Backward of one micro-batch's loss (scaled under fp16, through DeepSpeed under ZeRO)."""
+        distributed.backward(self.dist, loss, last=last)
+
+    def optimizer_step(self) -> tuple[torch.Tensor, float]:
+        """Clip, step AdamW and the schedule, clear the gradients: ``(grad_norm,
+        learning_rate)``, the rate the step used. Counts the step."""
+        grad_norm, learning_rate = distributed.optimizer_step(
+            self.dist,
+            self.params,
+            self.optimizer,
+            self.scheduler,
+            self.spec.hyperparameters.max_grad_norm,
+        )
+        self.step += 1
+        return grad_norm, learning_rate
+
+    # -- what was trained, and the metrics ----------------------------------------------------
+
+    def count(self, *, trained: int, loss: int) -> None:
+        """Add a batch's non-padding tokens (``trained``) and the tokens its loss counts."""
+        self.trained_tokens += trained
+        self.num_tokens += loss
+
+    def count_batch(self, batch: Any) -> None:
+        """``count`` of a whole micro-batch: its real tokens, and its completion tokens (the
+        targets of positions 1..T-1) as the loss tokens."""
+        self.count(trained=int(batch.num_tokens), loss=int(batch.completion_mask[:, 1:].sum()))
+
+    def record(self, stats: S, *, grad_norm: torch.Tensor | float, learning_rate: float) -> None:
+        """Keep a step's stats (added up over the ranks already), and send a metric point
+        every ``log_every`` steps and at the last: ``summarise`` over the steps since the last
+        point (so log_every > 1 smooths rather than samples), and the run's state."""
+        self.last_stats = stats
+        self.window.append(stats)
+        if self.step % self.spec.log_every == 0 or self.step == self.total_steps:
+            values = self.summarise(self.window)
+            self.window = []
+            self.sink.metrics(
+                self.step,
+                {
+                    **values,
+                    "learning_rate": learning_rate,
+                    "grad_norm": float(grad_norm),
+                    # TRL's num_tokens: every non-padding token trained on so far.
+                    "num_tokens": float(self.trained_tokens),
+                    "epoch": self.step / self.per_epoch,
+                },
+            )
+
+    def checkpoint(self, epoch: int, steps_in_epoch: int, *, final: bool) -> None:
+        """Save a checkpoint of the current step (every rank calls it under ZeRO), with the
+        last step's ``checkpoint_keys`` and the validation metrics."""
+        metrics = {"step": float(self.step)}
+        if self.last_stats is not None:
+            values = self.summarise([self.last_stats])
+            metrics |= {key: values[key] for key in self.checkpoint_keys if key in values}
+        if self.validate is not None:
+            metrics |= self.validate()
+        state = TrainerState(
+            self.step,
+            epoch,
+            steps_in_epoch,
+            self.spec.seed,
+            self.total_steps,
+            self.num_tokens,
+            self.trained_tokens,
+        )
+        save_checkpoint(
+            self.store,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            trainer=state,
+            metrics=metrics,
+            final=final,
+            dist=self.dist,
+        )
+        self.saved_at, self.last_metrics = self.step, metrics
+
+    def result(self) -> RunResult:
+        return RunResult(
+            "stopped" if self.stopped else "completed",
+            self.step,
+            self.total_steps,
+            self.trained_tokens,
+            self.last_metrics,
+        )
+
+
+def start_run(
+    spec: TrainSpec,
+    sink: MetricSink,
+    store: CheckpointStore,
+    should_stop: ShouldStop,
+    dist: Distributed,
+    model: nn.Module,
+    tokenizer: Any,
+    *,
+    per_epoch: int,
+    summarise: Callable[[Sequence[S]], dict[str, float]],
+    checkpoint_keys: tuple[str, ...] = ("train_loss",),
+    validate: Callable[[], dict[str, float]] | None = None,
+) -> Run[S]:
+    """AdamW and the schedule over ``model``'s trainable parameters, the run put back where
+    ``spec.resume_from`` left it (weights, optimizer, schedule, RNG, position), and the
+    DeepSpeed engine under ZeRO. Call it last in the set-up, once the model (and anything
+    copied from it, such as a frozen reference) is built: nothing may draw from the restored
+    RNG before the first step does."""
+    hp = spec.hyperparameters
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(model, learning_rate=hp.learning_rate, weight_decay=hp.weight_decay)
+    total_steps = per_epoch * hp.n_epochs
+    scheduler = build_scheduler(
+        optimizer, kind=hp.lr_scheduler, total_steps=total_steps, warmup_ratio=hp.warmup_ratio
+    )
+    sink.start(total_steps)
+    # Pick up where a checkpoint left off (pause/resume, a restarted failed job), or start.
+    start = resume(spec.resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
+    distributed.wrap(
+        dist, model, optimizer, scheduler, batch_size=hp.batch_size, max_grad_norm=hp.max_grad_norm
+    )
+    reload_after_wrap(dist, spec.resume_from)
+    return Run(
+        spec=spec,
+        sink=sink,
+        store=store,
+        should_stop=should_stop,
+        dist=dist,
+        model=model,
+        tokenizer=tokenizer,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        params=params,
+        per_epoch=per_epoch,
+        start=start,
+        summarise=summarise,
+        checkpoint_keys=checkpoint_keys,
+        validate=validate,
+        step=start.step if start else 0,
+        num_tokens=start.num_tokens if start else 0,
+        trained_tokens=start.trained_tokens if start else 0,
+        saved_at=start.step if start else -1,
+    )
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode (no dropout) and no grad for the duration, then as it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def validation_batches(
+    examples: Sequence[E],
+    batch_size: int,
+    collate: Callable[[list[E]], B],
+    where: Placement,
+) -> Iterator[tuple[list[int], B]]:
+    """``examples`` in file order, ``batch_size`` at a time: the indices and their batch on
+    ``where``'s device."""
+    for indices in fixed_batches(len(examples), batch_size):
+        yield indices, where.to(collate([examples[i] for i in indices]))
+
+
+def mean_of_points(points: Sequence[dict[str, float]]) -> dict[str, float]:
+    """A ``summarise`` for stats kept as metric dicts (the online methods'): each value's mean
+    over the window's steps that have it."""
+    return {
+        key: sum(p[key] for p in points if key in p) / sum(1 for p in points if key in p)
+        for key in points[-1]
+    }
