@@ -277,7 +277,7 @@ def _reward_trainer(
 ) -> Any:
     from trl import RewardConfig, RewardTrainer
 
-    from trainer_core.methods.reward_model import load_reward_base
+    from trainer_core.reward_models import load_reward_base
 
     hp = spec.hyperparameters
     args = RewardConfig(

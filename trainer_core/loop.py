@@ -162,8 +162,8 @@ class Run(Generic[S]):
     per_epoch: int  # optimizer steps in an epoch
     start: TrainerState | None  # where a resumed run picked up; None for a fresh one
     summarise: Callable[[Sequence[S]], dict[str, float]]
-    # Of ``summarise``'s values of the last step, those a checkpoint's metrics keep.
-    checkpoint_keys: tuple[str, ...] = ("train_loss",)
+    # A checkpoint's training metrics, of the last step's stats (default: its train_loss).
+    checkpoint_metrics: Callable[[S], dict[str, float]] | None = None
     validate: Callable[[], dict[str, float]] | None = None
     step: int = 0  # optimizer steps taken
     num_tokens: int = 0  # counted (loss) tokens so far
@@ -298,11 +298,13 @@ class Run(Generic[S]):
 
     def checkpoint(self, epoch: int, steps_in_epoch: int, *, final: bool) -> None:
         """Save a checkpoint of the current step (every rank calls it under ZeRO), with the
-        last step's ``checkpoint_keys`` and the validation metrics."""
+        last step's ``checkpoint_metrics`` and the validation metrics."""
         metrics = {"step": float(self.step)}
         if self.last_stats is not None:
-            values = self.summarise([self.last_stats])
-            metrics |= {key: values[key] for key in self.checkpoint_keys if key in values}
+            if self.checkpoint_metrics is not None:
+                metrics |= self.checkpoint_metrics(self.last_stats)
+            else:
+                metrics["train_loss"] = self.summarise([self.last_stats])["train_loss"]
         if self.validate is not None:
             metrics |= self.validate()
         state = TrainerState(
@@ -348,7 +350,7 @@ def start_run(
     *,
     per_epoch: int,
     summarise: Callable[[Sequence[S]], dict[str, float]],
-    checkpoint_keys: tuple[str, ...] = ("train_loss",),
+    checkpoint_metrics: Callable[[S], dict[str, float]] | None = None,
     validate: Callable[[], dict[str, float]] | None = None,
 ) -> Run[S]:
     """AdamW and the schedule over ``model``'s trainable parameters, the run put back where
@@ -384,7 +386,7 @@ def start_run(
         per_epoch=per_epoch,
         start=start,
         summarise=summarise,
-        checkpoint_keys=checkpoint_keys,
+        checkpoint_metrics=checkpoint_metrics,
         validate=validate,
         step=start.step if start else 0,
         num_tokens=start.num_tokens if start else 0,

@@ -19,8 +19,8 @@ from transformers import AutoModelForCausalLM
 import trainer_core
 from trainer_core.generation import generate
 from trainer_core.methods import ppo
-from trainer_core.methods.reward_model import RewardModel
 from trainer_core.models import load_model_and_tokenizer
+from trainer_core.reward_models import RewardModel
 from trainer_core.seams import FolderCheckpointStore, ListSink, RunResult
 from trainer_core.specs import (
     AdapterSpec,

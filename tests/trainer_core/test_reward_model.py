@@ -16,9 +16,10 @@ from transformers import AutoModelForSequenceClassification
 
 import trainer_core
 from tests.trainer_core.hyperparameters import COMMON
+from trainer_core import loop
 from trainer_core.methods import reward_model
-from trainer_core.methods.reward_model import RewardModel, load_reward_base, score
 from trainer_core.preference_data import collate_pairs, load_preference
+from trainer_core.reward_models import RewardModel, load_reward_base, score
 from trainer_core.seams import FolderCheckpointStore, ListSink, RunResult
 from trainer_core.specs import AdapterSpec, RewardModelHyperparameters, TrainSpec
 from trainer_core.tiny_models import _SUBJECTS
@@ -107,13 +108,13 @@ def test_lora_reward_model_learns_the_rule_and_reloads_exactly(
     monkeypatch: Any,
 ) -> None:
     trained: dict[str, Any] = {}
-    real_save = reward_model.save_checkpoint
+    real_save = loop.save_checkpoint
 
     def keep_model(store: Any, **kwargs: Any) -> None:
         trained["model"] = kwargs["model"]  # the in-memory model, for comparison below
         real_save(store, **kwargs)
 
-    monkeypatch.setattr(reward_model, "save_checkpoint", keep_model)
+    monkeypatch.setattr(loop, "save_checkpoint", keep_model)
     train, valid = pair_files
     # 36 pairs in batches of 8: 5 steps an epoch, 3 epochs, a checkpoint every 5 steps.
     spec = make_spec(

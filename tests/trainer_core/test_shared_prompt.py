@@ -13,6 +13,7 @@ from trainer_core.methods import reward_model
 from trainer_core.models import load_model, load_tokenizer
 from trainer_core.preference_data import PreferenceExample, collate_pairs
 from trainer_core.reference import forward_logps
+from trainer_core.reward_models import load_reward_base
 
 
 def pairs(pad: int) -> list[PreferenceExample]:
@@ -86,7 +87,7 @@ def test_reward_scores_equal_the_classifier_on_two_rows(tiny_model: Path) -> Non
     classifier pools from two padded rows, including a chosen answer ending in the pad id."""
     tokenizer = load_tokenizer(str(tiny_model))
     torch.manual_seed(0)
-    model = reward_model.load_reward_base(str(tiny_model), pad_token_id=tokenizer.pad_token_id)
+    model = load_reward_base(str(tiny_model), pad_token_id=tokenizer.pad_token_id)
     model.eval()
     assert reward_model.uses_shared_prompt(model)
     batch = collate_pairs(pairs(tokenizer.pad_token_id), tokenizer.pad_token_id)

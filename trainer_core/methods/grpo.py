@@ -49,7 +49,7 @@ from trainer_core.adapters import apply_adapter
 from trainer_core.batching import epoch_steps
 from trainer_core.checkpoint import TrainerState, already_done, resume, save_checkpoint
 from trainer_core.generation import Rollout, generate, rollout_logps
-from trainer_core.methods.reward_model import RewardModel, Scorable
+from trainer_core.reward_models import RewardModel, Scorable
 from trainer_core.loop import seed_everything
 from trainer_core.models import load_model_and_tokenizer
 from trainer_core.optim import build_optimizer, build_scheduler

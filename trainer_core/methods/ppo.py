@@ -57,7 +57,7 @@ from trainer_core.methods.grpo import (
     scored_sequence,
     window_metrics,
 )
-from trainer_core.methods.reward_model import RewardModel
+from trainer_core.reward_models import RewardModel
 from trainer_core.loop import seed_everything
 from trainer_core.models import load_model_and_tokenizer
 from trainer_core.optim import build_optimizer, build_scheduler

@@ -92,7 +92,7 @@ def train(
         tokenizer,
         per_epoch=steps_per_epoch(len(rows), hp.batch_size, hp.gradient_accumulation_steps),
         summarise=lambda window: sft_metrics(add_stats(window), "train_"),
-        checkpoint_keys=("train_loss", "train_mean_token_accuracy"),
+        checkpoint_metrics=lambda stats: sft_metrics(stats, "train_"),
         validate=validate if valid_data is not None else None,
     )
 
