@@ -1,12 +1,13 @@
-"""The reference policy π_ref of DPO-style methods: its log-probs of a pair batch.
+"""The reference policy π_ref: a model to score with (every method that has one), and the
+log-probs of a pair batch (the DPO family).
 
 Three ways to have one, all scoring in eval mode (no dropout) and without grad:
 
 - Under LoRA the reference is the base model, i.e. the policy with its adapter switched off
-  (peft's ``disable_adapter()``), as TRL does: ``LiveReference(model, disable_adapter=True)``.
+  (peft's ``disable_adapter()``), as TRL does: ``ReferenceModel(model, disable_adapter=True)``.
   No second copy in memory.
 - Under full fine-tuning, a deep copy of the model taken before training, frozen:
-  ``LiveReference(frozen_copy(model), ...)``. Costs one more model in memory.
+  ``ReferenceModel(frozen_copy(model), ...)``. Costs one more model in memory.
 - ``Precomputed``: one pass over the examples before training, keeping two numbers per pair
   (TRL's ``precompute_ref_log_probs``). Before the first step the policy is the reference, so
   under full fine-tuning that pass needs no copy at all, and a step needs no reference
@@ -29,6 +30,7 @@ from torch import nn
 from trainer_core import shared_prompt
 from trainer_core.batching import fixed_batches
 from trainer_core.logprobs import completion_token_logps
+from trainer_core.loop import evaluating
 from trainer_core.placement import Placement
 from trainer_core.preference_data import PairBatch, PreferenceExample, collate_pairs
 from trainer_core.preference_losses import completion_logps
@@ -57,11 +59,11 @@ class Reference(Protocol):
         ...
 
 
-class LiveReference:
-    """Scores pairs with ``model`` itself, in eval mode and without grad.
-
-    ``disable_adapter``: score with the PEFT adapter switched off, i.e. the base model under a
-    LoRA policy (the policy object itself, so the reference costs no memory).
+class ReferenceModel:
+    """π_ref as a model to score with: ``model`` itself with its PEFT adapter switched off
+    (``disable_adapter``: the base under a LoRA policy, no second copy in memory), or a frozen
+    model (a copy taken before training, or a loaded base). Every method with a reference
+    scores through ``scoring``: in eval mode and without grad.
     """
 
     def __init__(self, model: nn.Module, *, disable_adapter: bool) -> None:
@@ -70,15 +72,31 @@ class LiveReference:
         self.model = model
         self.disable_adapter = disable_adapter
 
-    @torch.no_grad()
-    def logps(self, batch: PairBatch, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    @classmethod
+    def of(cls, model: nn.Module, adapter_type: str, *, keep: bool = True) -> ReferenceModel:
+        """The reference of a policy about to be trained: its base under LoRA, else (full
+        fine-tuning) a frozen copy. ``keep=False`` is for a pass before the first step, when
+        the policy still is the reference: the model itself then serves, and nothing is
+        copied."""
+        if adapter_type == "lora":
+            return cls(model, disable_adapter=True)
+        return cls(frozen_copy(model) if keep else model, disable_adapter=False)
+
+    @contextmanager
+    def scoring(self) -> Iterator[nn.Module]:
+        """The reference model to call, for the duration: eval mode, no grad, adapter off."""
         adapter_off = (
             self.model.disable_adapter()  # type: ignore[operator]
             if self.disable_adapter
             else nullcontext()
         )
-        with _eval_mode(self.model), adapter_off:
-            _, logps = forward_logps(self.model, batch)  # (2B,)
+        with evaluating(self.model), adapter_off:
+            yield self.model
+
+    def logps(self, batch: PairBatch, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``Reference.logps`` of a pair batch."""
+        with self.scoring() as model:
+            _, logps = forward_logps(model, batch)  # (2B,)
         chosen, rejected = logps.chunk(2)
         return chosen, rejected
 
@@ -101,15 +119,6 @@ class Precomputed:
     def logps(self, batch: PairBatch, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.tensor(list(indices), dtype=torch.long, device=self.chosen_logps.device)
         return self.chosen_logps[index], self.rejected_logps[index]
-
-
-def live_reference(model: nn.Module, adapter_type: str, *, keep: bool = True) -> Reference:
-    """The reference of a policy about to be trained: its base under LoRA, else (full
-    fine-tuning) a frozen copy. ``keep=False`` is for a pass before the first step, when the
-    policy still is the reference: the model itself then serves, and nothing is copied."""
-    if adapter_type == "lora":
-        return LiveReference(model, disable_adapter=True)
-    return LiveReference(frozen_copy(model) if keep else model, disable_adapter=False)
 
 
 def precompute(
@@ -140,13 +149,3 @@ def disable_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import trainer_core
+from trainer_core import loop
 from trainer_core.methods import dpo
 from trainer_core.seams import FolderCheckpointStore, ListSink, RunResult
 from trainer_core.specs import AdapterSpec, DpoHyperparameters, TrainSpec
@@ -227,13 +228,13 @@ def test_lora_moves_the_adapter_only(
     make_dpo_spec: Any, tiny_model: Path, tmp_path: Path, monkeypatch: Any
 ) -> None:
     trained: dict[str, Any] = {}
-    real_save = dpo.save_checkpoint
+    real_save = loop.save_checkpoint
 
     def keep_model(store: Any, **kwargs: Any) -> None:
         trained["model"] = kwargs["model"]
         real_save(store, **kwargs)
 
-    monkeypatch.setattr(dpo, "save_checkpoint", keep_model)
+    monkeypatch.setattr(loop, "save_checkpoint", keep_model)
     # LoRA dropout is asked for but switched off (TRL's disable_dropout): the run is the
     # same as one without dropout, step for step.
     spec = make_dpo_spec(
