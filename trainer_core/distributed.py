@@ -215,9 +215,12 @@ def optimizer_step(
 
 def all_reduce_sum(d: Distributed, stats: T) -> T:
     """A dataclass of totals, added up over the ranks: sums, but the min of ``*_min`` fields
-    and the max of ``*_max`` fields (the convention of ``preference_losses.add_stats``)."""
+    and the max of ``*_max`` fields (the convention of ``preference_losses.add_stats``). A
+    tuple of such dataclasses is added up member by member."""
     if d.world_size == 1:
         return stats
+    if isinstance(stats, tuple):
+        return tuple(all_reduce_sum(d, member) for member in stats)  # type: ignore[return-value]
     import torch.distributed as dist
 
     fields = dataclasses.fields(stats)  # type: ignore[arg-type]
@@ -251,7 +254,9 @@ def all_reduce_sum(d: Distributed, stats: T) -> T:
 
 def nothing(stats: T) -> T:
     """Stats that add nothing (those of a stand-in row ``share`` gave a rank with no rows):
-    zero sums, +inf for ``*_min`` and -inf for ``*_max``."""
+    zero sums, +inf for ``*_min`` and -inf for ``*_max``; a tuple of them, member by member."""
+    if isinstance(stats, tuple):
+        return tuple(nothing(member) for member in stats)  # type: ignore[return-value]
     totals = {}
     for f in dataclasses.fields(stats):  # type: ignore[arg-type]
         old = getattr(stats, f.name)
@@ -278,6 +283,24 @@ def shard_frozen(d: Distributed, model: nn.Module) -> nn.Module:
     engine, *_ = deepspeed.initialize(model=model, config=config)
     module: nn.Module = engine.module
     return module.eval()
+
+
+def mean_over_ranks(d: Distributed, values: torch.Tensor, *, weight: float = 1.0) -> torch.Tensor:
+    """The mean of ``values`` (this rank's rows of a micro-batch) over every rank's rows: what
+    one process would compute over the whole micro-batch (KTO's baseline z). A collective in
+    several processes; the stand-in row of a rank with no rows (``weight`` 0) counts for
+    nothing. Detached across ranks (it is a baseline, not a path for gradients)."""
+    if d.world_size == 1:
+        return values.mean()
+    import torch.distributed as dist
+
+    totals = torch.tensor(
+        [float(values.detach().sum()) * weight, values.numel() * weight],
+        dtype=torch.float64,
+        device=d.comm_device,
+    )
+    dist.all_reduce(totals)
+    return (totals[0] / totals[1]).to(dtype=values.dtype, device=values.device)
 
 
 def sum_int(d: Distributed, value: int) -> int:

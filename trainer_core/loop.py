@@ -34,17 +34,19 @@ its own order.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from torch import nn
 
 from trainer_core import distributed
-from trainer_core.batching import Step, epoch_steps, fixed_batches
+from trainer_core.adapters import apply_adapter
+from trainer_core.batching import Step, epoch_steps, fixed_batches, steps_per_epoch
 from trainer_core.checkpoint import (
     TrainerState,
     already_done,
@@ -60,10 +62,11 @@ from trainer_core.reporting import TruncationCounts, report_truncation
 from trainer_core.seams import CheckpointStore, MetricSink, RunResult, ShouldStop
 from trainer_core.specs import TrainSpec
 
-D = TypeVar("D", bound=TruncationCounts)
+D = TypeVar("D", bound="Dataset")
 B = TypeVar("B")
 E = TypeVar("E")
 S = TypeVar("S")
+H = TypeVar("H")
 
 
 def seed_everything(seed: int, num_threads: int | None) -> None:
@@ -85,6 +88,110 @@ def setup(spec: TrainSpec) -> Distributed:
     return distributed.setup(spec.resources)
 
 
+@dataclass(frozen=True)
+class Job:
+    """What a method is handed (the spec, where it reports and saves, whether to stop) and
+    this rank's place in the job: the record the set-up functions below take."""
+
+    spec: TrainSpec
+    sink: MetricSink
+    store: CheckpointStore
+    should_stop: ShouldStop
+    dist: Distributed
+
+    @property
+    def where(self) -> Placement:
+        return self.dist.placement
+
+    def load_base(self) -> tuple[nn.Module, Any]:
+        return load_base(self.spec)
+
+    def load_splits(
+        self, load: Callable[..., D], tokenizer: Any, **options: Any
+    ) -> tuple[D, D | None]:
+        return load_splits(self.spec, self.sink, load, tokenizer, **options)
+
+    def policy(self, base: nn.Module, **options: Any) -> nn.Module:
+        return policy(self.spec, self.dist, base, **options)
+
+    def validation(
+        self, valid_data: Dataset | None, metrics_of: Callable[..., dict[str, float]]
+    ) -> Callable[[], dict[str, float]] | None:
+        """The run's validation pass for its checkpoints, ``metrics_of(examples, where=...)``
+        of the validation examples on this rank's device (None without a validation file)."""
+        if valid_data is None:
+            return None
+        examples = valid_data.examples
+        return lambda: metrics_of(examples, where=self.where)
+
+    def start(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        *,
+        rows: int,
+        gradient_accumulation_steps: int | None = None,
+        steps_per_item: int = 1,
+        **options: Any,
+    ) -> Run[Any]:
+        """``start_run`` over ``rows`` rows an epoch: ``batching.steps_per_epoch`` optimizer
+        steps of micro-batches of ``batch_size`` rows, ``gradient_accumulation_steps`` (the
+        hyperparameter by default) to a step; an online method's rollout of ``batch_size``
+        prompts is one micro-batch (``gradient_accumulation_steps=1``) and ``steps_per_item``
+        optimizer steps."""
+        hp = self.spec.hyperparameters
+        accumulation = gradient_accumulation_steps or hp.gradient_accumulation_steps
+        run: Run[Any] = start_run(
+            self.spec,
+            self.sink,
+            self.store,
+            self.should_stop,
+            self.dist,
+            model,
+            tokenizer,
+            per_epoch=steps_per_epoch(rows, hp.batch_size, accumulation) * steps_per_item,
+            **options,
+        )
+        run.rows, run.accumulation, run.steps_per_item = rows, accumulation, steps_per_item
+        return run
+
+
+def begin(
+    spec: TrainSpec, sink: MetricSink, store: CheckpointStore, should_stop: ShouldStop
+) -> Job:
+    """Seed the run and join its process group: first thing in a method (ZeRO-3 needs the
+    group before the model is built)."""
+    return Job(spec, sink, store, should_stop, setup(spec))
+
+
+def hyperparameters(spec: TrainSpec, kind: type[H]) -> H:
+    """``spec.hyperparameters``, which must be of the method's ``kind``."""
+    if not isinstance(spec.hyperparameters, kind):
+        raise TypeError(f"method {spec.method} needs {kind.__name__}")
+    return spec.hyperparameters
+
+
+Method = Callable[[TrainSpec, MetricSink, CheckpointStore, ShouldStop], RunResult]
+
+
+def method(kind: type[H]) -> Callable[[Callable[[Job, H], RunResult]], Method]:
+    """A method's ``train(job, hp)`` as the runner calls it, ``train(spec, sink, store,
+    should_stop)``: the hyperparameters checked to be the method's ``kind``, the run seeded
+    and its process group joined (``begin``) before the method builds anything."""
+
+    def wrap(train: Callable[[Job, H], RunResult]) -> Method:
+        @functools.wraps(train)
+        def run(
+            spec: TrainSpec, sink: MetricSink, store: CheckpointStore, should_stop: ShouldStop
+        ) -> RunResult:
+            hp = hyperparameters(spec, kind)
+            return train(begin(spec, sink, store, should_stop), hp)
+
+        return run
+
+    return wrap
+
+
 def load_base(spec: TrainSpec) -> tuple[nn.Module, Any]:
     """The base model (gradient checkpointing on when the job asks) and its tokenizer."""
     base, tokenizer = load_model_and_tokenizer(
@@ -94,27 +201,36 @@ def load_base(spec: TrainSpec) -> tuple[nn.Module, Any]:
     return base, tokenizer
 
 
+class Dataset(TruncationCounts, Protocol):
+    """What a method's data loader returns: the usable rows, and what loading cut."""
+
+    @property
+    def examples(self) -> Sequence[Any]: ...
+
+
 def load_splits(
     spec: TrainSpec,
     sink: MetricSink,
-    load: Callable[[str], D],
+    load: Callable[..., D],
+    tokenizer: Any,
     *,
-    rows: Callable[[D], Sequence[Any]],
     unit: str = "examples",
     minimum: int = 1,
     too_few: str | None = None,
+    **options: Any,
 ) -> tuple[D, D | None]:
-    """The training data and, when the job has one, the validation data, each loaded with
-    ``load`` and reported (rows cut or dropped at ``max_seq_len``).
+    """The training data and, when the job has one, the validation data, each read with
+    ``load(path, tokenizer, max_seq_len, **options)`` and reported (rows cut or dropped at
+    ``max_seq_len``).
 
-    A split with fewer than ``minimum`` usable ``rows`` is an error: "no training pair has a
+    A split with fewer than ``minimum`` usable examples is an error: "no training pair has a
     completion token within N", or ``too_few`` (formatted with ``split`` and ``max_seq_len``).
     """
 
     def checked(path: str, split: str) -> D:
-        data = load(path)
+        data = load(path, tokenizer, spec.max_seq_len, **options)
         report_truncation(sink, data, split, spec.max_seq_len, unit=unit)
-        if len(rows(data)) < minimum:
+        if len(data.examples) < minimum:
             message = too_few or "no {split} {row} has a completion token within {max_seq_len}"
             raise ValueError(
                 message.format(
@@ -130,11 +246,34 @@ def load_splits(
     return train_data, valid_data
 
 
+def policy(
+    spec: TrainSpec, dist: Distributed, base: nn.Module, *, dropout: bool = False, **adapter: Any
+) -> nn.Module:
+    """The model to train: ``base`` with the job's adapter (``adapters.apply_adapter``, with
+    ``adapter`` options such as a task type), on this rank's device, in training mode.
+
+    Every dropout is off unless ``dropout`` (TRL's ``disable_dropout=True`` of its preference
+    and online trainers: the policy then equals its reference at the first step)."""
+    model = dist.placement.model(apply_adapter(base, spec.adapter, **adapter))
+    if not dropout:
+        disable_dropout(model)
+    model.train()
+    return model
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout to 0, LoRA's too (TRL's ``disable_dropout=True`` default): dropout
+    would make the policy differ from the reference at Δ = 0 and add noise to the margin."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
 @dataclass(frozen=True)
 class Share:
     """This rank's part of one micro-batch of an optimizer step (``Run.shares``)."""
 
-    rows: list[int]  # the rows this rank computes (all of them in one process)
+    rows: list[Any]  # the rows this rank computes (all of them in one process)
     weight: float  # of its loss: 0 for the stand-in row of a rank with no rows of its own
     last: bool  # the step's last micro-batch (ZeRO-3 counts backward passes by it)
     whole: bool  # ``rows`` is the whole micro-batch: a batch built for it can be reused
@@ -173,6 +312,10 @@ class Run(Generic[S]):
     last_metrics: dict[str, float] = field(default_factory=dict)
     last_stats: S | None = None
     window: list[S] = field(default_factory=list)  # stats of the steps since the last point
+    # The plan of an epoch (``Job.start``): rows, micro-batches to a step, steps to an item.
+    rows: int = 0
+    accumulation: int | None = None
+    steps_per_item: int = 1
 
     @property
     def total_steps(self) -> int:
@@ -186,11 +329,11 @@ class Run(Generic[S]):
 
     def steps(
         self,
-        n_rows: int,
+        n_rows: int | None = None,
         *,
         lengths: Sequence[int] | None = None,
         gradient_accumulation_steps: int | None = None,
-        steps_per_item: int = 1,
+        steps_per_item: int | None = None,
     ) -> Iterator[Step]:
         """Each optimizer step's micro-batches (lists of row indices) of every epoch left.
 
@@ -205,7 +348,11 @@ class Run(Generic[S]):
         """
         hp = self.spec.hyperparameters
         every = self.spec.checkpoint_every
-        accumulation = gradient_accumulation_steps or hp.gradient_accumulation_steps
+        n_rows = n_rows if n_rows is not None else self.rows
+        steps_per_item = steps_per_item or self.steps_per_item
+        accumulation = (
+            gradient_accumulation_steps or self.accumulation or hp.gradient_accumulation_steps
+        )
         for epoch in range(self.start.epoch if self.start else 0, hp.n_epochs):
             plan = epoch_steps(
                 n_rows,
@@ -246,21 +393,63 @@ class Run(Generic[S]):
             shares.append(Share(rows, weight, last, whole=self.dist.world_size == 1))
         return shares
 
+    def train_step(
+        self,
+        micro_batches: Sequence[Sequence[Any]],
+        collate: Callable[[list[Any]], B],
+        loss: Callable[[B, Share], tuple[torch.Tensor, S]],
+        add: Callable[[Sequence[S]], S],
+        *,
+        wholes: Sequence[B] | None = None,
+    ) -> None:
+        """One optimizer step over ``micro_batches`` (lists of rows: indices, or whatever
+        ``collate`` turns into a batch), the step of every offline method:
+
+        for each micro-batch, this rank's share of it collated and on the device → ``loss`` of
+        it under autocast (the method's whole algorithm: ``(loss, stats)``, the loss already
+        normalised by the whole step) → backward; then clip → AdamW step → schedule → the
+        stats added up over the micro-batches (``add``) and the ranks → ``record``.
+
+        ``wholes``: the micro-batches already collated whole (a method that needs them for its
+        normaliser), reused in one process rather than collated again.
+        """
+        wholes = wholes or [collate(list(rows)) for rows in micro_batches]
+        micro_stats = []
+        for share, whole in zip(self.shares(micro_batches), wholes, strict=True):
+            batch = self.where.to(whole if share.whole else collate(share.rows))
+            with self.where.autocast():
+                value, stats = loss(batch, share)
+            self.backward(value * share.weight, last=share.last)
+            micro_stats.append(stats if share.weight else distributed.nothing(stats))
+            self.count_batch(whole)
+        grad_norm, learning_rate = self.optimizer_step()
+        step_stats = distributed.all_reduce_sum(self.dist, add(micro_stats))
+        self.record(step_stats, grad_norm=grad_norm, learning_rate=learning_rate)
+
     def backward(self, loss: torch.Tensor, *, last: bool) -> None:
         """Backward of one micro-batch's loss (scaled under fp16, through DeepSpeed under ZeRO)."""
         distributed.backward(self.dist, loss, last=last)
 
-    def optimizer_step(self) -> tuple[torch.Tensor, float]:
+    def optimizer_step(self, *, ends_step: bool = True) -> tuple[torch.Tensor, float]:
         """Clip, step AdamW and the schedule, clear the gradients: ``(grad_norm,
-        learning_rate)``, the rate the step used. Counts the step."""
+        learning_rate)``, the rate the step used. Counts the step.
+
+        ``ends_step=False``: an update that is not the last of its step, for a step made of
+        several (PPO's epochs on one rollout; TRL's PPOTrainer steps the schedule once per
+        rollout): the schedule holds, and the step is counted by the update that ends it.
+        """
+        if not ends_step and self.dist.engine is not None:
+            raise ValueError("under DeepSpeed every optimizer update steps the schedule")
+        scheduler = self.scheduler if ends_step else _HeldSchedule(self.scheduler)
         grad_norm, learning_rate = distributed.optimizer_step(
             self.dist,
             self.params,
             self.optimizer,
-            self.scheduler,
+            scheduler,  # type: ignore[arg-type]
             self.spec.hyperparameters.max_grad_norm,
         )
-        self.step += 1
+        if ends_step:
+            self.step += 1
         return grad_norm, learning_rate
 
     # -- what was trained, and the metrics ----------------------------------------------------
@@ -352,15 +541,26 @@ def start_run(
     summarise: Callable[[Sequence[S]], dict[str, float]],
     checkpoint_metrics: Callable[[S], dict[str, float]] | None = None,
     validate: Callable[[], dict[str, float]] | None = None,
+    trainable: nn.Module | None = None,
 ) -> Run[S]:
     """AdamW and the schedule over ``model``'s trainable parameters, the run put back where
     ``spec.resume_from`` left it (weights, optimizer, schedule, RNG, position), and the
     DeepSpeed engine under ZeRO. Call it last in the set-up, once the model (and anything
     copied from it, such as a frozen reference) is built: nothing may draw from the restored
-    RNG before the first step does."""
+    RNG before the first step does.
+
+    ``trainable``: what the optimizer trains when that is more than ``model`` (PPO's policy
+    and its value head, in one ``nn.ModuleList``). Checkpoints and resuming still save and
+    load ``model`` (a module beside it keeps itself in the checkpoint through the ``store``),
+    and DeepSpeed is not given it: one process only."""
     hp = spec.hyperparameters
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(model, learning_rate=hp.learning_rate, weight_decay=hp.weight_decay)
+    if trainable is not None and dist.zero_stage != 0:
+        raise ValueError("modules trained beside the model are not handed to DeepSpeed")
+    trained = trainable if trainable is not None else model
+    params = [p for p in trained.parameters() if p.requires_grad]
+    optimizer = build_optimizer(
+        trained, learning_rate=hp.learning_rate, weight_decay=hp.weight_decay
+    )
     total_steps = per_epoch * hp.n_epochs
     scheduler = build_scheduler(
         optimizer, kind=hp.lr_scheduler, total_steps=total_steps, warmup_ratio=hp.warmup_ratio
@@ -395,6 +595,20 @@ def start_run(
     )
 
 
+class _HeldSchedule:
+    """A schedule that does not advance: ``optimizer_step``'s for an update that does not end
+    its step (it reads the rate of the schedule it holds)."""
+
+    def __init__(self, scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+        self.scheduler = scheduler
+
+    def get_last_lr(self) -> list[float | torch.Tensor]:
+        return self.scheduler.get_last_lr()
+
+    def step(self) -> None:
+        pass
+
+
 @contextmanager
 def evaluating(model: nn.Module) -> Iterator[None]:
     """``model`` in eval mode (no dropout) and no grad for the duration, then as it was."""
@@ -417,6 +631,26 @@ def validation_batches(
     ``where``'s device."""
     for indices in fixed_batches(len(examples), batch_size):
         yield indices, where.to(collate([examples[i] for i in indices]))
+
+
+def evaluate(
+    model: nn.Module,
+    examples: Sequence[E],
+    batch_size: int,
+    collate: Callable[[list[E]], B],
+    stats_of: Callable[[list[int], B], S],
+    where: Placement | None = None,
+) -> list[S]:
+    """A validation pass: ``stats_of(indices, batch)`` of every ``batch_size`` examples in
+    file order, in eval mode without grad, on ``where``'s device and under its autocast (the
+    CPU in fp32 by default)."""
+    where = where or Placement()
+    totals = []
+    with evaluating(model):
+        for indices, batch in validation_batches(examples, batch_size, collate, where):
+            with where.autocast():
+                totals.append(stats_of(indices, batch))
+    return totals
 
 
 def mean_of_points(points: Sequence[dict[str, float]]) -> dict[str, float]:

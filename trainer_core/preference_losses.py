@@ -169,6 +169,16 @@ class KtoStats:
         return values
 
 
+def validation_pair_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """A pair method's validation metrics (loss, reward accuracy and margin) from the
+    training-style metrics of its validation pass."""
+    return {
+        "valid_loss": metrics["train_loss"],
+        "valid_rewards/accuracies": metrics["rewards/accuracies"],
+        "valid_rewards/margins": metrics["rewards/margins"],
+    }
+
+
 def kto_loss(
     policy_logps: torch.Tensor,
     ref_logps: torch.Tensor,

@@ -30,7 +30,7 @@ from torch import nn
 from trainer_core import shared_prompt
 from trainer_core.batching import fixed_batches
 from trainer_core.logprobs import completion_token_logps
-from trainer_core.loop import evaluating
+from trainer_core.loop import disable_dropout, evaluating  # noqa: F401  (disable_dropout: old import path)
 from trainer_core.placement import Placement
 from trainer_core.preference_data import PairBatch, PreferenceExample, collate_pairs
 from trainer_core.preference_losses import completion_logps
@@ -141,11 +141,3 @@ def precompute(
         chosen.append(ref_chosen_logps)
         rejected.append(ref_rejected_logps)
     return Precomputed(torch.cat(chosen), torch.cat(rejected))
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """Set every dropout to 0, LoRA's too (TRL's ``disable_dropout=True`` default): dropout
-    would make the policy differ from the reference at Δ = 0 and add noise to the margin."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0

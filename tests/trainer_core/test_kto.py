@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import trainer_core
 from tests.trainer_core.hyperparameters import COMMON
-from trainer_core.methods import kto
+from trainer_core import loop
 from trainer_core.methods.kto import collate_with_mismatched
 from trainer_core.preference_data import UnpairedExample
 from trainer_core.seams import FolderCheckpointStore, ListSink, RunResult
@@ -95,13 +95,13 @@ def test_lora_kto_learns_the_rule_and_keeps_the_base(
     tiny_model: Path, pair_files: tuple[Path, Path], tmp_path: Path, monkeypatch: Any
 ) -> None:
     trained: dict[str, Any] = {}
-    real_save = kto.save_checkpoint
+    real_save = loop.save_checkpoint
 
     def keep_model(store: Any, **kwargs: Any) -> None:
         trained["model"] = kwargs["model"]
         real_save(store, **kwargs)
 
-    monkeypatch.setattr(kto, "save_checkpoint", keep_model)
+    monkeypatch.setattr(loop, "save_checkpoint", keep_model)
     train, valid = pair_files
     # 72 rows in batches of 8: 9 steps an epoch, 2 epochs.
     spec = make_spec(

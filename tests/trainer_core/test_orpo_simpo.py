@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import trainer_core
 from tests.trainer_core.hyperparameters import COMMON
+from trainer_core import loop
 from trainer_core.logprobs import next_token_logps
 from trainer_core.methods import orpo, simpo
 from trainer_core.models import load_model
@@ -107,15 +108,14 @@ def test_lora_learns_the_rule_and_keeps_the_base(
     tmp_path: Path,
     monkeypatch: Any,
 ) -> None:
-    module = MODULES[method]
     trained: dict[str, Any] = {}
-    real_save = module.save_checkpoint
+    real_save = loop.save_checkpoint
 
     def keep_model(store: Any, **kwargs: Any) -> None:
         trained["model"] = kwargs["model"]
         real_save(store, **kwargs)
 
-    monkeypatch.setattr(module, "save_checkpoint", keep_model)
+    monkeypatch.setattr(loop, "save_checkpoint", keep_model)
     train, valid = pair_files
     # 36 pairs in batches of 8: 5 steps an epoch, 2 epochs.
     spec = make_spec(

@@ -28,6 +28,7 @@ forward and the loss run under its autocast).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,136 +36,105 @@ from peft import PeftModel
 from torch import nn
 
 from trainer_core import distributed, loop, shared_prompt
-from trainer_core.adapters import apply_adapter, load_trained
-from trainer_core.batching import steps_per_epoch
+from trainer_core.adapters import load_trained
 from trainer_core.dpo_losses import DpoStats, add_dpo_stats, combined_dpo_loss
 from trainer_core.models import load_model, load_tokenizer
 from trainer_core.placement import Placement
 from trainer_core.preference_data import (
     PairBatch,
-    PreferenceData,
     PreferenceExample,
     collate_pairs,
     load_preference,
     pair_lengths,
 )
+from trainer_core.preference_losses import validation_pair_metrics
 from trainer_core.reference import (
     Reference,
     ReferenceModel,
-    disable_dropout,
     forward_logps,
     precompute,
 )
-from trainer_core.seams import CheckpointStore, MetricSink, RunResult, ShouldStop
-from trainer_core.specs import DpoHyperparameters, TrainSpec
+from trainer_core.seams import RunResult
+from trainer_core.specs import DpoHyperparameters
 
 
-def train(
-    spec: TrainSpec, sink: MetricSink, store: CheckpointStore, should_stop: ShouldStop
-) -> RunResult:
-    hp = spec.hyperparameters
-    if not isinstance(hp, DpoHyperparameters):
-        raise TypeError("the dpo method needs DpoHyperparameters")
-    d = loop.setup(spec)
-    where = d.placement
-
-    # -- model and data ------------------------------------------------------------------
-    base, tokenizer = loop.load_base(spec)
-
-    def load(path: str) -> PreferenceData:
-        return load_preference(path, tokenizer, spec.max_seq_len)
-
-    train_data, valid_data = loop.load_splits(
-        spec, sink, load, rows=lambda data: data.examples, unit="pairs"
-    )
+@loop.method(DpoHyperparameters)
+def train(job: loop.Job, hp: DpoHyperparameters) -> RunResult:
+    base, tokenizer = job.load_base()
+    train_data, valid_data = job.load_splits(load_preference, tokenizer, unit="pairs")
     examples = train_data.examples
     pad_token_id = tokenizer.pad_token_id
-
     # On the device before the reference is taken: a frozen copy lands there too.
-    model = where.model(apply_adapter(base, spec.adapter))
-    disable_dropout(model)
-    model.train()
+    model = job.policy(base)
 
     # -- the reference: live (adapter off / frozen copy) or precomputed once, now ---------
     train_ref: Reference
-    valid_ref: Reference | None
+    valid_ref: Reference
     if hp.precompute_ref_log_probs:
         # Before the first step the policy is the reference: no copy is needed.
-        now = ReferenceModel.of(model, spec.adapter.type, keep=False)
-        train_ref = precompute(
-            now, examples, batch_size=hp.batch_size, pad_token_id=pad_token_id, where=where
+        now = ReferenceModel.of(model, job.spec.adapter.type, keep=False)
+        precomputed = partial(
+            precompute, now, batch_size=hp.batch_size, pad_token_id=pad_token_id, where=job.where
         )
-        valid_ref = None
+        train_ref = valid_ref = precomputed(examples)
         if valid_data is not None:
-            valid_ref = precompute(
-                now,
-                valid_data.examples,
-                batch_size=hp.batch_size,
-                pad_token_id=pad_token_id,
-                where=where,
-            )
+            valid_ref = precomputed(valid_data.examples)
     else:
-        live = ReferenceModel.of(model, spec.adapter.type)
+        live = ReferenceModel.of(model, job.spec.adapter.type)
         if not live.disable_adapter:
             # Full fine-tuning's frozen copy: sharded like the policy under ZeRO-3.
-            live.model = distributed.shard_frozen(d, live.model)
+            live.model = distributed.shard_frozen(job.dist, live.model)
         train_ref = valid_ref = live
 
-    def validate() -> dict[str, float]:
-        assert valid_data is not None and valid_ref is not None
-        return validation_metrics(
-            model, valid_ref, valid_data.examples, hp, pad_token_id=pad_token_id, where=where
-        )
-
-    run: loop.Run[DpoStats] = loop.start_run(
-        spec,
-        sink,
-        store,
-        should_stop,
-        d,
+    run: loop.Run[DpoStats] = job.start(
         model,
         tokenizer,
-        per_epoch=steps_per_epoch(len(examples), hp.batch_size, hp.gradient_accumulation_steps),
+        rows=len(examples),
         # Pair-weighted over a logging window's steps.
         summarise=lambda window: dpo_metrics(add_dpo_stats(window)),
         checkpoint_metrics=lambda stats: {"train_loss": stats.loss},
-        validate=validate if valid_data is not None and valid_ref is not None else None,
+        validate=job.validation(
+            valid_data,
+            partial(
+                validation_metrics, model, reference=valid_ref, hp=hp, pad_token_id=pad_token_id
+            ),
+        ),
     )
 
-    # -- one optimizer step over its micro-batches, each on this rank's share ---------------
+    def collate(indices: list[int]) -> PairBatch:
+        return collate_pairs([examples[i] for i in indices], pad_token_id)
+
+    # -- one optimizer step: policy logps → reference logps → the loss of the step's pairs --
     shared = shared_prompt.supported(model)  # pairs run as one row each (shared_prompt.py)
-    for micro_batches in run.steps(len(examples), lengths=pair_lengths(examples, one_row=shared)):
-        batches = [
-            collate_pairs([examples[i] for i in indices], pad_token_id) for indices in micro_batches
-        ]
+    for micro_batches in run.steps(lengths=pair_lengths(examples, one_row=shared)):
+        batches = [collate(indices) for indices in micro_batches]
         # The loss is a mean over the pairs (and, for "sft", the chosen tokens) of the
         # whole step, so accumulating micro-batches gives the gradient of one big batch,
         # and the ranks' shares of it add up to the whole (see distributed).
         num_pairs = sum(len(indices) for indices in micro_batches)
         num_chosen_tokens = sum(int(chosen_mask(batch).sum()) for batch in batches)
-        micro_stats = []
-        for share, whole in zip(run.shares(micro_batches), batches, strict=True):
-            batch = where.to(
-                whole
-                if share.whole
-                else collate_pairs([examples[i] for i in share.rows], pad_token_id)
-            )
-            with where.autocast():
-                loss, stats = pair_loss(
-                    model, train_ref, batch, share.rows, hp, num_pairs, num_chosen_tokens
-                )
-            run.backward(loss * share.weight, last=share.last)
-            micro_stats.append(stats if share.weight else distributed.nothing(stats))
-            run.count_batch(whole)
-        grad_norm, learning_rate = run.optimizer_step()
-        step_stats = distributed.all_reduce_sum(d, add_dpo_stats(micro_stats))
-        run.record(step_stats, grad_norm=grad_norm, learning_rate=learning_rate)
+        loss = partial(step_loss, model, train_ref, hp, num_pairs, num_chosen_tokens)
+        run.train_step(micro_batches, collate, loss, add_dpo_stats, wholes=batches)
 
     return run.result()
 
 
 def dpo_metrics(stats: DpoStats) -> dict[str, float]:
     return {"train_loss": stats.loss, **stats.means()}
+
+
+def step_loss(
+    model: nn.Module,
+    reference: Reference,
+    hp: DpoHyperparameters,
+    num_pairs: int,
+    num_chosen_tokens: int,
+    batch: PairBatch,
+    share: loop.Share,
+) -> tuple[torch.Tensor, DpoStats]:
+    """A rank's share of a micro-batch (``share.rows``: its pairs' indices, which a
+    precomputed reference looks its log-probs up by)."""
+    return pair_loss(model, reference, batch, share.rows, hp, num_pairs, num_chosen_tokens)
 
 
 def pair_loss(
@@ -204,32 +174,25 @@ def chosen_mask(batch: PairBatch) -> torch.Tensor:
 
 def validation_metrics(
     model: nn.Module,
-    reference: Reference,
     examples: Sequence[PreferenceExample],
-    hp: DpoHyperparameters,
     *,
+    reference: Reference,
+    hp: DpoHyperparameters,
     pad_token_id: int,
     where: Placement | None = None,
 ) -> dict[str, float]:
     """The loss and reward accuracy/margin over all ``examples``, in eval mode (no dropout),
     on ``where``'s device and in its precision (the CPU in fp32 by default)."""
-    where = where or Placement()
-    totals = []
-    with loop.evaluating(model):
-        for indices, batch in loop.validation_batches(
-            examples, hp.batch_size, lambda pairs: collate_pairs(pairs, pad_token_id), where
-        ):
-            # Normalisers of 1 give sums; DpoStats.loss divides by the totals at the end.
-            with where.autocast():
-                _, stats = pair_loss(model, reference, batch, indices, hp, 1, 1)
-            totals.append(stats)
-    total = add_dpo_stats(totals)
-    means = total.means()
-    return {
-        "valid_loss": total.loss,
-        "valid_rewards/accuracies": means["rewards/accuracies"],
-        "valid_rewards/margins": means["rewards/margins"],
-    }
+    totals = loop.evaluate(
+        model,
+        examples,
+        hp.batch_size,
+        partial(collate_pairs, pad_token_id=pad_token_id),
+        # Normalisers of 1 give sums; DpoStats.loss divides by the totals at the end.
+        lambda indices, batch: pair_loss(model, reference, batch, indices, hp, 1, 1)[1],
+        where,
+    )
+    return validation_pair_metrics(dpo_metrics(add_dpo_stats(totals)))
 
 
 def evaluate(
@@ -262,5 +225,9 @@ def evaluate(
         reference = ReferenceModel(base.eval(), disable_adapter=False)
     data = load_preference(Path(data_file), tokenizer, max_seq_len)
     return validation_metrics(
-        model, reference, data.examples, hyperparameters, pad_token_id=tokenizer.pad_token_id
+        model,
+        data.examples,
+        reference=reference,
+        hp=hyperparameters,
+        pad_token_id=tokenizer.pad_token_id,
     )

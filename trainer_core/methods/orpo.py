@@ -16,25 +16,22 @@ the pairs and NLL tokens of the whole step → backward → clip → AdamW step 
 metrics → checkpoint.
 
 Dropout is switched off, LoRA's included (TRL's ``disable_dropout=True``). Deliberately left
-out (for now): encoder-decoder models and resuming from ``state/``. The device, mixed precision
-and gradient checkpointing: ``placement``.
+out (for now): encoder-decoder models. The device, mixed precision and gradient checkpointing:
+``placement``; several processes and ZeRO: ``distributed`` (each rank computes its share of
+every micro-batch against the whole step's normalisers).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch import nn
 
-from trainer_core.adapters import apply_adapter
-from trainer_core.batching import epoch_steps, fixed_batches, steps_per_epoch
-from trainer_core.checkpoint import TrainerState, already_done, resume, save_checkpoint
+from trainer_core import loop
 from trainer_core.logprobs import next_token_logps
-from trainer_core.loop import seed_everything
-from trainer_core.models import load_model_and_tokenizer
-from trainer_core.optim import build_optimizer, build_scheduler, optimizer_step
-from trainer_core.placement import Placement, backward, enable_gradient_checkpointing, place
+from trainer_core.placement import Placement
 from trainer_core.preference_data import (
     PairBatch,
     PreferenceExample,
@@ -47,165 +44,72 @@ from trainer_core.preference_losses import (
     add_stats,
     completion_logps,
     orpo_loss,
+    validation_pair_metrics,
 )
-from trainer_core.reference import disable_dropout
-from trainer_core.reporting import report_truncation
-from trainer_core.seams import CheckpointStore, MetricSink, RunResult, ShouldStop
-from trainer_core.specs import OrpoHyperparameters, TrainSpec
+from trainer_core.seams import RunResult
+from trainer_core.specs import OrpoHyperparameters
+
+OrpoStep = tuple[PairStats, OrpoStats]
 
 
-def train(
-    spec: TrainSpec, sink: MetricSink, store: CheckpointStore, should_stop: ShouldStop
-) -> RunResult:
-    hp = spec.hyperparameters
-    assert isinstance(hp, OrpoHyperparameters)
-    seed_everything(spec.seed, spec.num_threads)
-    where = place(spec.resources)  # device and precision (see placement)
-    scaler = where.grad_scaler()
+@loop.method(OrpoHyperparameters)
+def train(job: loop.Job, hp: OrpoHyperparameters) -> RunResult:
+    base, tokenizer = job.load_base()
+    train_data, valid_data = job.load_splits(load_preference, tokenizer, unit="pairs")
+    examples = train_data.examples
+    model = job.policy(base)
 
-    # -- model and data ------------------------------------------------------------------
-    base, tokenizer = load_model_and_tokenizer(
-        spec.model, allow_hub=spec.allow_hub, trust_remote_code=spec.trust_remote_code
+    def collate(indices: list[int]) -> PairBatch:
+        return collate_pairs([examples[i] for i in indices], tokenizer.pad_token_id)
+
+    run: loop.Run[OrpoStep] = job.start(
+        model,
+        tokenizer,
+        rows=len(examples),
+        # Pair- (and NLL token-) weighted over a logging window's steps.
+        summarise=lambda window: orpo_metrics(add_orpo_stats(window), hp.beta),
+        validate=job.validation(
+            valid_data,
+            partial(validation_metrics, model, hp=hp, pad_token_id=tokenizer.pad_token_id),
+        ),
     )
-    enable_gradient_checkpointing(base, spec.resources.gradient_checkpointing)
-    train_data = load_preference(spec.train_file, tokenizer, spec.max_seq_len)
-    report_truncation(sink, train_data, "training", spec.max_seq_len, unit="pairs")
-    if not train_data.examples:
-        raise ValueError(f"no training pair has a completion token within {spec.max_seq_len}")
-    valid_data = None
-    if spec.validation_file is not None:
-        valid_data = load_preference(spec.validation_file, tokenizer, spec.max_seq_len)
-        report_truncation(sink, valid_data, "validation", spec.max_seq_len, unit="pairs")
-        if not valid_data.examples:
-            raise ValueError(f"no validation pair has a completion token within {spec.max_seq_len}")
-    pad_token_id = tokenizer.pad_token_id
 
-    model = where.model(apply_adapter(base, spec.adapter))
-    disable_dropout(model)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(model, learning_rate=hp.learning_rate, weight_decay=hp.weight_decay)
-    per_epoch = steps_per_epoch(
-        len(train_data.examples), hp.batch_size, hp.gradient_accumulation_steps
-    )
-    total_steps = per_epoch * hp.n_epochs
-    scheduler = build_scheduler(
-        optimizer, kind=hp.lr_scheduler, total_steps=total_steps, warmup_ratio=hp.warmup_ratio
-    )
-    sink.start(total_steps)
+    # -- one optimizer step: one forward of both answers → NLL + odds-ratio term ------------
+    for micro_batches in run.steps(lengths=[example.padded_length for example in examples]):
+        batches = [collate(indices) for indices in micro_batches]
+        # The odds-ratio term is a mean over the pairs of the whole step and the NLL a
+        # mean over its chosen tokens, so accumulating micro-batches gives the gradient
+        # of one big batch, and the ranks' shares add up to it.
+        num_pairs = sum(len(indices) for indices in micro_batches)
+        num_nll_tokens = sum(int(nll_mask(batch).sum()) for batch in batches)
+        loss = partial(step_loss, model, hp, num_pairs, num_nll_tokens)
+        run.train_step(micro_batches, collate, loss, add_orpo_stats, wholes=batches)
 
-    # Pick up where a checkpoint left off (pause/resume, a restarted failed job), or start.
-    start = resume(spec.resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
-    step = start.step if start else 0
-    num_tokens = start.num_tokens if start else 0
-    trained_tokens = start.trained_tokens if start else 0
-    saved_at = step if start else -1  # step of the latest checkpoint
-    since_log: list[tuple[PairStats, OrpoStats]] = []  # steps since the last metric point
-    step_stats: tuple[PairStats, OrpoStats] | None = None
-    last_metrics: dict[str, float] = {}
+    return run.result()
 
-    def checkpoint(epoch: int, steps_in_epoch: int, *, final: bool) -> None:
-        nonlocal saved_at, last_metrics
-        metrics = {"step": float(step)}
-        if step_stats is not None:
-            pairs, orpo = step_stats
-            metrics["train_loss"] = orpo.metrics(pairs, hp.beta)["train_loss"]
-        if valid_data is not None:
-            metrics |= validation_metrics(
-                model, valid_data.examples, hp, pad_token_id=pad_token_id, where=where
-            )
-        state = TrainerState(
-            step, epoch, steps_in_epoch, spec.seed, total_steps, num_tokens, trained_tokens
-        )
-        save_checkpoint(
-            store,
-            model=model,
-            tokenizer=tokenizer,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            trainer=state,
-            metrics=metrics,
-            final=final,
-        )
-        saved_at, last_metrics = step, metrics
 
-    for epoch in range(start.epoch if start else 0, hp.n_epochs):
-        plan = epoch_steps(
-            len(train_data.examples),
-            batch_size=hp.batch_size,
-            gradient_accumulation_steps=hp.gradient_accumulation_steps,
-            seed=spec.seed,
-            epoch=epoch,
-            # Rows of similar length share a batch: far less padding to run through the model.
-            lengths=[example.padded_length for example in train_data.examples],
-        )
-        for steps_in_epoch, micro_batches in enumerate(plan):
-            if already_done(start, epoch, steps_in_epoch):
-                continue
-            if should_stop():
-                # Nothing trained yet means nothing worth keeping.
-                if step > 0 and saved_at != step:
-                    checkpoint(epoch, steps_in_epoch, final=False)
-                return RunResult("stopped", step, total_steps, trained_tokens, last_metrics)
-
-            # -- one optimizer step over its micro-batches -----------------------------------
-            batches = [
-                where.to(collate_pairs([train_data.examples[i] for i in indices], pad_token_id))
-                for indices in micro_batches
-            ]
-            # The odds-ratio term is a mean over the pairs of the whole step and the NLL a
-            # mean over its chosen tokens, so accumulating micro-batches gives the gradient
-            # of one big batch.
-            num_pairs = sum(len(indices) for indices in micro_batches)
-            num_nll_tokens = sum(int(nll_mask(batch).sum()) for batch in batches)
-            micro_stats = []
-            for batch in batches:
-                with where.autocast():
-                    loss, pairs, orpo = pair_loss(model, batch, hp, num_pairs, num_nll_tokens)
-                backward(loss, scaler)
-                micro_stats.append((pairs, orpo))
-                trained_tokens += batch.num_tokens
-                num_tokens += int(batch.completion_mask[:, 1:].sum())
-            grad_norm, learning_rate = optimizer_step(
-                params, optimizer, scheduler, hp.max_grad_norm, scaler
-            )
-            step += 1
-
-            # -- metrics -------------------------------------------------------------------
-            step_stats = add_orpo_stats(micro_stats)
-            since_log.append(step_stats)
-            if step % spec.log_every == 0 or step == total_steps:
-                # Pair- (and NLL token-) weighted over the steps since the last point.
-                pairs, orpo = add_orpo_stats(since_log)
-                since_log = []
-                sink.metrics(
-                    step,
-                    orpo.metrics(pairs, hp.beta)
-                    | {
-                        "learning_rate": learning_rate,
-                        "grad_norm": float(grad_norm),
-                        # TRL's num_tokens: every non-padding token seen so far.
-                        "num_tokens": float(trained_tokens),
-                        "epoch": step / per_epoch,
-                    },
-                )
-
-            # -- checkpoint ----------------------------------------------------------------
-            if spec.checkpoint_every is not None and (
-                step % spec.checkpoint_every == 0 or step == total_steps
-            ):
-                checkpoint(epoch, steps_in_epoch + 1, final=step == total_steps)
-
-        if spec.checkpoint_every is None:
-            checkpoint(epoch + 1, 0, final=epoch == hp.n_epochs - 1)
-
-    return RunResult("completed", step, total_steps, trained_tokens, last_metrics)
+def orpo_metrics(stats: OrpoStep, beta: float) -> dict[str, float]:
+    pairs, orpo = stats
+    return orpo.metrics(pairs, beta)
 
 
 def nll_mask(batch: PairBatch) -> torch.Tensor:
     """(B, T-1) the chosen rows' NLL targets: every real token after the first, prompt
     included (TRL's ORPO labels are the input ids wherever attention is 1)."""
     return batch.attention_mask[:, 1:].chunk(2)[0]
+
+
+def step_loss(
+    model: nn.Module,
+    hp: OrpoHyperparameters,
+    num_pairs: int,
+    num_nll_tokens: int,
+    batch: PairBatch,
+    share: loop.Share | None = None,
+) -> tuple[torch.Tensor, OrpoStep]:
+    """A micro-batch (or a rank's share of it), against the whole step's normalisers."""
+    loss, pairs, orpo = pair_loss(model, batch, hp, num_pairs, num_nll_tokens)
+    return loss, (pairs, orpo)
 
 
 def pair_loss(
@@ -233,11 +137,10 @@ def pair_loss(
     )
 
 
-def add_orpo_stats(stats: Sequence[tuple[PairStats, OrpoStats]]) -> tuple[PairStats, OrpoStats]:
+def add_orpo_stats(stats: Sequence[OrpoStep]) -> OrpoStep:
     return add_stats([pairs for pairs, _ in stats]), add_stats([orpo for _, orpo in stats])
 
 
-@torch.no_grad()
 def validation_metrics(
     model: nn.Module,
     examples: Sequence[PreferenceExample],
@@ -247,20 +150,14 @@ def validation_metrics(
     where: Placement | None = None,
 ) -> dict[str, float]:
     """The loss and reward accuracy/margin over all ``examples``, in eval mode."""
-    where = where or Placement()
-    was_training = model.training
-    model.eval()
-    totals = []
-    for indices in fixed_batches(len(examples), hp.batch_size):
-        batch = where.to(collate_pairs([examples[i] for i in indices], pad_token_id))
-        with where.autocast():
-            _, pairs, orpo = pair_loss(model, batch, hp, len(indices), int(nll_mask(batch).sum()))
-        totals.append((pairs, orpo))
-    model.train(was_training)
-    pairs, orpo = add_orpo_stats(totals)
-    metrics = orpo.metrics(pairs, hp.beta)
-    return {
-        "valid_loss": metrics["train_loss"],
-        "valid_rewards/accuracies": metrics["rewards/accuracies"],
-        "valid_rewards/margins": metrics["rewards/margins"],
-    }
+    totals = loop.evaluate(
+        model,
+        examples,
+        hp.batch_size,
+        partial(collate_pairs, pad_token_id=pad_token_id),
+        lambda indices, batch: step_loss(
+            model, hp, len(indices), int(nll_mask(batch).sum()), batch
+        )[1],
+        where,
+    )
+    return validation_pair_metrics(orpo_metrics(add_orpo_stats(totals), hp.beta))

@@ -29,41 +29,33 @@ from TRL 1.16: pairs longer than ``max_seq_len`` keep their start (TRL drops the
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
 from peft import TaskType
 from torch import nn
 
-from trainer_core import distributed, loop, shared_prompt
-from trainer_core.adapters import apply_adapter
-from trainer_core.batching import steps_per_epoch
+from trainer_core import loop, shared_prompt
 from trainer_core.models import load_tokenizer
 from trainer_core.placement import Placement, enable_gradient_checkpointing
 from trainer_core.preference_data import (
     PairBatch,
-    PreferenceData,
     PreferenceExample,
     collate_pairs,
     load_preference,
     pair_lengths,
 )
 from trainer_core.preference_losses import RewardStats, add_stats, bradley_terry_loss
-from trainer_core.reference import disable_dropout
 from trainer_core.reward_models import RewardModel, load_reward_base
-from trainer_core.seams import CheckpointStore, MetricSink, RunResult, ShouldStop
-from trainer_core.specs import RewardModelHyperparameters, TrainSpec
+from trainer_core.seams import RunResult
+from trainer_core.specs import RewardModelHyperparameters
 
 
-def train(
-    spec: TrainSpec, sink: MetricSink, store: CheckpointStore, should_stop: ShouldStop
-) -> RunResult:
-    hp = spec.hyperparameters
-    assert isinstance(hp, RewardModelHyperparameters)
-    d = loop.setup(spec)  # seeded before loading: the new head is random
-    where = d.placement
-
-    # -- model and data ------------------------------------------------------------------
+@loop.method(RewardModelHyperparameters)
+def train(job: loop.Job, hp: RewardModelHyperparameters) -> RunResult:
+    # -- model and data (seeded already, by ``loop.method``: the new head is random) -------
+    spec = job.spec
     tokenizer = load_tokenizer(
         spec.model, allow_hub=spec.allow_hub, trust_remote_code=spec.trust_remote_code
     )
@@ -74,84 +66,65 @@ def train(
         trust_remote_code=spec.trust_remote_code,
     )
     enable_gradient_checkpointing(base, spec.resources.gradient_checkpointing)
-
-    def load(path: str) -> PreferenceData:
-        return load_preference(path, tokenizer, spec.max_seq_len)
-
-    train_data, valid_data = loop.load_splits(
-        spec, sink, load, rows=lambda data: data.examples, unit="pairs"
-    )
+    train_data, valid_data = job.load_splits(load_preference, tokenizer, unit="pairs")
     examples = train_data.examples
     pad_token_id = tokenizer.pad_token_id
-
-    model = where.model(apply_adapter(base, spec.adapter, task_type=TaskType.SEQ_CLS))
-    disable_dropout(model)
-    model.train()
-
-    def validate() -> dict[str, float]:
-        assert valid_data is not None
-        return validation_metrics(
-            model,
-            valid_data.examples,
-            batch_size=hp.batch_size,
-            pad_token_id=pad_token_id,
-            center_rewards_coefficient=hp.center_rewards_coefficient,
-            where=where,
-        )
+    model = job.policy(base, task_type=TaskType.SEQ_CLS)
 
     def trained(stats: RewardStats) -> dict[str, float]:
         metrics = stats.metrics()
         return {"train_loss": metrics["train_loss"], "train_accuracy": metrics["accuracy"]}
 
-    run: loop.Run[RewardStats] = loop.start_run(
-        spec,
-        sink,
-        store,
-        should_stop,
-        d,
+    run: loop.Run[RewardStats] = job.start(
         model,
         tokenizer,
-        per_epoch=steps_per_epoch(len(examples), hp.batch_size, hp.gradient_accumulation_steps),
+        rows=len(examples),
         # Pair-weighted over a logging window's steps (min/max over all of them).
         summarise=lambda window: add_stats(window).metrics(),
         checkpoint_metrics=trained,
-        validate=validate if valid_data is not None else None,
+        validate=job.validation(
+            valid_data,
+            partial(
+                validation_metrics,
+                model,
+                batch_size=hp.batch_size,
+                pad_token_id=pad_token_id,
+                center_rewards_coefficient=hp.center_rewards_coefficient,
+            ),
+        ),
     )
 
-    # -- one optimizer step over its micro-batches, each on this rank's share ---------------
+    def collate(indices: list[int]) -> PairBatch:
+        return collate_pairs([examples[i] for i in indices], pad_token_id)
+
+    # -- one optimizer step: rewards of both answers → the loss of the step's pairs ----------
     shared = uses_shared_prompt(model)
-    for micro_batches in run.steps(len(examples), lengths=pair_lengths(examples, one_row=shared)):
-        batches = [
-            collate_pairs([examples[i] for i in indices], pad_token_id) for indices in micro_batches
-        ]
+    for micro_batches in run.steps(lengths=pair_lengths(examples, one_row=shared)):
         # Normalise by the pairs of the whole step, so accumulating micro-batches gives
         # the same gradient as one big batch, and the ranks' shares add up to it.
         pairs_in_step = sum(len(indices) for indices in micro_batches)
-        micro_stats = []
-        for share, whole in zip(run.shares(micro_batches), batches, strict=True):
-            batch = where.to(
-                whole
-                if share.whole
-                else collate_pairs([examples[i] for i in share.rows], pad_token_id)
-            )
-            with where.autocast():
-                chosen_rewards, rejected_rewards = forward(model, batch)  # (B,) each
-                loss, stats = bradley_terry_loss(
-                    chosen_rewards,
-                    rejected_rewards,
-                    batch.margin,
-                    center_rewards_coefficient=hp.center_rewards_coefficient,
-                    normaliser=pairs_in_step,
-                )
-            run.backward(loss * share.weight, last=share.last)
-            micro_stats.append(stats if share.weight else distributed.nothing(stats))
-            # Every token is read (there is no loss mask), so both counts are the same.
-            run.count(trained=whole.num_tokens, loss=whole.num_tokens)
-        grad_norm, learning_rate = run.optimizer_step()
-        step_stats = distributed.all_reduce_sum(d, add_stats(micro_stats))
-        run.record(step_stats, grad_norm=grad_norm, learning_rate=learning_rate)
+        loss = partial(step_loss, model, hp.center_rewards_coefficient, pairs_in_step)
+        run.train_step(micro_batches, collate, loss, add_stats)
 
     return run.result()
+
+
+def step_loss(
+    model: nn.Module,
+    center_rewards_coefficient: float,
+    pairs_in_step: int,
+    batch: PairBatch,
+    share: loop.Share | None = None,
+) -> tuple[torch.Tensor, RewardStats]:
+    """A micro-batch's (or a rank's share of it) Bradley–Terry loss of its pairs."""
+    chosen_rewards, rejected_rewards = forward(model, batch)  # (B,) each
+    return bradley_terry_loss(
+        chosen_rewards,
+        rejected_rewards,
+        batch.margin,
+        center_rewards_coefficient=center_rewards_coefficient,
+        normaliser=pairs_in_step,
+    )
 
 
 def uses_shared_prompt(model: nn.Module) -> bool:
@@ -185,23 +158,16 @@ def validation_metrics(
     center_rewards_coefficient: float = 0.0,
     where: Placement | None = None,
 ) -> dict[str, float]:
-    """Pair-mean loss and accuracy over all ``examples``, in eval mode (no dropout), on
-    ``where``'s device and in its precision (the CPU in fp32 by default)."""
-    where = where or Placement()
-    totals = []
-    with loop.evaluating(model):
-        for _, batch in loop.validation_batches(
-            examples, batch_size, lambda pairs: collate_pairs(pairs, pad_token_id), where
-        ):
-            with where.autocast():
-                chosen_rewards, rejected_rewards = forward(model, batch)
-                _, stats = bradley_terry_loss(
-                    chosen_rewards,
-                    rejected_rewards,
-                    batch.margin,
-                    center_rewards_coefficient=center_rewards_coefficient,
-                )
-            totals.append(stats)
+    """Pair-mean loss and accuracy over all ``examples`` (``loop.evaluate``: eval mode, no
+    grad, ``where``'s device and precision)."""
+    totals = loop.evaluate(
+        model,
+        examples,
+        batch_size,
+        partial(collate_pairs, pad_token_id=pad_token_id),
+        lambda _, batch: step_loss(model, center_rewards_coefficient, 1, batch)[1],
+        where,
+    )
     metrics = add_stats(totals).metrics()
     return {"valid_loss": metrics["train_loss"], "valid_accuracy": metrics["accuracy"]}
 

@@ -21,109 +21,80 @@ and gradient checkpointing: ``placement`` (the forward and the loss run under it
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from trainer_core import distributed, loop
-from trainer_core.adapters import apply_adapter, load_trained
-from trainer_core.batching import Batch, collate, steps_per_epoch
-from trainer_core.data import SupervisedData, SupervisedExample, load_supervised
+from trainer_core import loop
+from trainer_core.adapters import load_trained
+from trainer_core.batching import Batch, collate
+from trainer_core.data import SupervisedExample, load_supervised
 from trainer_core.logprobs import keep_positions, kept_next_token_logps
 from trainer_core.losses import SftStats, sft_loss
 from trainer_core.models import load_tokenizer
 from trainer_core.packing import PackedRow, attention_inputs, collate_packed, pack_examples
 from trainer_core.placement import Placement
-from trainer_core.seams import CheckpointStore, MetricSink, RunResult, ShouldStop
-from trainer_core.specs import SupervisedHyperparameters, TrainSpec
+from trainer_core.seams import RunResult
+from trainer_core.specs import SupervisedHyperparameters
 
 
-def train(
-    spec: TrainSpec, sink: MetricSink, store: CheckpointStore, should_stop: ShouldStop
-) -> RunResult:
-    hp = spec.hyperparameters
-    assert isinstance(hp, SupervisedHyperparameters)
-    d = loop.setup(spec)
-    where = d.placement
-
-    # -- model and data ------------------------------------------------------------------
-    base, tokenizer = loop.load_base(spec)
-    masks = {
-        "completion_only_loss": hp.completion_only_loss,
-        "assistant_only_loss": hp.assistant_only_loss,
-    }
-
-    def load(path: str) -> SupervisedData:
-        return load_supervised(path, tokenizer, spec.max_seq_len, **masks)
-
-    train_data, valid_data = loop.load_splits(spec, sink, load, rows=lambda data: data.examples)
+@loop.method(SupervisedHyperparameters)
+def train(job: loop.Job, hp: SupervisedHyperparameters) -> RunResult:
+    base, tokenizer = job.load_base()
+    train_data, valid_data = job.load_splits(
+        load_supervised,
+        tokenizer,
+        completion_only_loss=hp.completion_only_loss,
+        assistant_only_loss=hp.assistant_only_loss,
+    )
     pad_token_id = tokenizer.pad_token_id
     # The rows that batches are made of: examples, or bins of them under packing.
     rows: Sequence[SupervisedExample | PackedRow] = train_data.examples
     if hp.packing:
-        rows = pack_examples(train_data.examples, spec.max_seq_len)
-        sink.event(
+        rows = pack_examples(train_data.examples, job.spec.max_seq_len)
+        job.sink.event(
             f"Packed {len(train_data.examples)} training examples into {len(rows)} rows "
-            f"of up to {spec.max_seq_len} tokens",
+            f"of up to {job.spec.max_seq_len} tokens",
             data={"examples": len(train_data.examples), "rows": len(rows)},
         )
+    model = job.policy(base, dropout=True)  # SFT keeps LoRA's dropout, as TRL
 
-    model = where.model(apply_adapter(base, spec.adapter))
-    model.train()
-
-    def validate() -> dict[str, float]:
-        assert valid_data is not None
-        return validation_metrics(
-            model,
-            valid_data.examples,
-            batch_size=hp.batch_size,
-            pad_token_id=pad_token_id,
-            where=where,
-        )
-
-    run: loop.Run[SftStats] = loop.start_run(
-        spec,
-        sink,
-        store,
-        should_stop,
-        d,
+    run: loop.Run[SftStats] = job.start(
         model,
         tokenizer,
-        per_epoch=steps_per_epoch(len(rows), hp.batch_size, hp.gradient_accumulation_steps),
+        rows=len(rows),
         summarise=lambda window: sft_metrics(add_stats(window), "train_"),
         checkpoint_metrics=lambda stats: sft_metrics(stats, "train_"),
-        validate=validate if valid_data is not None else None,
+        validate=job.validation(
+            valid_data,
+            partial(validation_metrics, model, batch_size=hp.batch_size, pad_token_id=pad_token_id),
+        ),
     )
 
-    # -- one optimizer step over its micro-batches, each on this rank's share ---------------
-    for micro_batches in run.steps(len(rows), lengths=[len(row.input_ids) for row in rows]):
-        batches = [
-            make_batch([rows[i] for i in indices], pad_token_id) for indices in micro_batches
-        ]
+    def collate_rows(indices: list[int]) -> Batch:
+        return make_batch([rows[i] for i in indices], pad_token_id)
+
+    # -- one optimizer step: per-token logps → the NLL of the whole step's tokens -----------
+    for micro_batches in run.steps(lengths=[len(row.input_ids) for row in rows]):
+        batches = [collate_rows(indices) for indices in micro_batches]
         # Normalise by the counted tokens of the whole step, so accumulating micro-batches
         # gives the same gradient as one big batch (see losses.sft_loss), and the ranks'
         # shares of it add up to the whole (see distributed).
         normaliser = sum(batch.num_loss_tokens for batch in batches)
-        micro_stats = []
-        for share, whole in zip(run.shares(micro_batches), batches, strict=True):
-            batch = where.to(
-                whole if share.whole else make_batch([rows[i] for i in share.rows], pad_token_id)
-            )
-            with where.autocast():
-                per_token_logps, token_correct = forward(model, batch)  # (B, T-1) each
-                loss, stats = sft_loss(
-                    per_token_logps, batch.completion_mask[:, 1:], token_correct, normaliser
-                )
-            run.backward(loss * share.weight, last=share.last)
-            micro_stats.append(stats if share.weight else distributed.nothing(stats))
-            run.count_batch(whole)
-        grad_norm, learning_rate = run.optimizer_step()
-        # Token-weighted over the ranks' shares (and, in ``summarise``, a logging window).
-        step_stats = distributed.all_reduce_sum(d, add_stats(micro_stats))
-        run.record(step_stats, grad_norm=grad_norm, learning_rate=learning_rate)
+        loss = partial(step_loss, model, normaliser)
+        run.train_step(micro_batches, collate_rows, loss, add_stats, wholes=batches)
 
     return run.result()
+
+
+def step_loss(
+    model: nn.Module, normaliser: int, batch: Batch, share: loop.Share | None = None
+) -> tuple[torch.Tensor, SftStats]:
+    """A micro-batch's (or a rank's share of it) NLL over the step's ``normaliser`` tokens."""
+    per_token_logps, token_correct = forward(model, batch)  # (B, T-1) each
+    return sft_loss(per_token_logps, batch.completion_mask[:, 1:], token_correct, normaliser)
 
 
 def sft_metrics(stats: SftStats, prefix: str) -> dict[str, float]:
@@ -174,16 +145,14 @@ def validation_metrics(
 ) -> dict[str, float]:
     """Token-weighted loss and accuracy over all ``examples``, in eval mode (no dropout), on
     ``where``'s device and in its precision (the CPU in fp32 by default)."""
-    where = where or Placement()
-    totals = []
-    with loop.evaluating(model):
-        for _, batch in loop.validation_batches(
-            examples, batch_size, lambda rows: collate(rows, pad_token_id), where
-        ):
-            with where.autocast():
-                per_token_logps, token_correct = forward(model, batch)  # (B, T-1) each
-                _, stats = sft_loss(per_token_logps, batch.completion_mask[:, 1:], token_correct, 1)
-            totals.append(stats)
+    totals = loop.evaluate(
+        model,
+        examples,
+        batch_size,
+        partial(collate, pad_token_id=pad_token_id),
+        lambda _, batch: step_loss(model, 1, batch)[1],
+        where,
+    )
     return sft_metrics(add_stats(totals), "valid_")
 
 
