@@ -26,12 +26,6 @@ from dataclasses import dataclass
 import torch
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """() mean of ``values`` where ``mask`` is 1."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1)
-
-
 def masked_whiten(
     values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True
 ) -> torch.Tensor:
