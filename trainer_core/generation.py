@@ -32,7 +32,7 @@ import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -72,6 +72,14 @@ class Rollout:
             self.is_eos[rows],
             [self.texts[i] for i in rows.tolist()],
         )
+
+    def micro_batches(self, parts: int) -> tuple[list[torch.Tensor], list[Rollout]]:
+        """The rows split, in order, into at most ``parts`` micro-batches (fewer when there
+        are fewer rows): each one's row indices, and its rollout (``select``)."""
+        n_rows = self.completion_ids.size(0)
+        split = torch.arange(n_rows).tensor_split(min(n_rows, parts))
+        chunks = [rows for rows in split if rows.numel()]
+        return chunks, [self.select(rows) for rows in chunks]
 
 
 def eos_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
@@ -195,6 +203,40 @@ def generate(
             )
     finally:
         model.train(was_training)
+
+
+class Sampling(Protocol):
+    """How a job samples its completions (the online methods' hyperparameters)."""
+
+    @property
+    def max_completion_length(self) -> int: ...
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def top_p(self) -> float: ...
+    @property
+    def top_k(self) -> int: ...
+
+
+def sample(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    sampling: Sampling,
+    *,
+    num_generations: int,
+) -> Rollout:
+    """``generate`` with a job's ``sampling`` settings: N = B·G rows, prompt-major."""
+    return generate(
+        model,
+        tokenizer,
+        prompts,
+        num_generations=num_generations,
+        max_completion_length=sampling.max_completion_length,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+    )
 
 
 def _sample(

@@ -89,6 +89,18 @@ def test_max_completion_length_is_respected(model: Any, tokenizer: Any, prompts:
     assert (rollout.completion_mask.sum(-1) <= 5).all()
 
 
+def test_micro_batches_split_the_rows_in_order(model: Any, tokenizer: Any, prompts: Any) -> None:
+    rollout = sample(model, tokenizer, prompts)  # 6 rows
+    chunks, parts = rollout.micro_batches(4)
+    assert [rows.tolist() for rows in chunks] == [[0, 1], [2, 3], [4], [5]]
+    for rows, part in zip(chunks, parts, strict=True):
+        assert part.texts == [rollout.texts[i] for i in rows.tolist()]
+        lengths = rollout.completion_mask[rows].sum(-1)
+        assert part.completion_ids.size(1) == int(lengths.max())  # padding columns trimmed
+    # More micro-batches than rows: one row each, none empty.
+    assert [rows.tolist() for rows in rollout.micro_batches(8)[0]] == [[i] for i in range(6)]
+
+
 def test_same_seed_same_completions(model: Any, tokenizer: Any, prompts: Any) -> None:
     first = sample(model, tokenizer, prompts)
     again = sample(model, tokenizer, prompts)
