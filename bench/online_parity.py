@@ -41,8 +41,8 @@ import torch
 from bench.common import tiny_model
 from bench.parity import machine, versions
 from trainer_core.generation import Rollout, generate, rollout_logps
-from trainer_core.methods.grpo import PolicyReference
 from trainer_core.models import load_model_and_tokenizer
+from trainer_core.reference import ReferenceModel
 from trainer_core.rl_losses import (
     group_advantages,
     grpo_loss,
@@ -217,6 +217,13 @@ def last_metric(trainer: Any, name: str) -> float:
 # -- one comparison per configuration --------------------------------------------------------
 
 
+def reference_logps(ref_model: Any, rollout: Rollout) -> torch.Tensor:
+    """(N, C) π_ref's log-probs of the completions, scored as the methods score them."""
+    with ReferenceModel(ref_model, disable_adapter=False).scoring() as model:
+        per_token_logps, _ = rollout_logps(model, rollout, temperature=TEMPERATURE)
+    return per_token_logps
+
+
 def compare_grpo(
     model_path: Path, loss_type: str, scale_rewards: str, beta: float, mask_truncated: bool
 ) -> Row:
@@ -247,13 +254,7 @@ def compare_grpo(
     loss_mask = rollout.completion_mask
     if mask_truncated:
         loss_mask = loss_mask * rollout.is_eos.unsqueeze(1)
-    ref = (
-        PolicyReference(trainer.ref_model, disable_adapter=False).logps(
-            rollout, temperature=TEMPERATURE
-        )
-        if beta
-        else None
-    )
+    ref = reference_logps(trainer.ref_model, rollout) if beta else None
     per_token_logps, _ = rollout_logps(model, rollout, temperature=TEMPERATURE)
     ours_loss, stats = grpo_loss(
         per_token_logps,
@@ -313,9 +314,7 @@ def compare_rloo(model_path: Path, beta: float, normalize: bool) -> Row:
     kl = None
     metric_gaps = []
     if beta:
-        ref = PolicyReference(trainer.ref_model, disable_adapter=False).logps(
-            rollout, temperature=TEMPERATURE
-        )
+        ref = reference_logps(trainer.ref_model, rollout)
         kl = sequence_k1(old_per_token, ref, mask)
         metric_gaps.append(abs(float(kl.sum() / mask.sum()) - trl_kl))
     advantages = rloo_advantages(torch.tensor(rewards), G, kl=kl, beta=beta, normalize=normalize)

@@ -12,7 +12,8 @@ Every other key of the row stays in ``PromptExample.item`` for the graders (``{{
 
 A prompt longer than ``max_prompt_length`` keeps its *end* (left truncation, TRL's
 ``truncation_side="left"`` for prompts): the generation prompt and the last user turn are what
-the completion is conditioned on.
+the completion is conditioned on. ``training_prompts`` loads a job's training file so, with
+``max_seq_len`` as that limit, and reports what it cut.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import Any
 from jinja2 import TemplateError
 
 from trainer_core.data import _encode, _messages, _render
+from trainer_core.seams import MetricSink
+from trainer_core.specs import TrainSpec
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,28 @@ class PromptData:
     examples: list[PromptExample]
     n_rows: int
     n_truncated: int  # prompts cut to max_prompt_length (their start dropped)
+
+
+def training_prompts(spec: TrainSpec, tokenizer: Any, sink: MetricSink) -> PromptData:
+    """The job's training prompts, each cut to its last ``spec.max_seq_len`` tokens, with a
+    warning for the prompts cut and for a validation file (not used by these methods yet).
+
+    ``max_seq_len`` bounds the prompt only; the completion adds up to
+    ``max_completion_length`` on top. OpenAI's reinforcement jobs have no sequence limit, and
+    their default 64-token completions must run beside any max_seq_len, so the two limits
+    are not taken from one budget.
+    """
+    max_prompt_length = spec.max_seq_len
+    data = load_prompts(spec.train_file, tokenizer, max_prompt_length)
+    if data.n_truncated:
+        sink.event(
+            f"Truncated {data.n_truncated} prompts to their last {max_prompt_length} tokens",
+            level="warning",
+            data={"truncated": data.n_truncated, "max_prompt_length": max_prompt_length},
+        )
+    if spec.validation_file is not None:
+        sink.event("The validation file is not used by this method yet", level="warning")
+    return data
 
 
 def load_prompts(path: str | Path, tokenizer: Any, max_prompt_length: int) -> PromptData:

@@ -11,11 +11,13 @@ The head starts at zero: V = 0 everywhere, so the first advantages are (γλ-dis
 rewards-to-go, and the value loss sends no gradient into the shared backbone before the head
 has learnt anything. It is saved as one safetensors file beside the trainer state, never inside the
 adapter folder, so that folder stays an ordinary causal LM (``PeftModel.from_pretrained`` or
-``AutoModelForCausalLM.from_pretrained``); the head is only needed to resume PPO.
+``AutoModelForCausalLM.from_pretrained``); the head is only needed to resume PPO. A run's
+checkpoints go through ``WithValueHead``, which writes it there.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -24,6 +26,7 @@ from torch import nn
 
 from trainer_core.generation import Rollout, _accepts_logits_to_keep, position_ids
 from trainer_core.logprobs import next_token_logps
+from trainer_core.seams import CheckpointStore
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -56,6 +59,19 @@ class ValueHead(nn.Module):
     def load(self, folder: Path) -> None:
         """Load the weights ``save`` wrote into ``folder``."""
         self.load_state_dict(load_file(folder / VALUE_HEAD_FILE))
+
+
+class WithValueHead:
+    """The CheckpointStore a PPO checkpoint goes through: it writes the value head into the
+    finished folder's ``state/`` and hands the folder on (``adapter/`` stays a causal LM)."""
+
+    def __init__(self, store: CheckpointStore, value_head: ValueHead) -> None:
+        self.store = store
+        self.value_head = value_head
+
+    def save(self, step: int, folder: Path, metrics: Mapping[str, float], *, final: bool) -> None:
+        self.value_head.save(folder / "state")
+        self.store.save(step, folder, metrics, final=final)
 
 
 def completion_forward(

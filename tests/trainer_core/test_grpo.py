@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.trainer_core.hyperparameters import COMMON
+from trainer_core import loop
 from trainer_core.adapters import apply_adapter
 from trainer_core.methods import grpo
 from trainer_core.seams import FolderCheckpointStore, ListSink, RunResult
@@ -151,7 +152,7 @@ def test_lora_moves_the_adapter_and_keeps_the_base(
         policies.append(apply_adapter(*args, **kwargs))
         return policies[-1]
 
-    monkeypatch.setattr(grpo, "apply_adapter", apply_and_keep)
+    monkeypatch.setattr(loop, "apply_adapter", apply_and_keep)
     spec = make_spec(
         adapter=AdapterSpec(type="lora", r=4, alpha=8),
         beta=0.1,

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import trainer_core
+from trainer_core import loop
 from trainer_core.generation import generate
 from trainer_core.methods import ppo
 from trainer_core.models import load_model_and_tokenizer
@@ -182,6 +183,17 @@ def test_ppo_raises_the_reward_within_20_steps(
     assert all(values["policy/clipfrac"] < 1.0 for _, values in sink.points)
 
 
+def test_the_schedule_steps_once_per_rollout(
+    tiny_model: Path, prompts_file: Path, chars_per_token: CharsPerToken, tmp_path: Path
+) -> None:
+    # 2 steps of 4 PPO epochs each, linear decay to 0 over 2 steps: the rates are lr · 1 and
+    # lr · 1/2 (TRL's PPOTrainer), not 1/8 of the way down per update.
+    spec = make_spec(tiny_model, prompts_file, lr_scheduler="linear", learning_rate=3e-3)
+    _, sink, _ = run(spec, tmp_path)
+    rates = [values["learning_rate"] for _, values in sink.points]
+    assert rates == pytest.approx([3e-3, 1.5e-3], rel=1e-12)
+
+
 # -- LoRA, with a reward model trained by the reward_model method ----------------------------
 
 
@@ -231,13 +243,13 @@ def test_lora_trains_adapter_and_value_head_and_scores_with_the_reward_model(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     trained: dict[str, Any] = {}
-    real_save = ppo.save_checkpoint
+    real_save = loop.save_checkpoint
 
     def keep_model(store: Any, **kwargs: Any) -> None:
         trained["model"] = kwargs["model"]  # the in-memory policy, for comparison below
         real_save(store, **kwargs)
 
-    monkeypatch.setattr(ppo, "save_checkpoint", keep_model)
+    monkeypatch.setattr(loop, "save_checkpoint", keep_model)
     rm_base, rm_adapter = trained_reward_model
     # 8 prompts in rollouts of 4: 2 steps, a checkpoint after each.
     spec = make_spec(
