@@ -15,7 +15,8 @@ exactly the base layer, so a policy at initialisation equals its reference bit f
 
 Forming ``W_eff`` costs about ``in·out·(r + 1)``; it pays off when the call has more tokens
 than ``in·out / (in + out)`` (a training batch: thousands; a generation step: a few), so
-smaller calls, and every case this does not cover, keep peft's own forward: adapters
+smaller calls without grad (a training forward always takes it: every rank must build the
+same graph for ZeRO-2), and every case this does not cover, keep peft's own forward: adapters
 disabled or merged, several or mixed adapters, DoRA and other variants, active dropout, a
 bias on B, a trainable base weight, autocast, ZeRO-3's partitioned weights.
 """
@@ -93,7 +94,13 @@ def _fast_path(
         return None
     if torch.is_autocast_enabled(x.device.type):
         return None
-    if not merged_is_cheaper(x.numel() // x.shape[-1], weight.shape[1], weight.shape[0]):
+    # Size decides only calls without grad (generation, scoring). A training forward always
+    # takes the merged path: every rank of a job must build the same graph, since ZeRO-2
+    # reduces gradients in the order they become ready, and a rank's share of a micro-batch
+    # can fall on either side of the threshold (measured: 2-vs-1-row shares diverged).
+    if not torch.is_grad_enabled() and not merged_is_cheaper(
+        x.numel() // x.shape[-1], weight.shape[1], weight.shape[0]
+    ):
         return None
     return weight, base.bias, lora_a.weight, lora_b.weight, float(layer.scaling[name])
 

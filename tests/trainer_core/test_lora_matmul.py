@@ -5,6 +5,7 @@ weight would cost more (a few tokens) or cannot apply (active dropout)."""
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -85,13 +86,14 @@ def test_a_fresh_adapter_and_a_disabled_one_are_exactly_the_base() -> None:
 
 
 def test_small_calls_and_active_dropout_keep_peft_forward() -> None:
-    """One token (a generation step) is cheaper through peft's rank-r path, and dropout acts
-    on the LoRA branch only, which a merged weight cannot express: both give peft's result
-    (dropout: the same random mask, so equal outputs under the same seed)."""
+    """One token without grad (a generation step) is cheaper through peft's rank-r path, and
+    dropout acts on the LoRA branch only, which a merged weight cannot express: both give
+    peft's result (dropout: the same random mask, so equal outputs under the same seed)."""
     assert not lora_matmul.merged_is_cheaper(1, 24, 40)
     peft_model, ours = lora_pair()
     x = torch.randn(1, 1, 24)
-    assert torch.equal(ours(x), peft_model(x))
+    with torch.no_grad():
+        assert torch.equal(ours(x), peft_model(x))
 
     peft_model, ours = lora_pair(dropout=0.5)
     x = torch.randn(3, 50, 24)
@@ -102,6 +104,28 @@ def test_small_calls_and_active_dropout_keep_peft_forward() -> None:
     peft_model.eval()
     ours.eval()  # dropout off: the merged matmul applies again
     torch.testing.assert_close(ours(x), peft_model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_small_training_forward_takes_the_merged_path_too(monkeypatch: Any) -> None:
+    """With grad the size does not decide: every rank of a ZeRO-2 job must build the same
+    graph, whatever its share of a micro-batch (tests/trainer_core/test_distributed_methods.py
+    shows what a 2 + 1-row split did when it did not). Same numbers within fp32 rounding."""
+    peft_model, ours = lora_pair()
+    x = torch.randn(1, 1, 24)
+    calls = []
+    real = lora_matmul._MergedLoraLinear.apply
+
+    def counting(*args: Any) -> torch.Tensor:
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(lora_matmul._MergedLoraLinear, "apply", counting)
+    dx, g = grads(ours, x)
+    dx_ref, g_ref = grads(peft_model, x)
+    assert calls, "a one-token training forward took peft's path"
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-5)
+    for key in g_ref:
+        torch.testing.assert_close(g[key], g_ref[key], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("trainable_base", [False, True])

@@ -1,0 +1,99 @@
+"""kto, orpo, simpo (and dpo) in 2 CPU processes under DeepSpeed ZeRO-2 compute the
+1-process run.
+
+They share the loop's distributed step (``loop.Run.train_step``): each rank computes its
+share of every micro-batch against the whole step's normalisers, and KTO's baseline z is the
+whole micro-batch's mean over the ranks (``distributed.mean_over_ranks``). Batches of 3 rows
+split 2 + 1 between the ranks, and the data leaves a micro-batch of one row (7 pairs; KTO's
+10 rows), so one rank also runs the weight-0 stand-in row. The uneven split is what once
+broke ZeRO-2: LoRA layers chose their forward by size, so the ranks built different graphs
+and ZeRO-2 paired up the wrong gradients (``lora_matmul``; dpo is here for that).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import trainer_core
+from tests.trainer_core.cli_run import run_cli
+from tests.trainer_core.conftest import write_jsonl
+from tests.trainer_core.hyperparameters import COMMON
+from trainer_core.seams import FolderCheckpointStore, ListSink
+from trainer_core.specs import TrainSpec
+
+pytest.importorskip("deepspeed")
+pytestmark = pytest.mark.slow
+
+BETA = {
+    "kto": {"beta": 0.1},
+    "orpo": {"beta": 0.1},
+    "simpo": {"beta": 2.0, "gamma": 0.5},
+    "dpo": {},
+}
+EXTRA = {
+    "kto": {"desirable_weight": 1.0, "undesirable_weight": 1.0},
+    "orpo": {},
+    "simpo": {},
+    "dpo": {
+        "beta": 0.1,
+        "loss_type": ["sigmoid"],
+        "loss_weights": None,
+        "label_smoothing": 0.0,
+        "precompute_ref_log_probs": False,
+    },
+}
+PAIRS = {"kto": 5, "orpo": 7, "simpo": 7, "dpo": 7}  # KTO: two rows a pair
+
+
+def run_here(spec: dict[str, Any], tmp: Path) -> list[tuple[int, dict[str, float]]]:
+    """The 1-process run, in this process (the 2-process one needs the launcher)."""
+    sink = ListSink()
+    trainer_core.run(TrainSpec.model_validate(spec), sink, FolderCheckpointStore(tmp / "one"))
+    return sink.points
+
+
+def pairs(n: int) -> list[dict[str, Any]]:
+    names = ["Ada", "Bo", "Cy", "Di", "Ed", "Flo", "Gus"][:n]
+    return [
+        {
+            "prompt": f"Does {name} like tea?",
+            "chosen": f" Yes, {name} likes tea.",
+            "rejected": f" No, {name} hates it.",
+        }
+        for name in names
+    ]
+
+
+@pytest.mark.parametrize("method", ["kto", "orpo", "simpo", "dpo"])
+def test_zero2_in_two_processes_matches_one_process(
+    method: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    spec = {
+        "method": method,
+        "model": str(tiny_model),
+        "train_file": str(write_jsonl(tmp_path / "pairs.jsonl", pairs(PAIRS[method]))),
+        "seed": 0,
+        "max_seq_len": 64,
+        "num_threads": 1,
+        "adapter": {"type": "lora", "r": 8, "alpha": 16},
+        "hyperparameters": {
+            **COMMON,
+            "n_epochs": 2,
+            "batch_size": 3,
+            **BETA[method],
+            **EXTRA[method],
+        },
+    }
+    one = [values for _, values in run_here(spec, tmp_path)]
+    two = run_cli(tmp_path, "two", {**spec, "resources": {"gpus": 2, "zero_stage": 2}}, 2)
+    assert len(one) == len(two) >= 4
+    # The run learns something, so equal curves are not two flat lines.
+    assert one[-1]["train_loss"] != pytest.approx(one[0]["train_loss"], rel=1e-3)
+    for step, (a, b) in enumerate(zip(one, two, strict=True), start=1):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4), (method, step)
+        assert b["num_tokens"] == a["num_tokens"], (method, step)
+        if method == "kto":
+            assert b["kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-6), step
