@@ -19,10 +19,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer_core import graders
 from trainer_core.graders import (
     GraderError,
     bleu_score,
+    definitions,
     fuzzy_ratio,
     gleu_score,
     grader_to_reward_functions,
@@ -30,7 +30,9 @@ from trainer_core.graders import (
     rouge_l_score,
     rouge_n_score,
     run_grader,
+    running,
     score,
+    similarity,
     validate_reward_functions,
 )
 
@@ -112,7 +114,7 @@ def test_bit_parallel_lcs_equals_dynamic_programming() -> None:
     for _ in range(300):
         a = "".join(rng.choice("abc") for _ in range(rng.randint(0, 25)))
         b = "".join(rng.choice("abcd") for _ in range(rng.randint(0, 25)))
-        assert graders._lcs_length(a, b) == lcs(a, b), (a, b)
+        assert similarity.lcs_length(a, b) == lcs(a, b), (a, b)
 
 
 def test_bleu_is_sacrebleu_sentence_bleu() -> None:
@@ -434,7 +436,8 @@ def test_regex() -> None:
 def test_a_backtracking_regex_fails_the_step_instead_of_hanging(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(graders, "REGEX_TIMEOUT_S", 0.5)
+    # Patched where it is read: the package does not re-export its limits.
+    monkeypatch.setattr(running, "REGEX_TIMEOUT_S", 0.5)
     start = time.monotonic()
     err = error(score, [{"type": "regex", "pattern": r"^(a+)+$"}], [{}], ["a" * 64 + "b"])
     assert time.monotonic() - start < 5
@@ -697,7 +700,7 @@ def test_a_failing_endpoint_fails_the_step_clearly(
 def test_an_oversized_answer_fails_clearly(
     reward_server: RewardServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(graders, "MAX_HTTP_RESPONSE_BYTES", 8)  # {"rewards": [1.0]} is 17
+    monkeypatch.setattr(running, "MAX_HTTP_RESPONSE_BYTES", 8)  # {"rewards": [1.0]} is 17
     function = {"type": "http", "url": reward_server.url("/ok")}
     err = error(score, [function], [{}], ["a"], http_allowed_hosts=[reward_server.host])
     assert "answered more than 8 bytes" in str(err)
@@ -750,7 +753,7 @@ _fields = st.sampled_from(
 )
 _grader = st.builds(
     lambda kind, fields: {"type": kind, **fields},
-    st.sampled_from([*graders._NORMALISERS, "nope"]) | _json,
+    st.sampled_from([*definitions.NORMALISERS, "nope"]) | _json,
     st.dictionaries(_fields, _json | st.just(OUT) | st.just("{{item.a}}"), max_size=6),
 )
 
