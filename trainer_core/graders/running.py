@@ -1,23 +1,23 @@
 """What runs outside this interpreter: regexes in a child interpreter that is killed when it
 runs too long, ``http`` reward functions at an allowed host, and trained reward models
-through the caller's function (the worker's; the API has none).
+through the caller's function (the worker's; the API has none). http requests go only
+where ``trainer_core.outbound`` allows, to the address it checked.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import re
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
+from trainer_core import outbound
 from trainer_core.graders.fields import GraderError, float_list
 from trainer_core.graders.templates import Sample, no_constant, render
 
@@ -141,89 +141,69 @@ def _sigmoid(x: float) -> float:
     return z / (1.0 + z)
 
 
-def _parse_host_entry(entry: str) -> tuple[str, int | None]:
-    entry = entry.strip().lower()
-    if entry.startswith("["):
-        host, _, rest = entry[1:].partition("]")
-        port = rest.removeprefix(":")
-        return host, int(port) if port.isdigit() else None
-    if entry.count(":") == 1:
-        host, _, port = entry.partition(":")
-        return host, int(port) if port.isdigit() else None
-    return entry, None
+# The setting that lists the hosts http reward functions may reach, named in refusals.
+HOSTS_SETTING = "ALIGND_REWARD_HTTP_ALLOWED_HOSTS"
 
 
-def allowed_url(url: str, hosts: Sequence[str], param: str) -> None:
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    for entry in hosts:
-        if not entry.strip():
-            continue
-        allowed_host, allowed_port = _parse_host_entry(entry)
-        if allowed_host == host and allowed_port in (None, port):
-            return
-    listed = ", ".join(h for h in hosts if h.strip()) or "none"
-    raise GraderError(
-        param,
-        f"http reward function URL host '{host}:{port}' is not on this server's allowlist "
-        f"(ALIGND_REWARD_HTTP_ALLOWED_HOSTS; allowed: {listed}). Ask the operator to add it.",
-    )
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    # A redirect could lead off the allowlist: it is an error, never followed.
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+def allowed_url(url: str, hosts: Sequence[str], param: str) -> outbound.Destination:
+    """Where an http function's ``url`` may be sent: the outbound host policy with the
+    operator's allowlist and no other public hosts (docs/operations.md, "Outbound requests")."""
+    try:
+        policy = outbound.HostPolicy.from_entries(hosts, allow_public=False, setting=HOSTS_SETTING)
+    except ValueError as exc:
+        raise GraderError(param, f"{HOSTS_SETTING} has a malformed entry: {exc}.") from None
+    try:
+        return outbound.check(policy, url)
+    except outbound.Refused as exc:
+        listed = ", ".join(h.strip() for h in hosts if h.strip()) or "none"
+        raise GraderError(
+            param,
+            f"http reward function URL refused: {exc}; allowed: {listed}. "
+            "Ask the operator to add it.",
+        ) from None
 
 
 def evaluate_http(
     function: dict[str, Any], samples: list[Sample], env: Env, param: str
 ) -> list[float]:
     url = function["url"]
-    allowed_url(url, env.http_allowed_hosts, f"{param}.url")
+    destination = allowed_url(url, env.http_allowed_hosts, f"{param}.url")
     timeout = min(function.get("timeout_s", env.http_timeout_s), env.http_timeout_s)
     body = json.dumps(
         {"items": [dict(s.item) for s in samples], "completions": [s.output_text for s in samples]}
     ).encode()
-    request = urllib.request.Request(
-        url,
-        data=body,
-        method="POST",
-        headers={"Content-Type": "application/json", "User-Agent": "alignd-grader"},
-    )
+    headers = {"Content-Type": "application/json", "User-Agent": "alignd-grader"}
     who = f"http reward function '{function['name']}' ({url})"
     deadline = time.monotonic() + timeout
+    connection = outbound.connection(destination, timeout)
     try:
-        with _OPENER.open(request, timeout=timeout) as response:
-            chunks: list[bytes] = []
-            size = 0
-            while chunk := response.read(65536):
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > MAX_HTTP_RESPONSE_BYTES:
-                    raise GraderError(
-                        f"{param}.url", f"{who} answered more than {MAX_HTTP_RESPONSE_BYTES} bytes."
-                    )
-                if time.monotonic() > deadline:
-                    raise TimeoutError
-    except urllib.error.HTTPError as exc:
-        detail = exc.read(500).decode(errors="replace") if exc.fp else ""
-        raise GraderError(
-            f"{param}.url", f"{who} answered HTTP {exc.code}: {detail}".rstrip(": ")
-        ) from None
+        connection.request("POST", destination.target, body=body, headers=headers)
+        response = connection.getresponse()
+        if not 200 <= response.status < 300:
+            # A redirect too: it could lead off the allowlist, so it is an error, never followed.
+            detail = response.read(500).decode(errors="replace")
+            raise GraderError(
+                f"{param}.url", f"{who} answered HTTP {response.status}: {detail}".rstrip(": ")
+            )
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := response.read(65536):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_HTTP_RESPONSE_BYTES:
+                raise GraderError(
+                    f"{param}.url", f"{who} answered more than {MAX_HTTP_RESPONSE_BYTES} bytes."
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError
     except GraderError:
         raise
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        if isinstance(exc, TimeoutError) or isinstance(reason, TimeoutError):
-            raise GraderError(
-                f"{param}.url", f"{who} did not answer within {timeout:g}s."
-            ) from None
-        raise GraderError(f"{param}.url", f"{who} could not be reached: {reason}.") from None
+    except TimeoutError:
+        raise GraderError(f"{param}.url", f"{who} did not answer within {timeout:g}s.") from None
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        raise GraderError(f"{param}.url", f"{who} could not be reached: {exc}.") from None
+    finally:
+        connection.close()
     try:
         answer = json.loads(b"".join(chunks), parse_constant=no_constant)
     except ValueError:
