@@ -7,13 +7,14 @@ the same code distributed.
 
 from __future__ import annotations
 
-import ipaddress
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from trainer_core import outbound
 
 LOCAL_OWNER = "local"
 
@@ -80,9 +81,11 @@ class Settings(BaseSettings):
     job_log_level: str = "INFO"
     job_log_max_lines: int = Field(100_000, ge=1)
 
-    # Webhooks. Hosts (or host:port, or CIDR networks) that webhook URLs may name even when
-    # they resolve to private, loopback or link-local addresses, comma-separated. Such
-    # addresses are refused otherwise (no server-side request forgery into the private net).
+    # Webhooks. Hosts (host, host:port, or CIDR networks), comma-separated, that webhook URLs
+    # may name even when they resolve to private, loopback or link-local addresses, which are
+    # refused otherwise (no server-side request forgery into the private net). The rules are
+    # trainer_core/outbound.py's, shared with http reward functions (docs/operations.md,
+    # "Outbound requests").
     webhook_allowed_hosts: str = ""
     # False: only the hosts listed above may receive webhooks at all.
     webhook_allow_public_hosts: bool = True
@@ -97,9 +100,10 @@ class Settings(BaseSettings):
     webhook_concurrency: int = Field(4, ge=1)
 
     # "http" reward functions (docs/methods.md, "Reward functions") may POST only to these
-    # hosts: "host" (any port) or "host:port", comma-separated in the environment. Empty
-    # refuses every http reward function. The timeout is the default and the maximum a
-    # function may ask for.
+    # hosts: "host" (any port), "host:port" or a CIDR network, comma-separated in the
+    # environment; no other host, public or not. Empty refuses every http reward function.
+    # Same rules as webhooks (docs/operations.md, "Outbound requests"). The timeout is the
+    # default and the maximum a function may ask for.
     reward_http_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     reward_http_timeout_s: float = Field(10.0, gt=0, le=600)
 
@@ -111,8 +115,7 @@ class Settings(BaseSettings):
     @classmethod
     def _allowed_hosts(cls, value: str) -> str:
         for entry in filter(None, (part.strip() for part in value.split(","))):
-            if "/" in entry:
-                ipaddress.ip_network(entry, strict=False)  # a bad network fails at start
+            outbound.parse_entry(entry)  # a malformed entry fails at start, not at a request
         return value
 
     @field_validator("reward_http_allowed_hosts", mode="before")
@@ -120,6 +123,13 @@ class Settings(BaseSettings):
     def _reward_hosts(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("reward_http_allowed_hosts", mode="after")
+    @classmethod
+    def _reward_hosts_parse(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            outbound.parse_entry(entry)  # as above
         return value
 
     @field_validator("data_dir", "models_dir", mode="after")

@@ -11,8 +11,10 @@ the openai SDK's ``client.webhooks.unwrap`` verifies: headers ``webhook-id``,
 ``webhook-timestamp`` and ``webhook-signature: v1,<base64 HMAC-SHA256(key, "{id}.{ts}.{body}")>``
 where ``key`` is the base64-decoded part of the ``whsec_`` secret.
 
-URLs are checked against the operator's policy (``ALIGND_WEBHOOK_ALLOWED_HOSTS``) at create and
-update, and again right before every attempt (DNS may have changed meanwhile).
+URLs are checked against the outbound host policy (``trainer_core.outbound``, configured by
+``ALIGND_WEBHOOK_ALLOWED_HOSTS`` and ``ALIGND_WEBHOOK_ALLOW_PUBLIC_HOSTS``) at create and update,
+and again right before every attempt (DNS may have changed meanwhile); the attempt connects to
+the address that check approved.
 """
 
 from __future__ import annotations
@@ -20,17 +22,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import ipaddress
+import http.client
 import json
 import secrets
-import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -38,6 +37,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.errors import from_validation_error, invalid, not_found
 from api.models import WebhookDelivery, WebhookEndpoint, now
 from api.settings import Settings
+from trainer_core import outbound
 
 # OpenAI's three, plus ours.
 EVENT_TYPES = (
@@ -111,97 +111,23 @@ def active_secrets(endpoint: WebhookEndpoint) -> list[str]:
 # URL policy
 
 
-class UrlRefused(ValueError):
-    """The URL may not receive webhooks; the message says why. ``transient``: its host did
-    not resolve, which may pass (an attempt is retried; a create is still refused)."""
-
-    def __init__(self, message: str, *, transient: bool = False) -> None:
-        super().__init__(message)
-        self.transient = transient
-
-
-@dataclass(frozen=True)
-class HostPolicy:
-    names: frozenset[str]  # "host" (any port) or "host:port", lower case
-    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-    allow_public: bool
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> HostPolicy:
-        names: set[str] = set()
-        networks = []
-        for raw in settings.webhook_allowed_hosts.split(","):
-            entry = raw.strip().lower()
-            if not entry:
-                continue
-            if "/" in entry:
-                networks.append(ipaddress.ip_network(entry, strict=False))
-            elif entry.startswith("["):  # [v6 address] or [v6 address]:port
-                address, _, rest = entry[1:].partition("]")
-                names.add(address + (rest if rest.startswith(":") else ""))
-            else:
-                names.add(entry)
-        return cls(frozenset(names), tuple(networks), settings.webhook_allow_public_hosts)
-
-    def listed(self, host: str, port: int) -> bool:
-        return host in self.names or f"{host}:{port}" in self.names
-
-    def in_networks(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-        return any(address in network for network in self.networks)
+def host_policy(settings: Settings) -> outbound.HostPolicy:
+    return outbound.HostPolicy.from_entries(
+        settings.webhook_allowed_hosts.split(","),
+        allow_public=settings.webhook_allow_public_hosts,
+        setting="ALIGND_WEBHOOK_ALLOWED_HOSTS",
+    )
 
 
-def _resolve(host: str, port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    try:
-        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise UrlRefused(f"the host '{host}' does not resolve ({exc})", transient=True) from None
-    addresses = []
-    for info in infos:
-        address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        addresses.append(address)
-    return addresses
-
-
-def check_url(settings: Settings, url: str) -> None:
-    """Raise ``UrlRefused`` unless the operator's policy lets webhooks go to ``url``."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise UrlRefused(f"not a valid URL ({exc})") from None
-    if parts.scheme not in ("http", "https"):
-        raise UrlRefused("only http and https URLs can receive webhooks")
-    host = (parts.hostname or "").lower()
-    if not host:
-        raise UrlRefused("the URL has no host")
-    if parts.username is not None or parts.password is not None:
-        raise UrlRefused("credentials in the URL are not supported; deliveries are signed")
-    port = port or (443 if parts.scheme == "https" else 80)
-    policy = HostPolicy.from_settings(settings)
-    if policy.listed(host, port):
-        return
-    addresses = _resolve(host, port)
-    if policy.networks and all(policy.in_networks(a) for a in addresses):
-        return
-    if not policy.allow_public:
-        raise UrlRefused(
-            f"the host '{host}' is not in the server's webhook allowlist "
-            "(ALIGND_WEBHOOK_ALLOWED_HOSTS)"
-        )
-    for address in addresses:
-        if not address.is_global or address.is_multicast:
-            raise UrlRefused(
-                f"the host '{host}' resolves to a private, loopback or link-local address "
-                f"({address}); the server's operator can allow it in ALIGND_WEBHOOK_ALLOWED_HOSTS"
-            )
+def check_url(settings: Settings, url: str) -> outbound.Destination:
+    """Where the operator's policy lets webhooks for ``url`` go; ``outbound.Refused`` if not."""
+    return outbound.check(host_policy(settings), url)
 
 
 def validate_url(settings: Settings, url: str) -> str:
     try:
         check_url(settings, url)
-    except UrlRefused as exc:
+    except outbound.Refused as exc:
         raise invalid(f"Webhook URL refused: {exc}.", param="url", code="invalid_url") from None
     return url
 
@@ -469,23 +395,34 @@ class AttemptResult:
 def post(
     settings: Settings, url: str, secrets_: Sequence[str], msg_id: str, body: str
 ) -> AttemptResult:
-    """One signed POST. Redirects are not followed (a 3xx is a failed attempt)."""
+    """One signed POST, to the address the host policy checked just now. Redirects are not
+    followed (a 3xx is a failed attempt)."""
     started = time.monotonic()
     try:
-        check_url(settings, url)
-    except UrlRefused as exc:
+        destination = check_url(settings, url)
+    except outbound.Refused as exc:
         return AttemptResult(None, f"refused: {exc}", 0, permanent=not exc.transient)
+    connection = outbound.connection(destination, settings.webhook_timeout_s)
     try:
-        with httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False) as client:
-            response = client.post(
-                url, content=body.encode(), headers=signed_headers(secrets_, msg_id, body)
-            )
-        code = response.status_code
-        error = None if 200 <= code < 300 else f"HTTP {code}: {response.text[:200]}"
+        connection.request(
+            "POST",
+            destination.target,
+            body=body.encode(),
+            headers=signed_headers(secrets_, msg_id, body),
+        )
+        response = connection.getresponse()
+        code = response.status
+        error = None
+        if not 200 <= code < 300:
+            # 200 characters of the answer say enough; reading no more bounds a huge one.
+            text = response.read(800).decode(errors="replace")[:200]
+            error = f"HTTP {code}: {text}"
         return AttemptResult(code, error, int((time.monotonic() - started) * 1000))
-    except httpx.HTTPError as exc:
+    except (OSError, http.client.HTTPException) as exc:
         message = f"{exc.__class__.__name__}: {exc}"[:MAX_ERROR_CHARS]
         return AttemptResult(None, message, int((time.monotonic() - started) * 1000))
+    finally:
+        connection.close()
 
 
 def backoff_s(settings: Settings, attempts: int) -> float:

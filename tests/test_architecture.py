@@ -2,7 +2,8 @@
 
 - trainer_core imports nothing of api, worker, SQLAlchemy, Celery or FastAPI.
 - api imports no torch (nor transformers/peft), directly or through what it imports.
-- trainer_core's __init__, specs, seams and formats import no torch, so the API can use them.
+- trainer_core's __init__, specs, seams, formats, graders and outbound import no torch, so the
+  API can use them.
 - api/__init__.py stays empty, so the worker can import api.models without the routes.
 """
 
@@ -68,7 +69,14 @@ def test_api_source_imports_no_torch() -> None:
             "api.catalog",
             "api.migration",
         ],
-        ["trainer_core", "trainer_core.specs", "trainer_core.seams", "trainer_core.formats"],
+        [
+            "trainer_core",
+            "trainer_core.specs",
+            "trainer_core.seams",
+            "trainer_core.formats",
+            "trainer_core.graders",
+            "trainer_core.outbound",
+        ],
     ],
 )
 def test_light_modules_load_no_torch_at_run_time(modules: list[str]) -> None:

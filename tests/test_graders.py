@@ -19,10 +19,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer_core import graders
+from tests.test_outbound import CASE_IDS, HOST_CASES, rebinding_dns
 from trainer_core.graders import (
     GraderError,
     bleu_score,
+    definitions,
     fuzzy_ratio,
     gleu_score,
     grader_to_reward_functions,
@@ -30,7 +31,9 @@ from trainer_core.graders import (
     rouge_l_score,
     rouge_n_score,
     run_grader,
+    running,
     score,
+    similarity,
     validate_reward_functions,
 )
 
@@ -112,7 +115,7 @@ def test_bit_parallel_lcs_equals_dynamic_programming() -> None:
     for _ in range(300):
         a = "".join(rng.choice("abc") for _ in range(rng.randint(0, 25)))
         b = "".join(rng.choice("abcd") for _ in range(rng.randint(0, 25)))
-        assert graders._lcs_length(a, b) == lcs(a, b), (a, b)
+        assert similarity.lcs_length(a, b) == lcs(a, b), (a, b)
 
 
 def test_bleu_is_sacrebleu_sentence_bleu() -> None:
@@ -434,7 +437,8 @@ def test_regex() -> None:
 def test_a_backtracking_regex_fails_the_step_instead_of_hanging(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(graders, "REGEX_TIMEOUT_S", 0.5)
+    # Patched where it is read: the package does not re-export its limits.
+    monkeypatch.setattr(running, "REGEX_TIMEOUT_S", 0.5)
     start = time.monotonic()
     err = error(score, [{"type": "regex", "pattern": r"^(a+)+$"}], [{}], ["a" * 64 + "b"])
     assert time.monotonic() - start < 5
@@ -697,7 +701,7 @@ def test_a_failing_endpoint_fails_the_step_clearly(
 def test_an_oversized_answer_fails_clearly(
     reward_server: RewardServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(graders, "MAX_HTTP_RESPONSE_BYTES", 8)  # {"rewards": [1.0]} is 17
+    monkeypatch.setattr(running, "MAX_HTTP_RESPONSE_BYTES", 8)  # {"rewards": [1.0]} is 17
     function = {"type": "http", "url": reward_server.url("/ok")}
     err = error(score, [function], [{}], ["a"], http_allowed_hosts=[reward_server.host])
     assert "answered more than 8 bytes" in str(err)
@@ -710,6 +714,52 @@ def test_an_unreachable_endpoint_fails_clearly() -> None:
     function = {"type": "http", "url": f"http://127.0.0.1:{port}/ok"}
     err = error(score, [function], [{}], ["a"], http_allowed_hosts=[f"127.0.0.1:{port}"])
     assert "could not be reached" in str(err)
+
+
+@pytest.mark.parametrize(
+    ("case", "url", "entries", "webhooks", "rewards"), HOST_CASES, ids=CASE_IDS
+)
+def test_http_reward_hosts_follow_the_outbound_policy(
+    case: str, url: str, entries: str, webhooks: bool, rewards: bool
+) -> None:
+    """The shared table (tests/test_outbound.py): reward functions reach listed hosts only,
+    by name, host:port or CIDR, never another public host."""
+    function = {"type": "http", "url": url}
+    hosts = [entry for entry in entries.split(",") if entry]
+    if rewards:
+        assert validate_reward_functions([function], http_allowed_hosts=hosts)[0]["url"] == url
+    else:
+        err = error(validate_reward_functions, [function], http_allowed_hosts=hosts)
+        assert err.param == "reward_functions[0].url"
+        assert "ALIGND_REWARD_HTTP_ALLOWED_HOSTS" in str(err)
+
+
+def test_an_http_reward_goes_to_the_address_that_was_checked(
+    reward_server: RewardServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The name resolves into the listed network for the check, then (were it looked up again)
+    # to a documentation address nothing answers on.
+    given = rebinding_dns(monkeypatch, "rewards.rebind.test", ["127.0.0.1", "192.0.2.1"])
+    url = f"http://rewards.rebind.test:{reward_server.port}/ok"
+    function = {"type": "http", "url": url, "timeout_s": 2}
+    assert score([function], [{}], ["abc"], http_allowed_hosts=["127.0.0.0/8"]).total == [3.0]
+    assert given == ["127.0.0.1"]
+
+
+def test_an_http_reward_ignores_proxies_from_the_environment(
+    reward_server: RewardServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A proxy would make its own lookup of the host, after ours: nothing listens on port 9.
+    for variable in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(variable, "http://127.0.0.1:9")
+    function = {"type": "http", "url": reward_server.url("/ok")}
+    assert score([function], [{}], ["ab"], http_allowed_hosts=[reward_server.host]).total == [2.0]
+
+
+def test_a_malformed_allowlist_entry_is_an_error_naming_the_setting() -> None:
+    function = {"type": "http", "url": "http://rewards.internal:8080/x"}
+    err = error(validate_reward_functions, [function], http_allowed_hosts=["rewards.internal:x"])
+    assert "ALIGND_REWARD_HTTP_ALLOWED_HOSTS has a malformed entry" in str(err)
 
 
 # -- robustness -----------------------------------------------------------------------------
@@ -750,7 +800,7 @@ _fields = st.sampled_from(
 )
 _grader = st.builds(
     lambda kind, fields: {"type": kind, **fields},
-    st.sampled_from([*graders._NORMALISERS, "nope"]) | _json,
+    st.sampled_from([*definitions.NORMALISERS, "nope"]) | _json,
     st.dictionaries(_fields, _json | st.just(OUT) | st.just("{{item.a}}"), max_size=6),
 )
 

@@ -12,6 +12,7 @@ import openai
 import pytest
 from openai.types.fine_tuning.alpha import GraderRunResponse, GraderValidateResponse
 from openai.types.graders import MultiGrader, StringCheckGrader
+from pydantic import ValidationError
 
 from api.migration import upgrade
 from api.settings import Settings
@@ -248,3 +249,13 @@ def test_the_allowlist_setting_reads_a_comma_separated_environment_variable(
     assert settings.reward_http_timeout_s == 2.5
     monkeypatch.setenv("ALIGND_REWARD_HTTP_ALLOWED_HOSTS", "")
     assert Settings().reward_http_allowed_hosts == []
+
+
+def test_a_malformed_allowlist_entry_fails_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    for entry in ("rewards.internal:http", "10.0.0.0/33", "[::1]8000"):
+        monkeypatch.setenv("ALIGND_REWARD_HTTP_ALLOWED_HOSTS", f"rewards.internal, {entry}")
+        with pytest.raises(ValidationError):
+            Settings()
+    # CIDR entries are allowlist entries too (docs/operations.md, "Outbound requests").
+    monkeypatch.setenv("ALIGND_REWARD_HTTP_ALLOWED_HOSTS", "10.20.0.0/16,[::1]:8000")
+    assert Settings().reward_http_allowed_hosts == ["10.20.0.0/16", "[::1]:8000"]

@@ -21,12 +21,16 @@ from typing import Any
 import openai
 import psycopg
 import pytest
+from pydantic import ValidationError
 
 from api.db import make_engine, make_sessionmaker
+from api.errors import APIError
 from api.migration import upgrade
 from api.models import Job, new_id, now
 from api.settings import Settings
+from api.webhooks import new_secret, post, validate_url
 from tests.conftest import PG_ADMIN, Api, WorkerProcess, chat_rows
+from tests.test_outbound import CASE_IDS, HOST_CASES, rebinding_dns
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -47,7 +51,8 @@ ALL_TYPES = [
 
 class Receiver:
     """An HTTP server on 127.0.0.1 that records every request; ``/flaky/N`` answers 500 to
-    its first N requests, ``/fail`` always 503, anything else 200."""
+    its first N requests, ``/fail`` always 503, ``/redirect`` 302 to ``/redirected``, anything
+    else 200."""
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, dict[str, str], bytes]] = []
@@ -65,7 +70,11 @@ class Receiver:
                     code = 500
                 elif self.path == "/fail":
                     code = 503
+                elif self.path == "/redirect":
+                    code = 302
                 self.send_response(code)
+                if code == 302:
+                    self.send_header("location", "/redirected")
                 self.send_header("content-length", "2")
                 self.end_headers()
                 self.wfile.write(b"ok")
@@ -388,6 +397,64 @@ def test_host_policy(pg_api: Api, stack: Stack, receiver: Receiver) -> None:
         json={"url": "http://localhost:1/x", "event_types": ["fine_tuning.job.failed"]},
     )
     assert unlisted.status_code == 400 and unlisted.json()["error"]["param"] == "url"
+
+
+@pytest.mark.parametrize(
+    ("case", "url", "entries", "webhooks", "rewards"), HOST_CASES, ids=CASE_IDS
+)
+def test_webhook_urls_follow_the_outbound_policy(
+    case: str, url: str, entries: str, webhooks: bool, rewards: bool
+) -> None:
+    """The shared table (tests/test_outbound.py): by default public hosts and listed ones;
+    with ALIGND_WEBHOOK_ALLOW_PUBLIC_HOSTS=false, listed ones only, as reward functions."""
+    for allow_public, expected in ((True, webhooks), (False, rewards)):
+        settings = Settings(webhook_allowed_hosts=entries, webhook_allow_public_hosts=allow_public)
+        if expected:
+            assert validate_url(settings, url) == url
+        else:
+            with pytest.raises(APIError) as caught:
+                validate_url(settings, url)
+            assert caught.value.param == "url", (case, allow_public)
+
+
+def test_a_delivery_goes_to_the_address_that_was_checked(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The name resolves into the listed network for the check, then (were it looked up again)
+    # to a documentation address nothing answers on.
+    given = rebinding_dns(monkeypatch, "hooks.rebind.test", ["127.0.0.1", "192.0.2.1"])
+    port = receiver.url.rsplit(":", 1)[1]
+    settings = Settings(webhook_allowed_hosts="127.0.0.0/8", webhook_timeout_s=2)
+    url = f"http://hooks.rebind.test:{port}/pinned"
+    result = post(settings, url, [new_secret()], "msg_pinned", '{"a": 1}')
+    assert result.status_code == 200, result.error
+    assert given == ["127.0.0.1"]
+    [(headers, body)] = receiver.at("/pinned")
+    assert headers["Host"] == f"hooks.rebind.test:{port}"  # the name, though sent to the address
+    assert body == b'{"a": 1}'
+
+
+def test_a_delivery_follows_no_redirect_and_no_proxy(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = Settings(webhook_allowed_hosts="127.0.0.1")
+    redirected = post(settings, f"{receiver.url}/redirect", [new_secret()], "msg_r", "{}")
+    assert redirected.status_code == 302 and not redirected.ok
+    assert redirected.error is not None and redirected.error.startswith("HTTP 302")
+    assert receiver.at("/redirected") == []
+    # A proxy would make its own lookup of the host, after ours: nothing listens on port 9.
+    for variable in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(variable, "http://127.0.0.1:9")
+    direct = post(settings, f"{receiver.url}/direct", [new_secret()], "msg_d", "{}")
+    assert direct.status_code == 200, direct.error
+    assert len(receiver.at("/direct")) == 1
+
+
+def test_a_malformed_allowlist_entry_fails_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    for entry in ("10.0.0.0/33", "hooks.internal:http", "[::1"):
+        monkeypatch.setenv("ALIGND_WEBHOOK_ALLOWED_HOSTS", f"hooks.internal, {entry}")
+        with pytest.raises(ValidationError):
+            Settings()
 
 
 def test_another_owners_endpoint_is_404(stack: Stack, receiver: Receiver) -> None:
