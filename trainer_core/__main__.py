@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from trainer_core import run as run_training
-    from trainer_core.distributed import NullSink
+    from trainer_core.seams import NullSink
 
     spec = TrainSpec.model_validate_json(args.spec.read_text())
     main_rank = int(os.environ.get("RANK", "0")) == 0

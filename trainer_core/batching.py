@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer_core.data import SupervisedExample
+from trainer_core.supervised_data import SupervisedExample
 
 Step = list[list[int]]  # the micro-batches (lists of example indices) of one optimizer step
 

@@ -23,7 +23,7 @@ How a step is split, so that N processes compute what one process would:
   and the schedule. A step may then hold fewer micro-batches (the last of an epoch).
 - Metrics are sums over each rank's rows, added up over the ranks (``all_reduce_sum``),
   so rank 0 logs what a single process would.
-- Only rank 0 writes metrics, events and checkpoints (the others get ``NullSink``);
+- Only rank 0 writes metrics, events and checkpoints (the others get ``seams.NullSink``);
   checkpoints are gathered first (ZeRO-3 parameters, every rank's optimizer partition)
   and written in the single-process format (``checkpoint.py``): a checkpoint saved here
   resumes under DeepSpeed or in one process alike.
@@ -427,18 +427,3 @@ def load_optimizer_state(
         if index in state:
             for key in ADAM_STATES:
                 safe_set_full_optimizer_state(param, state[index][key], key)
-
-
-class NullSink:
-    """The MetricSink of ranks other than 0: they compute what rank 0 reports."""
-
-    def start(self, total_steps: int) -> None:
-        pass
-
-    def metrics(self, step: int, values: Mapping[str, float]) -> None:
-        pass
-
-    def event(
-        self, message: str, *, level: str = "info", data: Mapping[str, Any] | None = None
-    ) -> None:
-        pass

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from trainer_core.batching import Batch
-from trainer_core.data import SupervisedExample
+from trainer_core.supervised_data import SupervisedExample
 
 
 def pack_bfd(lengths: Sequence[int], capacity: int) -> list[list[int]]:

@@ -8,7 +8,7 @@ Two row formats are accepted (the file validator calls both ``preference``):
   Without ``"prompt"`` the prompt is implicit: the leading messages (or, for strings, the
   leading characters) that ``chosen`` and ``rejected`` share, as TRL's ``extract_prompt``.
   If any of the three is a message list the row is conversational, and a bare string is then a
-  user message (prompt) or an assistant message (chosen/rejected), as in ``trainer_core.data``.
+  user message (prompt) or an assistant message (chosen/rejected), as in ``trainer_core.supervised_data``.
 
 Either may carry a numeric ``"margin"`` (reward modelling: how much better chosen is).
 
@@ -41,7 +41,7 @@ import torch
 from jinja2 import TemplateError
 
 from trainer_core import shared_prompt
-from trainer_core.data import (
+from trainer_core.supervised_data import (
     Message,
     _common_prefix_len,
     _encode,

@@ -25,9 +25,9 @@ from typing import Any
 
 from jinja2 import TemplateError
 
-from trainer_core.data import _encode, _messages, _render
 from trainer_core.seams import MetricSink
 from trainer_core.specs import TrainSpec
+from trainer_core.supervised_data import _encode, _messages, _render
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from trainer_core.adapters import _without_peft_deprecation_warning
-from trainer_core.data import Message, _encode, _messages, _render, _with_eos
 from trainer_core.models import check_model_source, load_tokenizer
+from trainer_core.supervised_data import Message, _encode, _messages, _render, _with_eos
 
 
 def load_reward_base(

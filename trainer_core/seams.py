@@ -76,6 +76,21 @@ class ListSink:
             print(f"[{level}] {message}", flush=True)
 
 
+class NullSink:
+    """A MetricSink that drops everything: ranks other than 0 compute what rank 0 reports."""
+
+    def start(self, total_steps: int) -> None:
+        pass
+
+    def metrics(self, step: int, values: Mapping[str, float]) -> None:
+        pass
+
+    def event(
+        self, message: str, *, level: str = "info", data: Mapping[str, Any] | None = None
+    ) -> None:
+        pass
+
+
 @dataclass
 class FolderCheckpointStore:
     """A CheckpointStore that moves each checkpoint to ``root/step-N`` (and ``root/final``)."""

@@ -31,8 +31,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
     try:
         import trainer_core
-        from trainer_core.distributed import NullSink
-        from trainer_core.seams import CheckpointStore, FolderCheckpointStore, MetricSink
+        from trainer_core.seams import CheckpointStore, FolderCheckpointStore, MetricSink, NullSink
         from trainer_core.specs import TrainSpec
 
         spec = TrainSpec.model_validate_json(Path(spec_path).read_text())

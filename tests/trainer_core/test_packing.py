@@ -9,8 +9,6 @@ import pytest
 import torch
 
 from trainer_core.batching import collate
-from trainer_core.data import SupervisedExample, tokenize_row
-from trainer_core.losses import sft_loss
 from trainer_core.methods.supervised import forward
 from trainer_core.models import load_model
 from trainer_core.packing import (
@@ -21,6 +19,8 @@ from trainer_core.packing import (
     pack_bfd,
     pack_examples,
 )
+from trainer_core.sft_loss import sft_loss
+from trainer_core.supervised_data import SupervisedExample, tokenize_row
 
 
 def test_best_fit_decreasing_by_hand() -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from trainer_core.batching import collate, epoch_steps, steps_per_epoch
-from trainer_core.data import SupervisedExample, load_supervised, tokenize_row
+from trainer_core.supervised_data import SupervisedExample, load_supervised, tokenize_row
 
 CONVERSATION: list[dict[str, Any]] = [
     {"role": "system", "content": "You are terse."},

@@ -18,12 +18,12 @@ from trainer_core import loop
 from trainer_core.__main__ import main
 from trainer_core.adapters import apply_adapter, load_trained
 from trainer_core.checkpoint import load_state
-from trainer_core.data import load_supervised
 from trainer_core.methods import supervised
 from trainer_core.models import load_model
 from trainer_core.optim import build_optimizer, build_scheduler
 from trainer_core.seams import FolderCheckpointStore, ListSink, RunResult
 from trainer_core.specs import TrainSpec
+from trainer_core.supervised_data import load_supervised
 
 METRIC_KEYS = {
     "train_loss",

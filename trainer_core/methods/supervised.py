@@ -30,14 +30,14 @@ from torch import nn
 from trainer_core import loop
 from trainer_core.adapters import load_trained
 from trainer_core.batching import Batch, collate
-from trainer_core.data import SupervisedExample, load_supervised
 from trainer_core.logprobs import keep_positions, kept_next_token_logps
-from trainer_core.losses import SftStats, sft_loss
 from trainer_core.models import load_tokenizer
 from trainer_core.packing import PackedRow, attention_inputs, collate_packed, pack_examples
 from trainer_core.placement import Placement
 from trainer_core.seams import RunResult
+from trainer_core.sft_loss import SftStats, sft_loss
 from trainer_core.specs import SupervisedHyperparameters
+from trainer_core.supervised_data import SupervisedExample, load_supervised
 
 
 @loop.method(SupervisedHyperparameters)
@@ -80,7 +80,7 @@ def train(job: loop.Job, hp: SupervisedHyperparameters) -> RunResult:
     for micro_batches in run.steps(lengths=[len(row.input_ids) for row in rows]):
         batches = [collate_rows(indices) for indices in micro_batches]
         # Normalise by the counted tokens of the whole step, so accumulating micro-batches
-        # gives the same gradient as one big batch (see losses.sft_loss), and the ranks'
+        # gives the same gradient as one big batch (see sft_loss.sft_loss), and the ranks'
         # shares of it add up to the whole (see distributed).
         normaliser = sum(batch.num_loss_tokens for batch in batches)
         loss = partial(step_loss, model, normaliser)

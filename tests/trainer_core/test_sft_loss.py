@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from trainer_core.batching import collate
-from trainer_core.data import SupervisedExample, tokenize_row
 from trainer_core.logprobs import (
     keep_positions,
     kept_next_token_logps,
     next_token_correct,
     next_token_logps,
 )
-from trainer_core.losses import sft_loss
 from trainer_core.models import load_model
+from trainer_core.sft_loss import sft_loss
+from trainer_core.supervised_data import SupervisedExample, tokenize_row
 
 
 def test_sft_loss_hand_worked() -> None:
