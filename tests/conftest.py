@@ -9,10 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -25,6 +22,7 @@ import pytest
 import redis
 import uvicorn
 
+from alignd.processes import free_port, start_alignd, stop_process_group
 from api.app import create_app
 from api.migration import upgrade
 from api.settings import LOCAL_OWNER, Settings
@@ -92,12 +90,6 @@ def settings_env(settings: Settings) -> dict[str, str]:
         if value:
             env[f"ALIGND_{key.upper()}"] = value
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def create_api_key(settings: Settings, owner: str = LOCAL_OWNER, name: str = "tests") -> str:
@@ -201,22 +193,15 @@ class WorkerProcess:
     ) -> None:
         self.log_path = log_path
         self.log = open(log_path, "wb")  # noqa: SIM115 -- open as long as the worker runs
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "alignd", "worker", *args],
+        self.proc = start_alignd(
+            ["worker", *args],
             env={**settings_env(settings), **(extra_env or {})},
             stdout=self.log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
         )
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process_group(self.proc, grace_s=20)
         self.log.close()
 
     def output(self) -> str:

@@ -5,6 +5,8 @@
 - trainer_core's __init__, specs, seams, formats, graders and outbound import no torch, so the
   API can use them.
 - api/__init__.py stays empty, so the worker can import api.models without the routes.
+- worker takes nothing from alignd but alignd.processes, which imports nothing of ours (the
+  API image ships alignd without worker; the worker must not load the CLI).
 """
 
 from __future__ import annotations
@@ -90,6 +92,19 @@ def test_light_modules_load_no_torch_at_run_time(modules: list[str]) -> None:
 
 def test_api_init_is_empty() -> None:
     assert (ROOT / "api" / "__init__.py").read_text().strip() == ""
+
+
+def test_worker_takes_only_the_process_helpers_from_alignd() -> None:
+    taken = {
+        name
+        for names in imported_modules("worker").values()
+        for name in names
+        if name.split(".")[0] == "alignd"
+    }
+    assert taken <= {"alignd.processes"}
+    helpers = imported_modules("alignd")[ROOT / "alignd" / "processes.py"]
+    ours = ("alignd", "api", "worker", "trainer_core")
+    assert sorted(name for name in helpers if name.split(".")[0] in ours) == []
 
 
 def test_methods_do_not_branch_on_method_names() -> None:
