@@ -11,7 +11,6 @@ Metric names are ours; TRL's are renamed (``TRL_NAMES``).
 
 from __future__ import annotations
 
-import copy
 import importlib
 import tempfile
 import time
@@ -301,7 +300,3 @@ _TRL_TRAINERS: dict[str, Callable[..., Any]] = {
     "dpo": _dpo_trainer,
     "reward_model": _reward_trainer,
 }
-
-
-def deep_copy_spec(spec: Any, **updates: Any) -> Any:
-    return copy.deepcopy(spec).model_copy(update=updates)
