@@ -66,6 +66,22 @@ def facts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "facts.jsonl", fact_rows())
 
 
+# For the online methods (grpo, rloo): a reward that is dense and learnable by a random model,
+# 1 / (1 + |chars − 8| / 8). Sixteen random tokens decode to ~40 characters, so the reward
+# starts near 0.2; a policy that emits EOS early or picks short tokens scores up to 1.
+LENGTH_REWARD = {"type": "length", "name": "short", "target": 8, "unit": "chars"}
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Eight chat prompts for the online methods."""
+    rows = [
+        {"messages": [{"role": "user", "content": f"Say something about number {i}."}]}
+        for i in range(8)
+    ]
+    return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", rows)
+
+
 MakeSpec = Callable[..., TrainSpec]
 
 

@@ -13,7 +13,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import trainer_core
+from tests.trainer_core.conftest import KeepModel, run
 from trainer_core import loop
 from trainer_core.__main__ import main
 from trainer_core.adapters import apply_adapter, load_trained
@@ -22,8 +22,7 @@ from trainer_core.data import load_supervised
 from trainer_core.methods import supervised
 from trainer_core.models import load_model
 from trainer_core.optim import build_optimizer, build_scheduler
-from trainer_core.seams import FolderCheckpointStore, ListSink, RunResult
-from trainer_core.specs import TrainSpec
+from trainer_core.seams import FolderCheckpointStore
 
 METRIC_KEYS = {
     "train_loss",
@@ -33,14 +32,6 @@ METRIC_KEYS = {
     "grad_norm",
     "epoch",
 }
-
-
-def run(
-    spec: TrainSpec, root: Path, should_stop: Any = None
-) -> tuple[RunResult, ListSink, FolderCheckpointStore]:
-    sink, store = ListSink(), FolderCheckpointStore(root)
-    result = trainer_core.run(spec, sink, store, should_stop)
-    return result, sink, store
 
 
 def test_gradient_accumulation_4x1_equals_1x4(make_spec: Any, tmp_path: Path) -> None:
@@ -96,16 +87,9 @@ def test_training_learns_the_facts(
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing`:FutureWarning")
 def test_lora_moves_the_adapter_only_and_reloads_exactly(
-    make_spec: Any, tiny_model: Path, facts_file: Path, tmp_path: Path, monkeypatch: Any
+    make_spec: Any, tiny_model: Path, facts_file: Path, tmp_path: Path, keep_model: KeepModel
 ) -> None:
-    trained: dict[str, Any] = {}
-    real_save = loop.save_checkpoint
-
-    def keep_model(store: Any, **kwargs: Any) -> None:
-        trained["model"] = kwargs["model"]  # the in-memory model, for comparison below
-        real_save(store, **kwargs)
-
-    monkeypatch.setattr(loop, "save_checkpoint", keep_model)
+    trained = keep_model(loop)  # the in-memory model, for comparison below
     spec = make_spec(
         adapter={"type": "lora", "r": 4, "alpha": 8},
         n_epochs=2,
