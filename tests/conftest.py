@@ -25,6 +25,7 @@ import uvicorn
 from alignd.processes import free_port, start_alignd, stop_process_group
 from api.app import create_app
 from api.migration import upgrade
+from api.models import Job, new_id, now
 from api.settings import LOCAL_OWNER, Settings
 
 PG_ADMIN = os.environ.get("ALIGND_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -103,6 +104,35 @@ def create_api_key(settings: Settings, owner: str = LOCAL_OWNER, name: str = "te
             return create_key(session, owner, name)[1]
     finally:
         engine.dispose()
+
+
+def job_row(**columns: Any) -> Job:
+    """A supervised job on the tiny model as the API stores one, ``columns`` replacing any of
+    its values: for tests that put a job in place without the API or a broker."""
+    defaults: dict[str, Any] = {
+        "id": new_id("ftjob"),
+        "owner": LOCAL_OWNER,
+        "created_at": now(),
+        "model": "tiny",
+        "status": "queued",
+        "training_file": "file-none",
+        "method": {"type": "supervised", "supervised": {"hyperparameters": {}}},
+        "extensions": {},
+        "seed": 1,
+        "result_files": [],
+        "cancel_requested": False,
+    }
+    return Job(**(defaults | columns))
+
+
+def insert_job(sessions: Callable[[], Any], **columns: Any) -> str:
+    """Insert ``job_row(**columns)`` and return its id. Nothing enqueues it: only a sweep
+    (queued, or running with a stale heartbeat) would hand it to a worker."""
+    job = job_row(**columns)
+    job_id = job.id  # read before the commit expires the row's attributes
+    with sessions() as session, session.begin():
+        session.add(job)
+    return job_id
 
 
 class Api:
