@@ -142,6 +142,19 @@ def run(
     return result, sink, store
 
 
+def stop_after(steps: int) -> ShouldStop:
+    """A should_stop that lets ``steps`` steps run and stops the run before the next one (it
+    is asked once before every step)."""
+    calls = 0
+
+    def should_stop() -> bool:
+        nonlocal calls
+        calls += 1
+        return calls > steps
+
+    return should_stop
+
+
 KeepModel = Callable[[ModuleType], dict[str, Any]]
 
 

@@ -10,7 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.trainer_core.conftest import KeepModel, MakeSpec, method_spec, run, write_jsonl
+from tests.trainer_core.conftest import (
+    KeepModel,
+    MakeSpec,
+    method_spec,
+    run,
+    stop_after,
+    write_jsonl,
+)
 from tests.trainer_core.hyperparameters import COMMON
 from trainer_core import loop
 from trainer_core.methods import dpo
@@ -261,14 +268,7 @@ def test_sft_term_adds_the_chosen_nll(make_dpo_spec: Any, tmp_path: Path) -> Non
 
 
 def test_should_stop_saves_the_current_step(make_dpo_spec: Any, tmp_path: Path) -> None:
-    calls = 0
-
-    def stop_after_two_steps() -> bool:
-        nonlocal calls
-        calls += 1
-        return calls > 2
-
-    result, sink, store = run(make_dpo_spec(batch_size=2), tmp_path, stop_after_two_steps)
+    result, sink, store = run(make_dpo_spec(batch_size=2), tmp_path, stop_after(2))
 
     assert (result.status, result.step, result.total_steps) == ("stopped", 2, 6)
     assert [(step, final) for step, _, _, final in store.saved] == [(2, False)]

@@ -14,7 +14,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from tests.trainer_core.conftest import OBJECTS, KeepModel, method_spec, run, yes_rows
+from tests.trainer_core.conftest import OBJECTS, KeepModel, method_spec, run, stop_after, yes_rows
 from tests.trainer_core.hyperparameters import COMMON
 from trainer_core import loop
 from trainer_core.methods import reward_model
@@ -254,17 +254,10 @@ def test_margin_and_centering_reach_the_loss(
 def test_should_stop_saves_the_current_step(
     tiny_model: Path, pair_files: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    calls = 0
-
-    def stop_after_two_steps() -> bool:
-        nonlocal calls
-        calls += 1
-        return calls > 2  # checked before every step: steps 1 and 2 run, step 3 does not
-
     train, _ = pair_files
     spec = make_spec(tiny_model, train, checkpoint_every=2)
 
-    result, sink, store = run(spec, tmp_path, stop_after_two_steps)
+    result, sink, store = run(spec, tmp_path, stop_after(2))
 
     assert (result.status, result.step, result.total_steps) == ("stopped", 2, 5)
     assert [(step, final) for step, _, _, final in store.saved] == [(2, False)]

@@ -13,7 +13,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.trainer_core.conftest import KeepModel, run
+from tests.trainer_core.conftest import KeepModel, run, stop_after
 from trainer_core import loop
 from trainer_core.__main__ import main
 from trainer_core.adapters import apply_adapter, load_trained
@@ -190,16 +190,9 @@ def test_same_seed_same_metrics(make_spec: Any, tmp_path: Path) -> None:
 def test_should_stop_saves_the_current_step(
     make_spec: Any, tmp_path: Path, checkpoint_every: int | None
 ) -> None:
-    calls = 0
-
-    def stop_after_two_steps() -> bool:
-        nonlocal calls
-        calls += 1
-        return calls > 2  # checked before every step: steps 1 and 2 run, step 3 does not
-
     spec = make_spec(batch_size=1, n_epochs=2, checkpoint_every=checkpoint_every)
 
-    result, sink, store = run(spec, tmp_path, stop_after_two_steps)
+    result, sink, store = run(spec, tmp_path, stop_after(2))
 
     assert (result.status, result.step, result.total_steps) == ("stopped", 2, 16)
     # One checkpoint at step 2, not final; with checkpoint_every=2 it is not saved twice.
