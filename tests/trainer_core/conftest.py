@@ -161,9 +161,9 @@ KeepModel = Callable[[ModuleType], dict[str, Any]]
 @pytest.fixture
 def keep_model(monkeypatch: pytest.MonkeyPatch) -> KeepModel:
     """``trained = keep_model(module)``: from then on, each checkpoint saved through
-    ``module.save_checkpoint`` (``trainer_core.loop`` for a method on the shared loop, the
-    method's own module for the others) also leaves the in-memory model it saved in
-    ``trained["model"]``, to compare with the base and with what a reload gives."""
+    ``module.save_checkpoint`` (``trainer_core.loop``, through which every method saves)
+    also leaves the in-memory model it saved in ``trained["model"]``, to compare with the
+    base and with what a reload gives."""
 
     def keep(module: ModuleType) -> dict[str, Any]:
         trained: dict[str, Any] = {}

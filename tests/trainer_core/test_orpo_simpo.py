@@ -17,7 +17,6 @@ from tests.trainer_core.conftest import OBJECTS, KeepModel, method_spec, run, ye
 from tests.trainer_core.hyperparameters import COMMON
 from trainer_core import loop
 from trainer_core.logprobs import next_token_logps
-from trainer_core.methods import orpo, simpo
 from trainer_core.models import load_model
 from trainer_core.preference_data import collate_pairs, load_preference
 from trainer_core.specs import OrpoHyperparameters, SimpoHyperparameters, TrainSpec
@@ -37,7 +36,6 @@ PAIR_KEYS = {
     "epoch",
 }
 METRIC_KEYS = {"orpo": PAIR_KEYS | {"nll_loss", "log_odds_ratio"}, "simpo": PAIR_KEYS}
-MODULES = {"orpo": orpo, "simpo": simpo}
 HYPERPARAMETERS: dict[str, tuple[type[BaseModel], dict[str, Any]]] = {
     "orpo": (OrpoHyperparameters, {"beta": 0.1}),
     "simpo": (SimpoHyperparameters, {"beta": 2.0, "gamma": 0.5}),
