@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -19,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from alignd.processes import start_alignd, stop_process_group
 
 
 def _settings() -> Any:
@@ -66,35 +67,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def start_worker_process(data_dir: Path) -> subprocess.Popen[bytes]:
     """The embedded worker: a child process (the API process must never import torch),
-    in its own process group so that stopping it also stops its pool children."""
+    in its own process group so that stopping it also stops its pool children, and told to
+    stop if `serve` dies without stopping it."""
     env = {**os.environ, "ALIGND_DATA_DIR": str(data_dir)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "alignd", "worker"], env=env, preexec_fn=_detach_but_die_with_parent
-    )
-
-
-def _detach_but_die_with_parent() -> None:
-    os.setsid()
-    # Linux: SIGTERM the worker if `serve` dies without cleaning up (SIGKILL, a crash).
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    return start_alignd(["worker"], env=env, dies_with_parent=True)
 
 
 def _exit_cleanly(_signum: int, _frame: Any) -> None:
     raise SystemExit(0)
-
-
-def stop_process_group(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -11,17 +11,16 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 from tqdm import tqdm
 
 from alignd.client import Client
+from alignd.processes import free_port, start_alignd, stop_process_group, wait_healthy
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
@@ -54,26 +53,6 @@ def write_jsonl(rows: list[dict[str, Any]], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_healthy(base: str, proc: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with code {proc.returncode}")
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"the server did not answer {base}/healthz within {timeout_s:.0f} s")
 
 
 def follow(client: Client, job_id: str, timeout_s: float = 1800) -> dict[str, Any]:
@@ -113,7 +92,6 @@ def metric_trail(client: Client, job_id: str) -> list[dict[str, Any]]:
 
 
 def run_demo(*, port: int = 0, model: str = "tiny-chat") -> int:
-    from alignd.cli import stop_process_group
     from api.keys import read_key_file
     from api.settings import load_settings
 
@@ -132,21 +110,11 @@ def run_demo(*, port: int = 0, model: str = "tiny-chat") -> int:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"starting alignd serve on {base} (data in {settings.data_dir}, log in {log_path}) ...")
     with open(log_path, "ab") as log:
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "alignd",
-                "serve",
-                "--port",
-                str(port),
-                "--log-level",
-                "warning",
-            ],
+        server = start_alignd(
+            ["serve", "--port", str(port), "--log-level", "warning"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
         )
     try:
         wait_healthy(base, server)

@@ -14,6 +14,7 @@ niced process takes the other, and torch's 2-thread regions wait for it to be pr
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -174,3 +175,24 @@ def table(results: dict[Config, dict[str, float] | None]) -> str:
 
 def _mark(result: dict[str, float]) -> str:
     return " †" if result["others"] > CONTENDED else ""
+
+
+def speed_parser(
+    description: str,
+    *,
+    sizes: list[str],
+    methods: list[str],
+    method_choices: list[str] | None = None,
+) -> argparse.ArgumentParser:
+    """The command line of a speed benchmark (bench.speed, bench.online_speed): which
+    configurations to measure, how many clean runs of each, where to write the table.
+    ``--worker`` is how ``measure`` has a subprocess run one configuration."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--sizes", nargs="+", default=["1m", "30m"], choices=sizes)
+    parser.add_argument("--methods", nargs="+", default=methods, choices=method_choices)
+    parser.add_argument("--adapters", nargs="+", default=["lora", "full"], choices=["lora", "full"])
+    parser.add_argument("--repeats", type=int, default=1, help="clean runs per configuration")
+    parser.add_argument("--tries", type=int, default=4, help="runs at most per configuration")
+    parser.add_argument("--markdown", type=Path, help="also write the table to this file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    return parser

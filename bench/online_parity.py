@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from bench.common import tiny_model
-from bench.parity import machine, versions
+from bench.report import machine, publish, versions
 from trainer_core.generation import Rollout, generate, rollout_logps
 from trainer_core.models import load_model_and_tokenizer
 from trainer_core.reference import ReferenceModel
@@ -382,9 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         f"ε = {EPSILON} (GRPO ε_high = {EPSILON_HIGH}), π_old and π_ref perturbed"
     )
     text = table(rows, args.tolerance)
-    print(header + "\n\n" + text)
-    if args.markdown:
-        args.markdown.write_text(header + "\n\n" + text + "\n")
+    publish(header, text, args.markdown)
     return 0 if all(r.worst() <= args.tolerance for r in rows) else 1
 
 

@@ -23,7 +23,6 @@ LoRA weights), and scores the completions on top of one shared forward of each p
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -34,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import _sentences, peak_rss_mib, tiny_model, write_jsonl
-from bench.contention import Config, measure, table
-from bench.parity import machine, versions
+from bench.contention import Config, measure, speed_parser, table
+from bench.report import machine, publish, versions
 
 PROMPTS_PER_STEP = 8  # our batch_size; TRL's per_device_train_batch_size is this × G
 NUM_GENERATIONS = 4
@@ -205,14 +204,12 @@ def worker(config: Config) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", nargs="+", default=["1m", "30m"], choices=list(STEPS))
-    parser.add_argument("--methods", nargs="+", default=["grpo", "rloo"], choices=["grpo", "rloo"])
-    parser.add_argument("--adapters", nargs="+", default=["lora", "full"], choices=["lora", "full"])
-    parser.add_argument("--repeats", type=int, default=1, help="clean runs per configuration")
-    parser.add_argument("--tries", type=int, default=4, help="runs at most per configuration")
-    parser.add_argument("--markdown", type=Path, help="also write the table to this file")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser = speed_parser(
+        __doc__.split("\n\n")[0],
+        sizes=list(STEPS),
+        methods=["grpo", "rloo"],
+        method_choices=["grpo", "rloo"],
+    )
     args = parser.parse_args(argv)
 
     if args.worker:
@@ -236,9 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{THREADS} torch threads, steps per run {STEPS}"
     )
     text = table(results)
-    print(header + "\n\n" + text)
-    if args.markdown:
-        args.markdown.write_text(header + "\n\n" + text + "\n")
+    publish(header, text, args.markdown)
     return 0
 
 

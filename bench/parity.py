@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import platform
 import sys
 import tempfile
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 
 from bench.common import preference_rows, sft_rows, tiny_model, write_jsonl
+from bench.report import machine, publish, versions
 from bench.runs import TRL_NAMES, Capture, run_ours, run_trl
 from trainer_core.specs import (
     AdapterSpec,
@@ -172,37 +172,6 @@ def compare(case: Case, adapter: str, steps: int, size: str, workdir: Path) -> R
     return Result(case, adapter, steps, values, tokens_match)
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        mem_kib = next(
-            int(line.split()[1])
-            for line in Path("/proc/meminfo").read_text().splitlines()
-            if line.startswith("MemTotal")
-        )
-        ram = f"{mem_kib / 1024**2:.0f} GiB RAM"
-    except OSError:
-        ram = "unknown RAM"
-    import os
-
-    return f"{os.cpu_count()} CPUs ({cpu}), {ram}, {platform.system()} {platform.release()}"
-
-
-def versions() -> str:
-    import peft
-    import transformers
-    import trl
-
-    return (
-        f"Python {platform.python_version()}, torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, peft {peft.__version__}, TRL {trl.__version__}"
-    )
-
-
 # DPO's reward statistics are β times a difference of two log-prob sums of order 1e2, so
 # their fp32 rounding is ~1e-6 absolute (about one ulp of those sums) whatever their value;
 # near zero a relative bound alone measures that noise (``rel``'s 1e-8 is the same idea for
@@ -298,9 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{date.today().isoformat()}; {machine()}; {versions()}; model `{args.size}`; "
         f"{args.steps} steps of batch {BATCH_SIZE}"
     )
-    print(header + "\n\n" + text)
-    if args.markdown:
-        args.markdown.write_text(header + "\n\n" + text + "\n")
+    publish(header, text, args.markdown)
     failed = any(verdict(r, args.tolerance) != "yes" for r in results)
     return 1 if failed else 0
 

@@ -11,7 +11,6 @@ Metric names are ours; TRL's are renamed (``TRL_NAMES``).
 
 from __future__ import annotations
 
-import copy
 import importlib
 import tempfile
 import time
@@ -174,8 +173,14 @@ def run_trl(
         task = "SEQ_CLS" if spec.method == "reward_model" else "CAUSAL_LM"
         peft_config = lora_config(spec.adapter, task)
     recorder = TrlRecorder()
-    trainer = _TRL_TRAINERS[spec.method](
-        spec, tokenizer, Dataset.from_list(rows), common, peft_config, recorder, load_model
+    trainer_cls, args, model = _TRL_SETUPS[spec.method](spec, tokenizer, common, load_model)
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[recorder],
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log line
     if capture is not None:
@@ -204,15 +209,14 @@ def _copy_initial(model: Any, initial: Mapping[str, torch.Tensor]) -> None:
             params[name].copy_(value)
 
 
-def _sft_trainer(
-    spec: Any,
-    tokenizer: Any,
-    dataset: Any,
-    common: dict[str, Any],
-    peft_config: Any,
-    recorder: Any,
-    load_model: Callable[[str], Any],
-) -> Any:
+# Per method: TRL's trainer class, its config (our hyperparameters in TRL's names) and the
+# model it starts from; run_trl builds the trainer the same way for all of them.
+_TrlSetup = tuple[Any, Any, Any]
+
+
+def _sft_setup(
+    spec: Any, tokenizer: Any, common: dict[str, Any], load_model: Callable[[str], Any]
+) -> _TrlSetup:
     from trl import SFTConfig, SFTTrainer
 
     hp = spec.hyperparameters
@@ -224,25 +228,12 @@ def _sft_trainer(
         packing=hp.packing,
         dataset_num_proc=None,
     )
-    return SFTTrainer(
-        model=load_model(spec.model),
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[recorder],
-    )
+    return SFTTrainer, args, load_model(spec.model)
 
 
-def _dpo_trainer(
-    spec: Any,
-    tokenizer: Any,
-    dataset: Any,
-    common: dict[str, Any],
-    peft_config: Any,
-    recorder: Any,
-    load_model: Callable[[str], Any],
-) -> Any:
+def _dpo_setup(
+    spec: Any, tokenizer: Any, common: dict[str, Any], load_model: Callable[[str], Any]
+) -> _TrlSetup:
     from trl import DPOConfig, DPOTrainer
 
     hp = spec.hyperparameters
@@ -256,25 +247,12 @@ def _dpo_trainer(
         precompute_ref_log_probs=hp.precompute_ref_log_probs,
         dataset_num_proc=None,
     )
-    return DPOTrainer(
-        model=load_model(spec.model),
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[recorder],
-    )
+    return DPOTrainer, args, load_model(spec.model)
 
 
-def _reward_trainer(
-    spec: Any,
-    tokenizer: Any,
-    dataset: Any,
-    common: dict[str, Any],
-    peft_config: Any,
-    recorder: Any,
-    load_model: Callable[[str], Any],
-) -> Any:
+def _reward_setup(
+    spec: Any, tokenizer: Any, common: dict[str, Any], load_model: Callable[[str], Any]
+) -> _TrlSetup:
     from trl import RewardConfig, RewardTrainer
 
     from trainer_core.reward_models import load_reward_base
@@ -286,22 +264,11 @@ def _reward_trainer(
         center_rewards_coefficient=hp.center_rewards_coefficient or None,
         dataset_num_proc=None,
     )
-    return RewardTrainer(
-        model=load_reward_base(spec.model, pad_token_id=tokenizer.pad_token_id),
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[recorder],
-    )
+    return RewardTrainer, args, load_reward_base(spec.model, pad_token_id=tokenizer.pad_token_id)
 
 
-_TRL_TRAINERS: dict[str, Callable[..., Any]] = {
-    "supervised": _sft_trainer,
-    "dpo": _dpo_trainer,
-    "reward_model": _reward_trainer,
+_TRL_SETUPS: dict[str, Callable[..., _TrlSetup]] = {
+    "supervised": _sft_setup,
+    "dpo": _dpo_setup,
+    "reward_model": _reward_setup,
 }
-
-
-def deep_copy_spec(spec: Any, **updates: Any) -> Any:
-    return copy.deepcopy(spec).model_copy(update=updates)

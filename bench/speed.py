@@ -17,7 +17,6 @@ it slower), the same batch size, max length and LoRA config.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -25,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import preference_rows, sft_rows, tiny_model, write_jsonl
-from bench.contention import Config, measure, table
-from bench.parity import machine, method_exists, versions
+from bench.contention import Config, measure, speed_parser, table
+from bench.parity import method_exists
+from bench.report import machine, publish, versions
 
 BATCH_SIZE = 8
 THREADS = 2
@@ -105,14 +105,11 @@ def worker(config: Config) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", nargs="+", default=["1m", "30m"], choices=list(STEPS))
-    parser.add_argument("--methods", nargs="+", default=["supervised", "dpo", "reward_model"])
-    parser.add_argument("--adapters", nargs="+", default=["lora", "full"], choices=["lora", "full"])
-    parser.add_argument("--repeats", type=int, default=1, help="clean runs per configuration")
-    parser.add_argument("--tries", type=int, default=4, help="runs at most per configuration")
-    parser.add_argument("--markdown", type=Path, help="also write the table to this file")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser = speed_parser(
+        __doc__.split("\n\n")[0],
+        sizes=list(STEPS),
+        methods=["supervised", "dpo", "reward_model"],
+    )
     args = parser.parse_args(argv)
 
     if args.worker:
@@ -139,9 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{machine()}; {versions()}; batch {BATCH_SIZE}, fp32, {THREADS} torch threads, "
         f"steps per run {STEPS}"
     )
-    print(header + "\n\n" + text)
-    if args.markdown:
-        args.markdown.write_text(header + "\n\n" + text + "\n")
+    publish(header, text, args.markdown)
     return 0
 
 

@@ -9,10 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -25,8 +22,10 @@ import pytest
 import redis
 import uvicorn
 
+from alignd.processes import free_port, start_alignd, stop_process_group
 from api.app import create_app
 from api.migration import upgrade
+from api.models import Job, new_id, now
 from api.settings import LOCAL_OWNER, Settings
 
 PG_ADMIN = os.environ.get("ALIGND_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -94,12 +93,6 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def create_api_key(settings: Settings, owner: str = LOCAL_OWNER, name: str = "tests") -> str:
     """A new API key for ``owner``, made in the database as `alignd keys create` makes it."""
     from api.db import make_engine, make_sessionmaker
@@ -111,6 +104,35 @@ def create_api_key(settings: Settings, owner: str = LOCAL_OWNER, name: str = "te
             return create_key(session, owner, name)[1]
     finally:
         engine.dispose()
+
+
+def job_row(**columns: Any) -> Job:
+    """A supervised job on the tiny model as the API stores one, ``columns`` replacing any of
+    its values: for tests that put a job in place without the API or a broker."""
+    defaults: dict[str, Any] = {
+        "id": new_id("ftjob"),
+        "owner": LOCAL_OWNER,
+        "created_at": now(),
+        "model": "tiny",
+        "status": "queued",
+        "training_file": "file-none",
+        "method": {"type": "supervised", "supervised": {"hyperparameters": {}}},
+        "extensions": {},
+        "seed": 1,
+        "result_files": [],
+        "cancel_requested": False,
+    }
+    return Job(**(defaults | columns))
+
+
+def insert_job(sessions: Callable[[], Any], **columns: Any) -> str:
+    """Insert ``job_row(**columns)`` and return its id. Nothing enqueues it: only a sweep
+    (queued, or running with a stale heartbeat) would hand it to a worker."""
+    job = job_row(**columns)
+    job_id = job.id  # read before the commit expires the row's attributes
+    with sessions() as session, session.begin():
+        session.add(job)
+    return job_id
 
 
 class Api:
@@ -201,22 +223,15 @@ class WorkerProcess:
     ) -> None:
         self.log_path = log_path
         self.log = open(log_path, "wb")  # noqa: SIM115 -- open as long as the worker runs
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "alignd", "worker", *args],
+        self.proc = start_alignd(
+            ["worker", *args],
             env={**settings_env(settings), **(extra_env or {})},
             stdout=self.log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
         )
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process_group(self.proc, grace_s=20)
         self.log.close()
 
     def output(self) -> str:

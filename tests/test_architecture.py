@@ -5,6 +5,9 @@
 - trainer_core's __init__, specs, seams, formats, graders and outbound import no torch, so the
   API can use them.
 - api/__init__.py stays empty, so the worker can import api.models without the routes.
+- a method module branches on no method's name and imports no other method module.
+- worker takes nothing from alignd but alignd.processes, which imports nothing of ours (the
+  API image ships alignd without worker; the worker must not load the CLI).
 """
 
 from __future__ import annotations
@@ -92,13 +95,167 @@ def test_api_init_is_empty() -> None:
     assert (ROOT / "api" / "__init__.py").read_text().strip() == ""
 
 
+def test_worker_takes_only_the_process_helpers_from_alignd() -> None:
+    taken = {
+        name
+        for names in imported_modules("worker").values()
+        for name in names
+        if name.split(".")[0] == "alignd"
+    }
+    assert taken <= {"alignd.processes"}
+    helpers = imported_modules("alignd")[ROOT / "alignd" / "processes.py"]
+    ours = ("alignd", "api", "worker", "trainer_core")
+    assert sorted(name for name in helpers if name.split(".")[0] in ours) == []
+
+
+# -- method modules: no branch on a method's name, no import of another method ----------------
+METHODS_DIR = ROOT / "trainer_core" / "methods"
+METHODS_PACKAGE = "trainer_core.methods"
+
+
+def method_names() -> frozenset[str]:
+    """Every method type the registry knows. Read here alone, so that a registry of another
+    shape (issue #11 part 3) changes one line."""
+    from trainer_core.specs import METHODS
+
+    return frozenset(METHODS)
+
+
+def method_modules() -> list[Path]:
+    # The package's __init__ is not a method: it may gather them.
+    return sorted(p for p in METHODS_DIR.glob("*.py") if p.name != "__init__.py")
+
+
+def _names_in(node: ast.expr, names: frozenset[str]) -> list[str]:
+    """The method names ``node`` is, or holds as a literal tuple, list or set."""
+    elements = node.elts if isinstance(node, ast.Tuple | ast.List | ast.Set) else [node]
+    return [
+        e.value
+        for e in elements
+        if isinstance(e, ast.Constant) and isinstance(e.value, str) and e.value in names
+    ]
+
+
+def method_name_branches(tree: ast.AST, names: frozenset[str]) -> list[tuple[int, str]]:
+    """(line, name) of every comparison with a method name (==, !=, is, in and not in a
+    literal collection, either side) and every ``match`` case whose pattern names one."""
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            for operand in (node.left, *node.comparators):
+                found += [(node.lineno, name) for name in _names_in(operand, names)]
+        elif isinstance(node, ast.match_case):
+            for pattern in ast.walk(node.pattern):
+                if isinstance(pattern, ast.MatchValue):
+                    found += [(pattern.lineno, n) for n in _names_in(pattern.value, names)]
+    return found
+
+
+def method_imports(tree: ast.AST, package: str, modules: frozenset[str]) -> list[tuple[int, str]]:
+    """(line, module) of every import of one of ``modules`` (names of the method modules),
+    absolute or relative (``package`` is the importing file's), at the top or in a function."""
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        targets: list[str] = []
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            source = ".".join(part for part in (base, node.module) if part)
+            # `from trainer_core.methods import grpo` imports a module, `from ... grpo import x`
+            # a name of one.
+            targets = [source, *(f"{source}.{alias.name}" for alias in node.names)]
+        for target in targets:
+            parts = target.split(".")
+            if parts[:2] == METHODS_PACKAGE.split(".") and len(parts) > 2 and parts[2] in modules:
+                found.append((node.lineno, f"{METHODS_PACKAGE}.{parts[2]}"))
+    return sorted(set(found))
+
+
 def test_methods_do_not_branch_on_method_names() -> None:
-    # Each method module reads top to bottom; dispatch lives in runner.py, not in the methods.
-    for path in (ROOT / "trainer_core" / "methods").glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Compare) and any(
-                isinstance(c, ast.Constant)
-                and c.value in ("supervised", "dpo", "kto", "grpo", "ppo")
-                for c in node.comparators
-            ):
-                raise AssertionError(f"{path.name} compares against a method name")
+    # Each method module reads top to bottom; dispatch lives in the registry (runner.py today).
+    names = method_names()
+    offences = [
+        f"{path.relative_to(ROOT)}:{line} branches on {name!r}"
+        for path in method_modules()
+        for line, name in method_name_branches(ast.parse(path.read_text()), names)
+    ]
+    assert offences == [], "\n".join(offences)
+
+
+def test_methods_do_not_import_each_other() -> None:
+    # What two methods share is a building block of trainer_core, not one method's module.
+    modules = frozenset(path.stem for path in method_modules())
+    offences = [
+        f"{path.relative_to(ROOT)}:{line} imports {module}"
+        for path in method_modules()
+        for line, module in method_imports(ast.parse(path.read_text()), METHODS_PACKAGE, modules)
+        if module != f"{METHODS_PACKAGE}.{path.stem}"
+    ]
+    assert offences == [], "\n".join(offences)
+
+
+# The detectors on snippets, so that a blind one cannot pass the two tests above.
+BRANCHES = {
+    "equal": 'if spec.method == "dpo":\n    pass',
+    "equal, name first": 'if "kto" == spec.method:\n    pass',
+    "not equal": 'ok = spec.method != "ppo"',
+    "is": 'ok = spec.method is "simpo"',
+    "in a tuple": 'if spec.method in ("grpo", "other"):\n    pass',
+    "in a list": 'ok = method in ["rloo"]',
+    "in a set": 'ok = method in {"orpo"}',
+    "not in": 'ok = method not in ("reward_model",)',
+    "inside a function": 'def f(m):\n    return m == "reinforcement"',
+    "match case": 'match spec.method:\n    case "supervised":\n        pass',
+    "match or-case": 'match m:\n    case "x" | "dpo":\n        pass',
+    "match nested": 'match m:\n    case ("kto", _):\n        pass',
+}
+
+
+@pytest.mark.parametrize("snippet", BRANCHES.values(), ids=list(BRANCHES))
+def test_branch_detector_flags(snippet: str) -> None:
+    assert method_name_branches(ast.parse(snippet), method_names())
+
+
+@pytest.mark.parametrize("name", sorted(method_names()))
+def test_branch_detector_knows_every_method(name: str) -> None:
+    assert method_name_branches(ast.parse(f"ok = m == {name!r}"), method_names()) == [(1, name)]
+
+
+def test_branch_detector_passes_other_strings() -> None:
+    snippet = (
+        'if loss_type == "sigmoid" or kind in ("sft", "dpo_like"):\n    pass\n'
+        'match x:\n    case "hinge":\n        pass\n'
+        'table = {"dpo": 1}\n'
+        'cpu_only(resources, "grpo", sink)'
+    )
+    assert method_name_branches(ast.parse(snippet), method_names()) == []
+
+
+METHOD_IMPORTS = {
+    "from module": "from trainer_core.methods.grpo import RewardScorer",
+    "from package": "from trainer_core.methods import grpo",
+    "import": "import trainer_core.methods.grpo",
+    "import as": "import trainer_core.methods.grpo as g",
+    "relative module": "from .grpo import RewardScorer",
+    "relative package": "from . import grpo",
+    "relative from the parent": "from ..methods.grpo import RewardScorer",
+    "inside a function": "def f():\n    from trainer_core.methods.grpo import x",
+}
+
+
+@pytest.mark.parametrize("snippet", METHOD_IMPORTS.values(), ids=list(METHOD_IMPORTS))
+def test_method_import_detector_flags(snippet: str) -> None:
+    found = method_imports(ast.parse(snippet), METHODS_PACKAGE, frozenset({"grpo", "dpo"}))
+    assert [module for _, module in found] == ["trainer_core.methods.grpo"]
+
+
+def test_method_import_detector_passes_building_blocks() -> None:
+    snippet = (
+        "from trainer_core.specs import TrainSpec\n"
+        "from trainer_core import distributed\n"
+        "from ..rl_losses import grpo_loss\n"
+        "from . import helpers\n"
+        "import trainer_core.methods\n"
+    )
+    assert method_imports(ast.parse(snippet), METHODS_PACKAGE, frozenset({"grpo"})) == []

@@ -19,13 +19,14 @@ import openai
 import pytest
 from sqlalchemy import create_engine, text
 
+from alignd.processes import free_port, start_alignd
 from api.db import make_engine, make_sessionmaker
 from api.errors import APIError
 from api.keys import authenticate, ensure_local_key, revoke_key
 from api.migration import upgrade
 from api.rate_limit import RateLimiter
 from api.settings import Settings
-from tests.conftest import Api, create_api_key, free_port, settings_env
+from tests.conftest import Api, create_api_key, settings_env
 
 
 def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -287,15 +288,11 @@ def test_embedded_serve_creates_the_key_and_the_cli_uses_it(
     key_file = tmp_path / "var" / "api_key"
     keys_seen = []
     for _ in range(2):  # a second start reuses the key
-        server = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "alignd", "serve", "--no-worker"),
-                *("--port", str(port), "--log-level", "warning"),
-            ],
+        server = start_alignd(
+            ["serve", "--no-worker", "--port", str(port), "--log-level", "warning"],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            start_new_session=True,
         )
         try:
             deadline = time.monotonic() + 60

@@ -20,9 +20,9 @@ import pytest
 from api import streams as streams_module
 from api.db import make_engine, make_sessionmaker
 from api.jobs import add_event
-from api.models import Job, JobMetric, new_id, now
+from api.models import Job, JobMetric, now
 from api.settings import Settings
-from tests.conftest import Api, WorkerProcess, chat_rows
+from tests.conftest import Api, WorkerProcess, chat_rows, insert_job
 
 KEEPALIVE_S = 0.3
 
@@ -235,32 +235,10 @@ def test_streams_follow_a_real_job(api: Api, pg_worker: WorkerProcess) -> None:
     assert [m.id for m in resumed] == [m.id for m in lines[1:]]
 
 
-def insert_job(sessions: Any, status: str = "running", owner: str = "local") -> str:
-    """A job row no worker will touch (never enqueued; running with no heartbeat)."""
-    job_id = new_id("ftjob")
-    with sessions() as session, session.begin():
-        session.add(
-            Job(
-                id=job_id,
-                owner=owner,
-                created_at=now(),
-                model="tiny",
-                status=status,
-                training_file="file-none",
-                method={"type": "supervised", "supervised": {"hyperparameters": {}}},
-                extensions={},
-                seed=1,
-                result_files=[],
-                cancel_requested=False,
-            )
-        )
-    return job_id
-
-
 def test_keepalive_and_a_new_row_reaches_a_subscriber_within_a_second(
     api: Api, sessions: Any
 ) -> None:
-    job_id = insert_job(sessions)
+    job_id = insert_job(sessions, status="running")
     events = SSEReader(api.http, f"fine_tuning/jobs/{job_id}/events/stream")
     metrics = SSEReader(api.http, f"fine_tuning/jobs/{job_id}/metrics/stream")
 
@@ -353,7 +331,7 @@ def test_a_stream_stops_when_its_client_goes_away(
         return real_poll(services, job_id, *args)
 
     monkeypatch.setattr(streams_module, "_poll", counting_poll)
-    job_id = insert_job(sessions)
+    job_id = insert_job(sessions, status="running")
     client = httpx.Client(base_url=api.http.base_url, headers=api.http.headers)
     with client, client.stream("GET", f"fine_tuning/jobs/{job_id}/events/stream") as response:
         lines = response.iter_lines()

@@ -24,7 +24,7 @@ from api.jobs import add_event
 from api.models import Checkpoint, Job, new_id, now
 from api.services import Services
 from api.settings import Settings
-from tests.conftest import Api, chat_rows
+from tests.conftest import Api, chat_rows, job_row
 
 
 @dataclass
@@ -39,22 +39,15 @@ class Tenant:
 
 
 def insert_job(services: Services, owner: str, file_id: str, status: str, tmp: Path) -> Job:
-    job_id = new_id("ftjob")
+    job = job_row(
+        owner=owner,
+        status=status,
+        training_file=file_id,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}},
+        suffix="t",
+    )
+    job_id = job.id
     with services.sessions() as session, session.begin():
-        job = Job(
-            id=job_id,
-            owner=owner,
-            created_at=now(),
-            model="tiny",
-            status=status,
-            training_file=file_id,
-            method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}},
-            extensions={},
-            seed=1,
-            suffix="t",
-            result_files=[],
-            cancel_requested=False,
-        )
         session.add(job)
         session.flush()
         add_event(session, job, f"Created fine-tuning job: {job_id}")

@@ -26,10 +26,9 @@ from pydantic import ValidationError
 from api.db import make_engine, make_sessionmaker
 from api.errors import APIError
 from api.migration import upgrade
-from api.models import Job, new_id, now
 from api.settings import Settings
 from api.webhooks import new_secret, post, validate_url
-from tests.conftest import PG_ADMIN, Api, WorkerProcess, chat_rows
+from tests.conftest import PG_ADMIN, Api, WorkerProcess, chat_rows, insert_job
 from tests.test_outbound import CASE_IDS, HOST_CASES, rebinding_dns
 
 pytestmark = pytest.mark.timeout(180)
@@ -315,23 +314,8 @@ def test_retries_stop_after_the_last_attempt(stack: Stack, receiver: Receiver) -
         "webhook_endpoints",
         json={"url": f"{receiver.url}/fail", "event_types": ["fine_tuning.job.cancelled"]},
     ).json()
-    job_id = new_id("ftjob")
-    with stack.sessions() as session, session.begin():
-        session.add(
-            Job(
-                id=job_id,
-                owner="local",
-                created_at=now(),
-                model="tiny",
-                status="queued",  # never enqueued: no worker will claim it
-                training_file="file-none",
-                method={"type": "supervised", "supervised": {"hyperparameters": {}}},
-                extensions={},
-                seed=1,
-                result_files=[],
-                cancel_requested=False,
-            )
-        )
+    # Never enqueued: no worker will claim it.
+    job_id = insert_job(stack.sessions, status="queued")
     cancelled = stack.api.http.post(f"fine_tuning/jobs/{job_id}/cancel")
     assert cancelled.json()["status"] == "cancelled"
     # 6 attempts, 0.1 s x (1, 5, 30, ...) apart would take minutes: cap the wait by making

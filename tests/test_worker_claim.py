@@ -2,38 +2,16 @@
 
 from __future__ import annotations
 
-from api.models import Job, new_id, now
+from api.models import Job, now
 from api.services import Services
 from api.settings import Settings
+from tests.conftest import insert_job
 from worker.execution import claim, execute, pending_jobs
-
-
-def insert_job(services: Services, status: str = "queued", heartbeat_at: int | None = None) -> str:
-    # Inserted directly, with no broker message, so no running worker picks it up.
-    job_id = new_id("ftjob")
-    with services.sessions() as session, session.begin():
-        session.add(
-            Job(
-                id=job_id,
-                owner="local",
-                created_at=now(),
-                model="tiny",
-                status=status,
-                training_file="file-x",
-                method={"type": "supervised", "supervised": {"hyperparameters": {}}},
-                extensions={},
-                seed=1,
-                result_files=[],
-                cancel_requested=False,
-                heartbeat_at=heartbeat_at,
-            )
-        )
-    return job_id
 
 
 def test_second_delivery_claims_nothing(pg_settings: Settings) -> None:
     services = Services.build(pg_settings)
-    job_id = insert_job(services)
+    job_id = insert_job(services.sessions)
     first = claim(services, job_id, "worker-a")
     assert first is not None and first.status == "running" and first.worker == "worker-a"
     assert claim(services, job_id, "worker-b") is None
@@ -46,15 +24,15 @@ def test_second_delivery_claims_nothing(pg_settings: Settings) -> None:
 def test_cancelled_or_finished_jobs_are_never_claimed(pg_settings: Settings) -> None:
     services = Services.build(pg_settings)
     for status in ("cancelled", "succeeded", "failed"):
-        assert claim(services, insert_job(services, status=status), "w") is None
+        assert claim(services, insert_job(services.sessions, status=status), "w") is None
 
 
 def test_a_silent_running_job_can_be_claimed_again(pg_settings: Settings) -> None:
     services = Services.build(pg_settings)
     stale = insert_job(
-        services, status="running", heartbeat_at=now() - pg_settings.stale_heartbeat_s - 5
+        services.sessions, status="running", heartbeat_at=now() - pg_settings.stale_heartbeat_s - 5
     )
-    fresh = insert_job(services, status="running", heartbeat_at=now())
+    fresh = insert_job(services.sessions, status="running", heartbeat_at=now())
     pending = pending_jobs(services)
     assert stale in pending and fresh not in pending
     assert claim(services, fresh, "w") is None

@@ -21,13 +21,11 @@ Only rank 0 writes events, metrics and checkpoints (``worker.rank``); its result
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -36,6 +34,7 @@ from collections import deque
 from pathlib import Path
 from typing import IO
 
+from alignd.processes import free_port, kill_group
 from trainer_core.seams import RunResult, ShouldStop
 from trainer_core.specs import TrainSpec
 
@@ -49,21 +48,9 @@ class RankFailed(RuntimeError):
     pass
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _pump(rank: int, stream: IO[str], lines: queue.Queue[tuple[int, str]]) -> None:
     for line in stream:
         lines.put((rank, line.rstrip("\n")))
-
-
-def kill_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):  # the group is gone already
-        os.killpg(pgid, sig)
 
 
 def run_group(

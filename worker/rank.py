@@ -11,7 +11,6 @@ launcher to report, and the rank exits 1.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -21,12 +20,14 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
+from alignd.processes import die_with_parent
+
 
 def main(argv: list[str]) -> int:
     spec_path, job_id, owner = argv
     rank = int(os.environ["RANK"])
     # Die with the worker process that launched us, whatever happens to it.
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    die_with_parent(signal.SIGKILL)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
     try:

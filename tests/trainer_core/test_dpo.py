@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -11,10 +10,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import trainer_core
+from tests.trainer_core.conftest import (
+    KeepModel,
+    MakeSpec,
+    method_spec,
+    run,
+    stop_after,
+    write_jsonl,
+)
+from tests.trainer_core.hyperparameters import COMMON
 from trainer_core import loop
 from trainer_core.methods import dpo
-from trainer_core.seams import FolderCheckpointStore, ListSink, RunResult
 from trainer_core.specs import AdapterSpec, DpoHyperparameters, TrainSpec
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing`:FutureWarning")
@@ -57,56 +63,36 @@ def animal_pairs(held_out: bool) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def pair_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """DPO's own pairs (this file's animal rule, not conftest's yes/no rule)."""
     folder = tmp_path_factory.mktemp("pairs")
     files = folder / "train.jsonl", folder / "valid.jsonl"
     for path, held_out in zip(files, (False, True), strict=True):
-        path.write_text("".join(json.dumps(row) + "\n" for row in animal_pairs(held_out)))
+        write_jsonl(path, animal_pairs(held_out))
     return files
 
 
 @pytest.fixture
-def make_dpo_spec(tiny_model: Path, pair_files: tuple[Path, Path]) -> Any:
+def make_dpo_spec(tiny_model: Path, pair_files: tuple[Path, Path]) -> MakeSpec:
     def make(*, adapter: dict[str, Any] | None = None, **overrides: Any) -> TrainSpec:
-        hp: dict[str, Any] = {
-            "n_epochs": 1,
-            "batch_size": 4,
-            "learning_rate_multiplier": 1.0,
+        hp = {
+            **COMMON,
             "learning_rate": 1e-3,
-            "gradient_accumulation_steps": 1,
-            "warmup_ratio": 0.0,
-            "lr_scheduler": "constant",
-            "weight_decay": 0.0,
-            "max_grad_norm": 1.0,
             "beta": 0.1,
             "loss_type": ["sigmoid"],
             "loss_weights": None,
             "label_smoothing": 0.0,
             "precompute_ref_log_probs": False,
         }
-        for name in list(overrides):
-            if name in DpoHyperparameters.model_fields:
-                hp[name] = overrides.pop(name)
-        fields: dict[str, Any] = {
-            "method": "dpo",
-            "model": str(tiny_model),
-            "train_file": str(pair_files[0]),
-            "seed": 0,
-            "max_seq_len": 64,
-            "num_threads": 1,
-            "adapter": AdapterSpec(**(adapter or {})),
-            "hyperparameters": DpoHyperparameters(**hp),
-        }
-        return TrainSpec(**(fields | overrides))
+        return method_spec(
+            "dpo",
+            tiny_model,
+            pair_files[0],
+            DpoHyperparameters,
+            hp,
+            **({"adapter": AdapterSpec(**(adapter or {}))} | overrides),
+        )
 
     return make
-
-
-def run(
-    spec: TrainSpec, root: Path, should_stop: Any = None
-) -> tuple[RunResult, ListSink, FolderCheckpointStore]:
-    sink, store = ListSink(), FolderCheckpointStore(root)
-    result = trainer_core.run(spec, sink, store, should_stop)
-    return result, sink, store
 
 
 REFERENCE_MODES: dict[str, dict[str, Any]] = {
@@ -225,16 +211,9 @@ def test_dpo_learns_the_preference_on_held_out_pairs(
 
 
 def test_lora_moves_the_adapter_only(
-    make_dpo_spec: Any, tiny_model: Path, tmp_path: Path, monkeypatch: Any
+    make_dpo_spec: Any, tiny_model: Path, tmp_path: Path, keep_model: KeepModel
 ) -> None:
-    trained: dict[str, Any] = {}
-    real_save = loop.save_checkpoint
-
-    def keep_model(store: Any, **kwargs: Any) -> None:
-        trained["model"] = kwargs["model"]
-        real_save(store, **kwargs)
-
-    monkeypatch.setattr(loop, "save_checkpoint", keep_model)
+    trained = keep_model(loop)
     # LoRA dropout is asked for but switched off (TRL's disable_dropout): the run is the
     # same as one without dropout, step for step.
     spec = make_dpo_spec(
@@ -289,14 +268,7 @@ def test_sft_term_adds_the_chosen_nll(make_dpo_spec: Any, tmp_path: Path) -> Non
 
 
 def test_should_stop_saves_the_current_step(make_dpo_spec: Any, tmp_path: Path) -> None:
-    calls = 0
-
-    def stop_after_two_steps() -> bool:
-        nonlocal calls
-        calls += 1
-        return calls > 2
-
-    result, sink, store = run(make_dpo_spec(batch_size=2), tmp_path, stop_after_two_steps)
+    result, sink, store = run(make_dpo_spec(batch_size=2), tmp_path, stop_after(2))
 
     assert (result.status, result.step, result.total_steps) == ("stopped", 2, 6)
     assert [(step, final) for step, _, _, final in store.saved] == [(2, False)]

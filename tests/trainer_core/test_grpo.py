@@ -3,7 +3,6 @@ under LoRA, and a resumed run equals the uninterrupted one."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.trainer_core.conftest import LENGTH_REWARD, MakeSpec, method_spec
 from tests.trainer_core.hyperparameters import COMMON
 from trainer_core import loop
 from trainer_core.adapters import apply_adapter
@@ -19,32 +19,13 @@ from trainer_core.methods import grpo
 from trainer_core.seams import FolderCheckpointStore, ListSink, RunResult
 from trainer_core.specs import AdapterSpec, GrpoHyperparameters, TrainSpec
 
-# Dense and learnable by a random model: 1 / (1 + |chars − 8| / 8). Sixteen random tokens
-# decode to ~40 characters, so the reward starts near 0.2; a policy that emits EOS early or
-# picks short tokens scores up to 1.
-LENGTH_REWARD = {"type": "length", "name": "short", "target": 8, "unit": "chars"}
-
-
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rows = [
-        {"messages": [{"role": "user", "content": f"Say something about number {i}."}]}
-        for i in range(8)
-    ]
-    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
-MakeSpec = Callable[..., TrainSpec]
-
 
 @pytest.fixture
 def make_spec(tiny_model: Path, prompts_file: Path) -> MakeSpec:
     """A GRPO spec on the tiny model; hyperparameters and spec fields by keyword."""
 
     def make(**overrides: Any) -> TrainSpec:
-        hp: dict[str, Any] = {
+        hp = {
             **COMMON,
             "max_completion_length": 16,
             "temperature": 1.0,
@@ -59,21 +40,10 @@ def make_spec(tiny_model: Path, prompts_file: Path) -> MakeSpec:
             "num_iterations": 1,
             "mask_truncated_completions": False,
         }
-        for name in list(overrides):
-            if name in GrpoHyperparameters.model_fields:
-                hp[name] = overrides.pop(name)
-        fields: dict[str, Any] = {
-            "method": "grpo",
-            "model": str(tiny_model),
-            "train_file": str(prompts_file),
-            "seed": 0,
-            "max_seq_len": 64,
-            "num_threads": 1,
-            "adapter": AdapterSpec(type="full"),
-            "hyperparameters": GrpoHyperparameters(**hp),
-            "reward_functions": [LENGTH_REWARD],
-        }
-        return TrainSpec(**(fields | overrides))
+        online = {"adapter": AdapterSpec(type="full"), "reward_functions": [LENGTH_REWARD]}
+        return method_spec(
+            "grpo", tiny_model, prompts_file, GrpoHyperparameters, hp, **(online | overrides)
+        )
 
     return make
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +11,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import trainer_core
+from tests.trainer_core.conftest import KeepModel, method_spec, run
 from tests.trainer_core.hyperparameters import COMMON
 from trainer_core import loop
 from trainer_core.methods.kto import collate_with_mismatched
 from trainer_core.preference_data import UnpairedExample
-from trainer_core.seams import FolderCheckpointStore, ListSink, RunResult
-from trainer_core.specs import AdapterSpec, KtoHyperparameters, TrainSpec
-from trainer_core.tiny_models import _SUBJECTS
+from trainer_core.seams import FolderCheckpointStore, ListSink
+from trainer_core.specs import KtoHyperparameters, TrainSpec
 
 METRIC_KEYS = {
     "train_loss",
@@ -32,76 +31,24 @@ METRIC_KEYS = {
     "num_tokens",
     "epoch",
 }
-OBJECTS = ["apples", "music", "the rain", "old books", "cold tea"]
-
-
-def yes_rows(subjects: list[str], objects: list[str]) -> list[dict[str, Any]]:
-    """The learnable rule: the chosen answer agrees ("Yes, … likes …"), the rejected refuses.
-    KTO reads each pair as a desirable and an undesirable row."""
-    return [
-        {
-            "prompt": f"Does {s} like {o}?",
-            "chosen": f" Yes, {s} likes {o}.",
-            "rejected": f" No, {s} hates {o}.",
-        }
-        for s in subjects
-        for o in objects
-    ]
-
-
-@pytest.fixture(scope="module")
-def pair_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """36 training pairs (72 rows); 12 held-out pairs of unseen subjects and objects."""
-    folder = tmp_path_factory.mktemp("pairs")
-    train = folder / "train.jsonl"
-    valid = folder / "valid.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in yes_rows(_SUBJECTS[:12], OBJECTS[:3])))
-    valid.write_text("".join(json.dumps(r) + "\n" for r in yes_rows(_SUBJECTS[12:], OBJECTS[3:])))
-    return train, valid
 
 
 def make_spec(model: Path, train_file: Path, **overrides: Any) -> TrainSpec:
-    hp: dict[str, Any] = {
+    hp = {
         **COMMON,
         "batch_size": 8,
         "beta": 0.1,
         "desirable_weight": 1.0,
         "undesirable_weight": 1.0,
     }
-    for name in list(overrides):
-        if name in KtoHyperparameters.model_fields:
-            hp[name] = overrides.pop(name)
-    if "adapter" in overrides:
-        overrides["adapter"] = AdapterSpec(**overrides["adapter"])
-    fields: dict[str, Any] = {
-        "method": "kto",
-        "model": str(model),
-        "train_file": str(train_file),
-        "seed": 0,
-        "max_seq_len": 64,
-        "num_threads": 1,
-        "hyperparameters": KtoHyperparameters(**hp),
-    }
-    return TrainSpec(**(fields | overrides))
-
-
-def run(spec: TrainSpec, root: Path) -> tuple[RunResult, ListSink, FolderCheckpointStore]:
-    sink, store = ListSink(), FolderCheckpointStore(root)
-    return trainer_core.run(spec, sink, store, None), sink, store
+    return method_spec("kto", model, train_file, KtoHyperparameters, hp, **overrides)
 
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing`:FutureWarning")
 def test_lora_kto_learns_the_rule_and_keeps_the_base(
-    tiny_model: Path, pair_files: tuple[Path, Path], tmp_path: Path, monkeypatch: Any
+    tiny_model: Path, pair_files: tuple[Path, Path], tmp_path: Path, keep_model: KeepModel
 ) -> None:
-    trained: dict[str, Any] = {}
-    real_save = loop.save_checkpoint
-
-    def keep_model(store: Any, **kwargs: Any) -> None:
-        trained["model"] = kwargs["model"]
-        real_save(store, **kwargs)
-
-    monkeypatch.setattr(loop, "save_checkpoint", keep_model)
+    trained = keep_model(loop)
     train, valid = pair_files
     # 72 rows in batches of 8: 9 steps an epoch, 2 epochs.
     spec = make_spec(

@@ -3,25 +3,23 @@ under LoRA, accumulate exactly, and ORPO's NLL covers what TRL's does."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from pydantic import BaseModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import trainer_core
+from tests.trainer_core.conftest import OBJECTS, KeepModel, method_spec, run, yes_rows
 from tests.trainer_core.hyperparameters import COMMON
 from trainer_core import loop
 from trainer_core.logprobs import next_token_logps
-from trainer_core.methods import orpo, simpo
 from trainer_core.models import load_model
 from trainer_core.preference_data import collate_pairs, load_preference
-from trainer_core.seams import FolderCheckpointStore, ListSink, RunResult
-from trainer_core.specs import AdapterSpec, OrpoHyperparameters, SimpoHyperparameters, TrainSpec
+from trainer_core.specs import OrpoHyperparameters, SimpoHyperparameters, TrainSpec
 from trainer_core.tiny_models import _SUBJECTS
 
 PAIR_KEYS = {
@@ -38,65 +36,16 @@ PAIR_KEYS = {
     "epoch",
 }
 METRIC_KEYS = {"orpo": PAIR_KEYS | {"nll_loss", "log_odds_ratio"}, "simpo": PAIR_KEYS}
-MODULES = {"orpo": orpo, "simpo": simpo}
-OBJECTS = ["apples", "music", "the rain", "old books", "cold tea"]
-
-
-def yes_rows(subjects: list[str], objects: list[str]) -> list[dict[str, Any]]:
-    """The learnable rule: the chosen answer agrees ("Yes, … likes …"), the rejected refuses."""
-    return [
-        {
-            "prompt": f"Does {s} like {o}?",
-            "chosen": f" Yes, {s} likes {o}.",
-            "rejected": f" No, {s} hates {o}.",
-        }
-        for s in subjects
-        for o in objects
-    ]
-
-
-@pytest.fixture(scope="module")
-def pair_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """36 training pairs; 12 held-out pairs whose subjects and objects training never saw."""
-    folder = tmp_path_factory.mktemp("pairs")
-    train = folder / "train.jsonl"
-    valid = folder / "valid.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in yes_rows(_SUBJECTS[:12], OBJECTS[:3])))
-    valid.write_text("".join(json.dumps(r) + "\n" for r in yes_rows(_SUBJECTS[12:], OBJECTS[3:])))
-    return train, valid
+HYPERPARAMETERS: dict[str, tuple[type[BaseModel], dict[str, Any]]] = {
+    "orpo": (OrpoHyperparameters, {"beta": 0.1}),
+    "simpo": (SimpoHyperparameters, {"beta": 2.0, "gamma": 0.5}),
+}
 
 
 def make_spec(method: str, model: Path, train_file: Path, **overrides: Any) -> TrainSpec:
-    hp: dict[str, Any] = {
-        **COMMON,
-        "batch_size": 8,
-    }
-    hp_cls: Any = OrpoHyperparameters
-    if method == "orpo":
-        hp["beta"] = 0.1
-    else:
-        hp_cls = SimpoHyperparameters
-        hp |= {"beta": 2.0, "gamma": 0.5}
-    for name in list(overrides):
-        if name in hp_cls.model_fields:
-            hp[name] = overrides.pop(name)
-    if "adapter" in overrides:
-        overrides["adapter"] = AdapterSpec(**overrides["adapter"])
-    fields: dict[str, Any] = {
-        "method": method,
-        "model": str(model),
-        "train_file": str(train_file),
-        "seed": 0,
-        "max_seq_len": 64,
-        "num_threads": 1,
-        "hyperparameters": hp_cls(**hp),
-    }
-    return TrainSpec(**(fields | overrides))
-
-
-def run(spec: TrainSpec, root: Path) -> tuple[RunResult, ListSink, FolderCheckpointStore]:
-    sink, store = ListSink(), FolderCheckpointStore(root)
-    return trainer_core.run(spec, sink, store, None), sink, store
+    hp_cls, hp = HYPERPARAMETERS[method]
+    hp = {**COMMON, "batch_size": 8, **hp}
+    return method_spec(method, model, train_file, hp_cls, hp, **overrides)
 
 
 @pytest.mark.parametrize("method", ["orpo", "simpo"])
@@ -106,16 +55,9 @@ def test_lora_learns_the_rule_and_keeps_the_base(
     tiny_model: Path,
     pair_files: tuple[Path, Path],
     tmp_path: Path,
-    monkeypatch: Any,
+    keep_model: KeepModel,
 ) -> None:
-    trained: dict[str, Any] = {}
-    real_save = loop.save_checkpoint
-
-    def keep_model(store: Any, **kwargs: Any) -> None:
-        trained["model"] = kwargs["model"]
-        real_save(store, **kwargs)
-
-    monkeypatch.setattr(loop, "save_checkpoint", keep_model)
+    trained = keep_model(loop)
     train, valid = pair_files
     # 36 pairs in batches of 8: 5 steps an epoch, 2 epochs.
     spec = make_spec(

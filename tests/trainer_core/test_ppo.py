@@ -16,13 +16,14 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-import trainer_core
+from tests.trainer_core.conftest import KeepModel, method_spec, run, write_jsonl
+from tests.trainer_core.hyperparameters import COMMON
 from trainer_core import loop
 from trainer_core.generation import generate
 from trainer_core.methods import ppo
 from trainer_core.models import load_model_and_tokenizer
 from trainer_core.reward_models import RewardModel
-from trainer_core.seams import FolderCheckpointStore, ListSink, RunResult
+from trainer_core.seams import ListSink
 from trainer_core.specs import (
     AdapterSpec,
     PpoHyperparameters,
@@ -56,22 +57,16 @@ def prompt_row(topic: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """PPO's own prompts (about topics, not conftest's numbers)."""
     path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
     path.write_text("".join(json.dumps(prompt_row(t)) + "\n" for t in TOPICS))
     return path
 
 
 def make_spec(model: Path, train_file: Path, **overrides: Any) -> TrainSpec:
-    hp: dict[str, Any] = {
-        "n_epochs": 1,
-        "batch_size": 4,
-        "learning_rate_multiplier": 1.0,
+    hp = {
+        **COMMON,
         "learning_rate": 3e-3,
-        "gradient_accumulation_steps": 1,
-        "warmup_ratio": 0.0,
-        "lr_scheduler": "constant",
-        "weight_decay": 0.0,
-        "max_grad_norm": 1.0,
         "max_completion_length": 8,
         "temperature": 1.0,
         "top_p": 1.0,
@@ -86,30 +81,10 @@ def make_spec(model: Path, train_file: Path, **overrides: Any) -> TrainSpec:
         "whiten_rewards": False,
         "missing_eos_penalty": None,
     }
-    for name in list(overrides):
-        if name in PpoHyperparameters.model_fields:
-            hp[name] = overrides.pop(name)
-    if "adapter" in overrides:
-        overrides["adapter"] = AdapterSpec(**overrides["adapter"])
-    fields: dict[str, Any] = {
-        "method": "ppo",
-        "model": str(model),
-        "train_file": str(train_file),
-        "seed": 0,
-        "max_seq_len": 64,
-        "num_threads": 1,
-        "hyperparameters": PpoHyperparameters(**hp),
-        "reward_model": "rm",
-        "reward_models": {"rm": {"base": str(model)}},
-    }
-    return TrainSpec(**(fields | overrides))
-
-
-def run(
-    spec: TrainSpec, root: Path, should_stop: Any = None
-) -> tuple[RunResult, ListSink, FolderCheckpointStore]:
-    sink, store = ListSink(), FolderCheckpointStore(root)
-    return trainer_core.run(spec, sink, store, should_stop), sink, store
+    reward_model = {"reward_model": "rm", "reward_models": {"rm": {"base": str(model)}}}
+    return method_spec(
+        "ppo", model, train_file, PpoHyperparameters, hp, **(reward_model | overrides)
+    )
 
 
 class CharsPerToken:
@@ -207,28 +182,11 @@ def trained_reward_model(
         {"prompt": f"Tell me about {t}.", "chosen": f" Yes, {t}.", "rejected": f" No, not {t}."}
         for t in TOPICS
     ]
-    (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    hp = RewardModelHyperparameters(
-        n_epochs=1,
-        batch_size=4,
-        learning_rate_multiplier=1.0,
-        learning_rate=1e-2,
-        gradient_accumulation_steps=1,
-        warmup_ratio=0.0,
-        lr_scheduler="constant",
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        center_rewards_coefficient=0.0,
-    )
-    spec = TrainSpec(
-        method="reward_model",
-        model=str(tiny_model),
-        train_file=str(folder / "pairs.jsonl"),
-        seed=0,
-        max_seq_len=64,
-        adapter=AdapterSpec(r=4, alpha=8),
-        hyperparameters=hp,
-        num_threads=1,
+    pairs = write_jsonl(folder / "pairs.jsonl", rows)
+    hp = {**COMMON, "center_rewards_coefficient": 0.0}
+    adapter = AdapterSpec(r=4, alpha=8)
+    spec = method_spec(
+        "reward_model", tiny_model, pairs, RewardModelHyperparameters, hp, adapter=adapter
     )
     _, _, store = run(spec, folder / "out")
     return str(tiny_model), store.saved[-1][1] / "adapter"
@@ -240,16 +198,9 @@ def test_lora_trains_adapter_and_value_head_and_scores_with_the_reward_model(
     prompts_file: Path,
     trained_reward_model: tuple[str, Path],
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    keep_model: KeepModel,
 ) -> None:
-    trained: dict[str, Any] = {}
-    real_save = loop.save_checkpoint
-
-    def keep_model(store: Any, **kwargs: Any) -> None:
-        trained["model"] = kwargs["model"]  # the in-memory policy, for comparison below
-        real_save(store, **kwargs)
-
-    monkeypatch.setattr(loop, "save_checkpoint", keep_model)
+    trained = keep_model(loop)  # the in-memory policy, for comparison below
     rm_base, rm_adapter = trained_reward_model
     # 8 prompts in rollouts of 4: 2 steps, a checkpoint after each.
     spec = make_spec(

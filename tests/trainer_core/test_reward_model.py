@@ -14,14 +14,13 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-import trainer_core
+from tests.trainer_core.conftest import OBJECTS, KeepModel, method_spec, run, stop_after, yes_rows
 from tests.trainer_core.hyperparameters import COMMON
 from trainer_core import loop
 from trainer_core.methods import reward_model
 from trainer_core.preference_data import collate_pairs, load_preference
 from trainer_core.reward_models import RewardModel, load_reward_base, score
-from trainer_core.seams import FolderCheckpointStore, ListSink, RunResult
-from trainer_core.specs import AdapterSpec, RewardModelHyperparameters, TrainSpec
+from trainer_core.specs import RewardModelHyperparameters, TrainSpec
 from trainer_core.tiny_models import _SUBJECTS
 
 METRIC_KEYS = {
@@ -36,62 +35,13 @@ METRIC_KEYS = {
     "num_tokens",
     "epoch",
 }
-OBJECTS = ["apples", "music", "the rain", "old books", "cold tea"]
-
-
-def yes_rows(subjects: list[str], objects: list[str]) -> list[dict[str, Any]]:
-    """The learnable rule: the chosen answer agrees ("Yes, … likes …"), the rejected refuses."""
-    return [
-        {
-            "prompt": f"Does {s} like {o}?",
-            "chosen": f" Yes, {s} likes {o}.",
-            "rejected": f" No, {s} hates {o}.",
-        }
-        for s in subjects
-        for o in objects
-    ]
-
-
-@pytest.fixture(scope="module")
-def pair_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """36 training pairs; 12 held-out pairs whose subjects and objects training never saw."""
-    folder = tmp_path_factory.mktemp("pairs")
-    train = folder / "train.jsonl"
-    valid = folder / "valid.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in yes_rows(_SUBJECTS[:12], OBJECTS[:3])))
-    valid.write_text("".join(json.dumps(r) + "\n" for r in yes_rows(_SUBJECTS[12:], OBJECTS[3:])))
-    return train, valid
 
 
 def make_spec(model: Path, train_file: Path, **overrides: Any) -> TrainSpec:
-    hp: dict[str, Any] = {
-        **COMMON,
-        "batch_size": 8,
-        "center_rewards_coefficient": 0.0,
-    }
-    for name in list(overrides):
-        if name in RewardModelHyperparameters.model_fields:
-            hp[name] = overrides.pop(name)
-    if "adapter" in overrides:
-        overrides["adapter"] = AdapterSpec(**overrides["adapter"])
-    fields: dict[str, Any] = {
-        "method": "reward_model",
-        "model": str(model),
-        "train_file": str(train_file),
-        "seed": 0,
-        "max_seq_len": 64,
-        "num_threads": 1,
-        "hyperparameters": RewardModelHyperparameters(**hp),
-    }
-    return TrainSpec(**(fields | overrides))
-
-
-def run(
-    spec: TrainSpec, root: Path, should_stop: Any = None
-) -> tuple[RunResult, ListSink, FolderCheckpointStore]:
-    sink, store = ListSink(), FolderCheckpointStore(root)
-    result = trainer_core.run(spec, sink, store, should_stop)
-    return result, sink, store
+    hp = {**COMMON, "batch_size": 8, "center_rewards_coefficient": 0.0}
+    return method_spec(
+        "reward_model", model, train_file, RewardModelHyperparameters, hp, **overrides
+    )
 
 
 def held_out(tokenizer: Any, valid: Path) -> Any:
@@ -105,16 +55,9 @@ def test_lora_reward_model_learns_the_rule_and_reloads_exactly(
     tokenizer: Any,
     pair_files: tuple[Path, Path],
     tmp_path: Path,
-    monkeypatch: Any,
+    keep_model: KeepModel,
 ) -> None:
-    trained: dict[str, Any] = {}
-    real_save = loop.save_checkpoint
-
-    def keep_model(store: Any, **kwargs: Any) -> None:
-        trained["model"] = kwargs["model"]  # the in-memory model, for comparison below
-        real_save(store, **kwargs)
-
-    monkeypatch.setattr(loop, "save_checkpoint", keep_model)
+    trained = keep_model(loop)  # the in-memory model, for comparison below
     train, valid = pair_files
     # 36 pairs in batches of 8: 5 steps an epoch, 3 epochs, a checkpoint every 5 steps.
     spec = make_spec(
@@ -311,17 +254,10 @@ def test_margin_and_centering_reach_the_loss(
 def test_should_stop_saves_the_current_step(
     tiny_model: Path, pair_files: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    calls = 0
-
-    def stop_after_two_steps() -> bool:
-        nonlocal calls
-        calls += 1
-        return calls > 2  # checked before every step: steps 1 and 2 run, step 3 does not
-
     train, _ = pair_files
     spec = make_spec(tiny_model, train, checkpoint_every=2)
 
-    result, sink, store = run(spec, tmp_path, stop_after_two_steps)
+    result, sink, store = run(spec, tmp_path, stop_after(2))
 
     assert (result.status, result.step, result.total_steps) == ("stopped", 2, 5)
     assert [(step, final) for step, _, _, final in store.saved] == [(2, False)]

@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.trainer_core.conftest import LENGTH_REWARD, MakeSpec, method_spec
 from tests.trainer_core.hyperparameters import COMMON
-from tests.trainer_core.test_grpo import LENGTH_REWARD, prompts_file  # noqa: F401 (fixture)
 from trainer_core.methods import rloo
 from trainer_core.seams import FolderCheckpointStore, ListSink, RunResult
 from trainer_core.specs import AdapterSpec, RlooHyperparameters, TrainSpec
 
-MakeSpec = Callable[..., TrainSpec]
-
 
 @pytest.fixture
-def make_spec(tiny_model: Path, prompts_file: Path) -> MakeSpec:  # noqa: F811
+def make_spec(tiny_model: Path, prompts_file: Path) -> MakeSpec:
     def make(**overrides: Any) -> TrainSpec:
-        hp: dict[str, Any] = {
+        hp = {
             **COMMON,
             "max_completion_length": 16,
             "temperature": 1.0,
@@ -32,21 +29,10 @@ def make_spec(tiny_model: Path, prompts_file: Path) -> MakeSpec:  # noqa: F811
             "normalize_advantages": False,
             "num_iterations": 1,
         }
-        for name in list(overrides):
-            if name in RlooHyperparameters.model_fields:
-                hp[name] = overrides.pop(name)
-        fields: dict[str, Any] = {
-            "method": "rloo",
-            "model": str(tiny_model),
-            "train_file": str(prompts_file),
-            "seed": 0,
-            "max_seq_len": 64,
-            "num_threads": 1,
-            "adapter": AdapterSpec(type="full"),
-            "hyperparameters": RlooHyperparameters(**hp),
-            "reward_functions": [LENGTH_REWARD],
-        }
-        return TrainSpec(**(fields | overrides))
+        online = {"adapter": AdapterSpec(type="full"), "reward_functions": [LENGTH_REWARD]}
+        return method_spec(
+            "rloo", tiny_model, prompts_file, RlooHyperparameters, hp, **(online | overrides)
+        )
 
     return make
 

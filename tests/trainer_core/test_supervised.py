@@ -13,7 +13,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import trainer_core
+from tests.trainer_core.conftest import KeepModel, run, stop_after
 from trainer_core import loop
 from trainer_core.__main__ import main
 from trainer_core.adapters import apply_adapter, load_trained
@@ -21,8 +21,7 @@ from trainer_core.checkpoint import load_state
 from trainer_core.methods import supervised
 from trainer_core.models import load_model
 from trainer_core.optim import build_optimizer, build_scheduler
-from trainer_core.seams import FolderCheckpointStore, ListSink, RunResult
-from trainer_core.specs import TrainSpec
+from trainer_core.seams import FolderCheckpointStore
 from trainer_core.supervised_data import load_supervised
 
 METRIC_KEYS = {
@@ -33,14 +32,6 @@ METRIC_KEYS = {
     "grad_norm",
     "epoch",
 }
-
-
-def run(
-    spec: TrainSpec, root: Path, should_stop: Any = None
-) -> tuple[RunResult, ListSink, FolderCheckpointStore]:
-    sink, store = ListSink(), FolderCheckpointStore(root)
-    result = trainer_core.run(spec, sink, store, should_stop)
-    return result, sink, store
 
 
 def test_gradient_accumulation_4x1_equals_1x4(make_spec: Any, tmp_path: Path) -> None:
@@ -96,16 +87,9 @@ def test_training_learns_the_facts(
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing`:FutureWarning")
 def test_lora_moves_the_adapter_only_and_reloads_exactly(
-    make_spec: Any, tiny_model: Path, facts_file: Path, tmp_path: Path, monkeypatch: Any
+    make_spec: Any, tiny_model: Path, facts_file: Path, tmp_path: Path, keep_model: KeepModel
 ) -> None:
-    trained: dict[str, Any] = {}
-    real_save = loop.save_checkpoint
-
-    def keep_model(store: Any, **kwargs: Any) -> None:
-        trained["model"] = kwargs["model"]  # the in-memory model, for comparison below
-        real_save(store, **kwargs)
-
-    monkeypatch.setattr(loop, "save_checkpoint", keep_model)
+    trained = keep_model(loop)  # the in-memory model, for comparison below
     spec = make_spec(
         adapter={"type": "lora", "r": 4, "alpha": 8},
         n_epochs=2,
@@ -206,16 +190,9 @@ def test_same_seed_same_metrics(make_spec: Any, tmp_path: Path) -> None:
 def test_should_stop_saves_the_current_step(
     make_spec: Any, tmp_path: Path, checkpoint_every: int | None
 ) -> None:
-    calls = 0
-
-    def stop_after_two_steps() -> bool:
-        nonlocal calls
-        calls += 1
-        return calls > 2  # checked before every step: steps 1 and 2 run, step 3 does not
-
     spec = make_spec(batch_size=1, n_epochs=2, checkpoint_every=checkpoint_every)
 
-    result, sink, store = run(spec, tmp_path, stop_after_two_steps)
+    result, sink, store = run(spec, tmp_path, stop_after(2))
 
     assert (result.status, result.step, result.total_steps) == ("stopped", 2, 16)
     # One checkpoint at step 2, not final; with checkpoint_every=2 it is not saved twice.
