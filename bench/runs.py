@@ -3,8 +3,9 @@
 ``run_ours`` goes through ``trainer_core.run`` like a job does. For parity it can also record
 the order in which our run served the rows and the adapter it started from, so that TRL can be
 given the same order (a sequential sampler over the reordered rows) and the same initial
-weights: ``Capture``. It records them by wrapping the method module's ``apply_adapter`` and
-its collate function, from the outside; nothing in ``trainer_core`` knows about it.
+weights: ``Capture``. It records them by wrapping the loop's ``apply_adapter`` (every method
+builds its policy through ``loop.policy``) and the method module's collate function, from the
+outside; nothing in ``trainer_core`` knows about it.
 
 Metric names are ours; TRL's are renamed (``TRL_NAMES``).
 """
@@ -100,9 +101,10 @@ def run_ours(spec: Any, capture: Capture | None = None) -> Run:
     import trainer_core
 
     module = importlib.import_module(f"trainer_core.methods.{spec.method}")
-    patches: list[tuple[str, Callable[..., Any]]] = []
+    loop = importlib.import_module("trainer_core.loop")
+    patches: list[tuple[Any, str, Callable[..., Any]]] = []
     if capture is not None:
-        real_apply, real_collate = module.apply_adapter, getattr(module, COLLATE_NAMES[spec.method])
+        real_apply, real_collate = loop.apply_adapter, getattr(module, COLLATE_NAMES[spec.method])
 
         def apply_and_keep(model: Any, adapter: Any, *args: Any, **kw: Any) -> Any:
             wrapped = real_apply(model, adapter, *args, **kw)
@@ -120,18 +122,18 @@ def run_ours(spec: Any, capture: Capture | None = None) -> Run:
             return real_collate(rows, *args, **kw)
 
         patches = [
-            ("apply_adapter", apply_and_keep),
-            (COLLATE_NAMES[spec.method], collate_and_keep),
+            (loop, "apply_adapter", apply_and_keep),
+            (module, COLLATE_NAMES[spec.method], collate_and_keep),
         ]
-    originals = {name: getattr(module, name) for name, _ in patches}
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     sink = _TimingSink()
     try:
-        for name, fn in patches:
-            setattr(module, name, fn)
+        for owner, name, fn in patches:
+            setattr(owner, name, fn)
         result = trainer_core.run(spec, sink, _NoStore())  # type: ignore[arg-type]
     finally:
-        for name, fn in originals.items():
-            setattr(module, name, fn)
+        for owner, name, fn in originals:
+            setattr(owner, name, fn)
     steps = [{"step": float(step), **values} for step, values in sink.points]
     return Run(steps, sink.last - sink.began, result.trained_tokens, peak_rss_mib())
 
