@@ -16,20 +16,12 @@ from api.errors import APIError, from_validation_error, invalid, not_found
 from api.files import get_file
 from api.models import Checkpoint, Job, JobEvent, new_id, now
 from api.services import Services
-from trainer_core.specs import (
-    METHOD_DATASET_FORMATS,
-    METHOD_HYPERPARAMETERS,
-    METHOD_OPTIONS,
-    AdapterSpec,
-    ResourcesSpec,
-    resolve_hyperparameters,
-)
+from trainer_core.registry import METHODS, required_options, resolve_hyperparameters
+from trainer_core.specs import AdapterSpec, ResourcesSpec
 
 log = logging.getLogger("alignd.api")
 
 TERMINAL = ("succeeded", "failed", "cancelled")
-# Method types this service knows of but whose trainers have not landed yet.
-PLANNED_METHODS: tuple[str, ...] = ()
 DEFAULT_MAX_SEQ_LEN = 1024
 _SUFFIX = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -107,13 +99,9 @@ def _method_request(body: JobCreate) -> tuple[str, BaseModel, str]:
             param="method.type",
             code="missing_required_parameter",
         )
-    if method_type not in METHOD_HYPERPARAMETERS:
-        supported = ", ".join(METHOD_HYPERPARAMETERS)
-        planned = (
-            " (planned, not yet available on this server)" if method_type in PLANNED_METHODS else ""
-        )
+    if method_type not in METHODS:
         raise invalid(
-            f"Unsupported method type '{method_type}'{planned}. Supported: {supported}.",
+            f"Unsupported method type '{method_type}'. Supported: {', '.join(METHODS)}.",
             param="method.type",
             code="unsupported_method",
         )
@@ -127,7 +115,7 @@ def _method_request(body: JobCreate) -> tuple[str, BaseModel, str]:
     block = body.method.get(method_type) or {}
     if not isinstance(block, dict):
         raise invalid(f"'method.{method_type}' must be an object.", param=f"method.{method_type}")
-    options = METHOD_OPTIONS.get(method_type, {})
+    options = METHODS[method_type].options.model_fields
     for key in block:
         if key != "hyperparameters" and key not in options:
             raise invalid(
@@ -135,8 +123,8 @@ def _method_request(body: JobCreate) -> tuple[str, BaseModel, str]:
                 param=f"method.{method_type}.{key}",
                 code="unknown_parameter",
             )
-    for key, required in options.items():
-        if required and block.get(key) is None:
+    for key in required_options(method_type):
+        if block.get(key) is None:
             raise invalid(
                 f"Missing required parameter: 'method.{method_type}.{key}'.",
                 param=f"method.{method_type}.{key}",
@@ -150,7 +138,7 @@ def _hyperparameters(method_type: str, raw: Any, prefix: str) -> BaseModel:
     if raw is not None and not isinstance(raw, dict):
         raise invalid(f"'{prefix}' must be an object.", param=prefix)
     try:
-        return METHOD_HYPERPARAMETERS[method_type].model_validate(raw or {})
+        return METHODS[method_type].request.model_validate(raw or {})
     except ValidationError as exc:
         raise from_validation_error(exc, prefix=prefix) from None
 
@@ -230,7 +218,7 @@ def _check_file(session: Session, owner: str, file_id: str, param: str, method_t
             param=param,
             code="file_not_ready",
         )
-    formats = METHOD_DATASET_FORMATS[method_type]
+    formats = METHODS[method_type].dataset_formats
     if row.format not in formats:
         raise invalid(
             f"File '{file_id}' is in the {row.format} format, which a {method_type} job cannot "

@@ -24,7 +24,7 @@ from api.files import chunk_count, get_file, iter_content
 from api.jobs import plan_job
 from api.models import Job
 from api.services import Services
-from trainer_core.specs import METHOD_DATASET_FORMATS
+from trainer_core.registry import METHODS
 
 # Keys whose string values are structure, not text the model reads.
 _NON_TEXT_KEYS = {"role", "type", "name", "tool_call_id", "id"}
@@ -145,9 +145,9 @@ def validate_file(
     method = body.get("method")
     if isinstance(method, dict):  # {"type": "dpo"} like a job's method, or a bare name
         method = method.get("type")
-    if method is not None and method not in METHOD_DATASET_FORMATS:
+    if method is not None and method not in METHODS:
         raise invalid(
-            f"Unknown method '{method}'. Known: {', '.join(METHOD_DATASET_FORMATS)}.",
+            f"Unknown method '{method}'. Known: {', '.join(METHODS)}.",
             param="method",
         )
     model = body.get("model")
@@ -156,18 +156,15 @@ def validate_file(
     row = get_file(session, owner, file_id)
     report = row.validation or {}
     errors = list(report.get("errors", []))
-    if (
-        method is not None
-        and row.format is not None
-        and row.format not in METHOD_DATASET_FORMATS[method]
-    ):
+    formats = METHODS[method].dataset_formats if method is not None else ()
+    if method is not None and row.format is not None and row.format not in formats:
         errors.append(
             {
                 "line": None,
                 "field": None,
                 "code": "invalid_file_format",
                 "message": f"the file is in the {row.format} format; a {method} job takes "
-                + ", ".join(METHOD_DATASET_FORMATS[method]),
+                + ", ".join(formats),
             }
         )
     num_tokens, counted_by = count_tokens(services, session, file_id, model)

@@ -23,11 +23,13 @@ from sqlalchemy.orm import Session
 from api.errors import invalid
 from api.models import Job, Worker
 from api.settings import Settings
-from trainer_core.specs import DISTRIBUTED_METHODS, ResourcesSpec
+from trainer_core.registry import DISTRIBUTED_METHODS
+from trainer_core.specs import PRECISIONS, ResourcesSpec
 
-# Precisions a worker of each kind can offer (a GPU offers bf16 only if it supports it).
-CPU_PRECISIONS = ("fp32", "bf16")
-GPU_PRECISIONS = ("fp32", "bf16", "fp16")
+# Precisions a worker of each kind can offer (a GPU offers bf16 only if it supports it);
+# fp16 is GPU-only, since its loss scaling needs CUDA (trainer_core/placement.py).
+GPU_PRECISIONS = PRECISIONS
+CPU_PRECISIONS = tuple(p for p in PRECISIONS if p != "fp16")
 
 
 def job_queue(settings: Settings, extensions: dict[str, Any] | None) -> str:

@@ -44,9 +44,10 @@ def rows_for(method: str, n: int) -> list[dict[str, Any]]:
 
 
 def spec_for(config: Config, train_file: Path) -> Any:
-    from trainer_core.specs import METHODS, AdapterSpec, TrainSpec
+    from trainer_core.registry import METHODS
+    from trainer_core.specs import AdapterSpec, TrainSpec
 
-    resolved_cls = METHODS[config.method][1]
+    resolved_cls = METHODS[config.method].resolved
     extra: dict[str, Any] = {
         "supervised": {},
         "dpo": {

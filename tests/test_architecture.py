@@ -8,6 +8,7 @@
 - a method module branches on no method's name and imports no other method module.
 - worker takes nothing from alignd but alignd.processes, which imports nothing of ours (the
   API image ships alignd without worker; the worker must not load the CLI).
+- the method registry is the one list of methods: each row names a module that trains it.
 """
 
 from __future__ import annotations
@@ -114,9 +115,8 @@ METHODS_PACKAGE = "trainer_core.methods"
 
 
 def method_names() -> frozenset[str]:
-    """Every method type the registry knows. Read here alone, so that a registry of another
-    shape (issue #11 part 3) changes one line."""
-    from trainer_core.specs import METHODS
+    """Every method type the registry knows (trainer_core/registry.py)."""
+    from trainer_core.registry import METHODS
 
     return frozenset(METHODS)
 
@@ -173,7 +173,7 @@ def method_imports(tree: ast.AST, package: str, modules: frozenset[str]) -> list
 
 
 def test_methods_do_not_branch_on_method_names() -> None:
-    # Each method module reads top to bottom; dispatch lives in the registry (runner.py today).
+    # Each method module reads top to bottom; dispatch lives in the registry and the runner.
     names = method_names()
     offences = [
         f"{path.relative_to(ROOT)}:{line} branches on {name!r}"
@@ -259,3 +259,22 @@ def test_method_import_detector_passes_building_blocks() -> None:
         "import trainer_core.methods\n"
     )
     assert method_imports(ast.parse(snippet), METHODS_PACKAGE, frozenset({"grpo"})) == []
+
+
+def test_method_registry_rows_name_their_modules() -> None:
+    # A method is one module and one registry row (trainer_core/registry.py): the row's
+    # module exists and defines train, and resolving a request can fill every resolved field.
+    from trainer_core.registry import METHODS
+
+    for name, method in METHODS.items():
+        path = ROOT / "trainer_core" / "methods" / f"{method.module}.py"
+        assert path.is_file(), f"{name}: no module {path}"
+        functions = {
+            node.name
+            for node in ast.parse(path.read_text()).body
+            if isinstance(node, ast.FunctionDef)
+        }
+        assert "train" in functions, f"{name}: {path.name} defines no train()"
+        fillable = {*method.request.model_fields, *method.request.DEFAULTS, "learning_rate"}
+        assert set(method.resolved.model_fields) <= fillable, name
+        assert all(rate > 0 for rate in method.base_learning_rate), name

@@ -147,6 +147,25 @@ def test_invalid_resources_are_400_naming_the_field(
 
 
 def test_distributed_only_for_the_distributed_methods(api: Api) -> None:
+    # The registry says which methods run distributed (trainer_core/registry.py); the online
+    # ones do not, and kto/orpo/simpo do (issue #11).
+    prompts = api.upload("".join(json.dumps({"prompt": f"Name {i}?"}) + "\n" for i in range(4)))
+    reward = {"type": "length", "name": "short", "target": 8}
+    grpo = {
+        "model": "tiny",
+        "training_file": prompts["id"],
+        "method": {"type": "grpo", "grpo": {"reward_functions": [reward]}},
+    }
+    for resources, param in (
+        ({"gpus": 2}, "resources.gpus"),
+        ({"zero_stage": 2}, "resources.zero_stage"),
+    ):
+        status, answer = create(api, {**grpo, "resources": resources})
+        assert status == 400, answer
+        assert answer["error"]["param"] == param, answer
+        assert answer["error"]["code"] == "unsupported_resources", answer
+        assert "supervised, dpo, reward_model, kto, orpo, simpo" in answer["error"]["message"]
+    # The same resources on the methods that run distributed are accepted.
     rows = [
         {
             "input": {"messages": [{"role": "user", "content": f"Name {i}?"}]},
@@ -156,20 +175,16 @@ def test_distributed_only_for_the_distributed_methods(api: Api) -> None:
         for i in range(4)
     ]
     pairs = api.upload("".join(json.dumps(row) + "\n" for row in rows))
-    kto = {"model": "tiny", "training_file": pairs["id"], "method": {"type": "kto"}}
-    for resources, param in (
-        ({"gpus": 2}, "resources.gpus"),
-        ({"zero_stage": 2}, "resources.zero_stage"),
-    ):
-        status, answer = create(api, {**kto, "resources": resources})
-        assert status == 400, answer
-        assert answer["error"]["param"] == param, answer
-        assert "supervised, reward_model, dpo" in answer["error"]["message"]
-    # The same resources on a method that runs distributed are accepted.
-    dpo = {**kto, "method": {"type": "dpo"}, "resources": {"gpus": 2, "zero_stage": 2}}
-    status, answer = create(api, dpo)
-    assert status == 200, answer
-    assert answer["resources"]["gpus"] == 2 and answer["resources"]["zero_stage"] == 2
+    for method in ("dpo", "kto", "orpo", "simpo"):
+        body = {
+            "model": "tiny",
+            "training_file": pairs["id"],
+            "method": {"type": method},
+            "resources": {"gpus": 2, "zero_stage": 2},
+        }
+        status, answer = create(api, body)
+        assert status == 200, (method, answer)
+        assert answer["resources"]["gpus"] == 2 and answer["resources"]["zero_stage"] == 2
 
 
 def test_gpus_above_the_largest_worker_of_the_class(api: Api, workers: None, train_id: str) -> None:

@@ -1,8 +1,9 @@
 """One job in several processes: data parallelism and DeepSpeed's ZeRO stages 0-3.
 
-A method that supports it (``specs.DISTRIBUTED_METHODS``) calls these functions in place of
-its single-process ones; with one process and ZeRO off every function is the plain version
-(``loss.backward()``, ``optim.optimizer_step``), so the single-process path is unchanged.
+A method that supports it (``distributed`` in its ``trainer_core.registry`` row) calls these
+functions in place of its single-process ones; with one process and ZeRO off every function
+is the plain version (``loss.backward()``, ``optim.optimizer_step``), so the single-process
+path is unchanged.
 
 How a step is split, so that N processes compute what one process would:
 

@@ -1,6 +1,6 @@
-"""Runs a spec by handing it to its method; the one place that maps method names to code.
+"""Runs a spec by handing it to its method's module, as ``trainer_core.registry`` names it.
 
-Each method is ``trainer_core.methods.<name>.train`` and is imported only when a spec names
+Each method is ``trainer_core.methods.<module>.train`` and is imported only when a spec names
 it, so a broken or heavy method never slows down or breaks the others.
 """
 
@@ -9,31 +9,17 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
+from trainer_core.registry import METHODS
 from trainer_core.seams import CheckpointStore, MetricSink, RunResult, ShouldStop
 from trainer_core.specs import TrainSpec
 
 Method = Callable[[TrainSpec, MetricSink, CheckpointStore, ShouldStop], RunResult]
 
-# method type -> module under trainer_core.methods holding its ``train``.
-METHOD_MODULES: dict[str, str] = {
-    "supervised": "supervised",
-    "dpo": "dpo",
-    "reward_model": "reward_model",
-    "kto": "kto",
-    "orpo": "orpo",
-    "simpo": "simpo",
-    "grpo": "grpo",
-    # OpenAI's reinforcement is GRPO driven by its grader (mapped when the job is created).
-    "reinforcement": "grpo",
-    "rloo": "rloo",
-    "ppo": "ppo",
-}
-
 
 def method(name: str) -> Method:
-    if name not in METHOD_MODULES:
-        raise ValueError(f"unknown method {name!r}; known: {sorted(METHOD_MODULES)}")
-    module = importlib.import_module(f"trainer_core.methods.{METHOD_MODULES[name]}")
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {sorted(METHODS)}")
+    module = importlib.import_module(f"trainer_core.methods.{METHODS[name].module}")
     train: Method = module.train
     return train
 
