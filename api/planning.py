@@ -145,7 +145,7 @@ def validate_file(
     method = body.get("method")
     if isinstance(method, dict):  # {"type": "dpo"} like a job's method, or a bare name
         method = method.get("type")
-    if method is not None and method not in METHODS:
+    if method is not None and (not isinstance(method, str) or method not in METHODS):
         raise invalid(
             f"Unknown method '{method}'. Known: {', '.join(METHODS)}.",
             param="method",

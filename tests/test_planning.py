@@ -87,6 +87,10 @@ def test_validate_file_for_a_method(quiet_api: Api) -> None:
 
     unknown = quiet_api.http.post(f"files/{chat['id']}/validate", json={"method": "telepathy"})
     assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "method"
+    # Not a name at all (it once reached a dict lookup and answered 500).
+    for method in ({"type": [1]}, [1], 3):
+        odd = quiet_api.http.post(f"files/{chat['id']}/validate", json={"method": method})
+        assert odd.status_code == 400 and odd.json()["error"]["param"] == "method", odd.text
 
 
 def test_queued_jobs_show_their_queue_position(quiet_api: Api) -> None:
