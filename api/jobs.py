@@ -1,4 +1,9 @@
-"""Fine-tuning jobs: creation (validate, resolve "auto", store, enqueue), cancel, rendering."""
+"""Fine-tuning jobs: creation (validate, resolve "auto", store, enqueue), cancel, rendering.
+
+A job is resolved once, at creation: its ``TrainSpec`` (docs/operations.md, "The job spec")
+is stored on the row beside the OpenAI-shaped ``method`` and ``extensions`` it is shown
+with, and the worker trains from that spec.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from api.files import get_file
 from api.models import Checkpoint, Job, JobEvent, new_id, now
 from api.services import Services
 from trainer_core.registry import METHODS, required_options, resolve_hyperparameters
-from trainer_core.specs import AdapterSpec, ResourcesSpec
+from trainer_core.specs import AdapterSpec, ResourcesSpec, TrainSpec
 
 log = logging.getLogger("alignd.api")
 
@@ -282,7 +287,22 @@ def plan_job(services: Services, session: Session, owner: str, raw: Any) -> Job:
             "which also holds the prompt.",
             param=f"method.{method_type}.hyperparameters.max_completion_length",
         )
-    job = Job(
+    # OpenAI picks a random seed when none is given, and reports it on the job.
+    seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+    spec = TrainSpec(
+        method=method_type,
+        model=model,
+        train_file=body.training_file,
+        validation_file=body.validation_file,
+        seed=seed,
+        max_seq_len=max_seq_len,
+        adapter=adapter,
+        hyperparameters=resolved,
+        reward_functions=options.get("reward_functions", []),
+        reward_model=options.get("reward_model"),
+        resources=resources,
+    )
+    return Job(
         id=new_id("ftjob"),
         owner=owner,
         created_at=now(),
@@ -301,14 +321,13 @@ def plan_job(services: Services, session: Session, owner: str, raw: Any) -> Job:
             "integrations": body.integrations or [],
             "resources": resources.model_dump(),
         },
-        # OpenAI picks a random seed when none is given, and reports it on the job.
-        seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
+        spec=spec.stored(),
+        seed=seed,
         suffix=body.suffix,
         user_metadata=body.metadata,
         result_files=[],
         cancel_requested=False,
     )
-    return job
 
 
 def create_job(services: Services, session: Session, owner: str, raw: Any) -> Job:

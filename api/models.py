@@ -96,8 +96,13 @@ class Job(Base):
     validation_file: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # {"type": ..., "<type>": {"hyperparameters": {resolved values}}}
     method: Mapped[dict[str, Any]] = mapped_column(JSON)
-    # Our extension fields: adapter, max_seq_len.
+    # Our extension fields as the job shows them (adapter, max_seq_len, integrations,
+    # resources), and its state: resume_from, the checkpoint a resumed job continues from.
     extensions: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # The resolved TrainSpec, as the API stores it (docs/operations.md, "The job spec"): what
+    # the worker trains from, filling in only local paths and settings. Null only for rows
+    # made outside the API (tests' fixtures); jobs from before the column were migrated.
+    spec: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     seed: Mapped[int] = mapped_column(BigInteger)
     suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
     user_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)

@@ -1,8 +1,10 @@
 """What a training run is asked to do: ``TrainSpec`` and its parts, plain pydantic, no torch.
 
-``TrainSpec`` is the one object a run is described by; ``python -m trainer_core run
-spec.json`` reads it. Its hyperparameters are resolved from a job body's request with
-``trainer_core.registry.resolve_hyperparameters`` (every "auto" replaced).
+``TrainSpec`` is the one object a run is described by, from the API to the trainer. The API
+resolves a job body into it once, at creation (every "auto" replaced, see
+``trainer_core.registry.resolve_hyperparameters``), and stores it on the job; the worker
+loads it and fills in only what is local to the machine that runs it (paths, the operator's
+settings) with ``model_copy``. ``python -m trainer_core run spec.json`` reads the same object.
 
 The hyperparameter classes live in ``trainer_core.hyperparameters`` and the method table in
 ``trainer_core.registry``; their public names are re-exported here, where method modules and
@@ -167,12 +169,34 @@ class RewardModelRef(_Strict):
     adapter: str | None = None
 
 
+# The fields only the machine that runs a job knows: the worker sets them (from its
+# settings, or to paths of what it downloaded); the spec the API stores leaves them out.
+WORKER_FIELDS = frozenset(
+    {
+        "trust_remote_code",
+        "allow_hub",
+        "reward_models",
+        "reward_http_allowed_hosts",
+        "reward_http_timeout_s",
+        "resume_from",
+        "num_threads",
+    }
+)
+
+
 class TrainSpec(_Strict):
-    """Everything one run needs; what ``python -m trainer_core run spec.json`` reads."""
+    """Everything one run needs; what ``python -m trainer_core run spec.json`` reads.
+
+    As the API stores it (docs/operations.md, "The job spec"), ``model`` is the model's name
+    in the models dir (or a hub id), ``train_file``/``validation_file`` are file ids, and the
+    ``WORKER_FIELDS`` are absent; the worker replaces the names by local paths and sets those.
+    """
 
     method: MethodType = "supervised"  # type: ignore[valid-type]
-    model: str = Field(description="Local model folder (Hugging Face format) or a hub id.")
-    train_file: str = Field(description="Path of the training JSONL file.")
+    model: str = Field(
+        description="Local model folder (Hugging Face format) or a hub id; stored: the name."
+    )
+    train_file: str = Field(description="Path of the training JSONL file; stored: the file id.")
     validation_file: str | None = None
     seed: int = 42
     max_seq_len: Annotated[int, Field(ge=8, le=1_048_576)] = 1024
@@ -210,3 +234,7 @@ class TrainSpec(_Strict):
             resolved_cls = METHODS[data.get("method", "supervised")].resolved
             data = {**data, "hyperparameters": resolved_cls.model_validate(data["hyperparameters"])}
         return data
+
+    def stored(self) -> dict[str, Any]:
+        """The JSON the API stores on the job: everything but the worker's fields."""
+        return self.model_dump(mode="json", exclude=set(WORKER_FIELDS))

@@ -23,7 +23,7 @@ from api.models import Checkpoint, File, Job, now
 from api.services import Services
 from trainer_core import graders
 from trainer_core.seams import RunResult
-from trainer_core.specs import TrainSpec
+from trainer_core.specs import RewardModelRef, TrainSpec
 from worker import job_logs, launch
 from worker.sinks import ArtifactCheckpointStore, DatabaseSink, StopFlag
 
@@ -90,9 +90,9 @@ def fetch_checkpoint(services: Services, checkpoint_id: str, dest: Path) -> Path
 
 def fetch_reward_models(
     services: Services, owner: str, names: set[str], dest: Path
-) -> dict[str, dict[str, str]]:
+) -> dict[str, RewardModelRef]:
     """Download the final adapter of each named reward_model fine-tune next to the job."""
-    refs: dict[str, dict[str, str]] = {}
+    refs: dict[str, RewardModelRef] = {}
     for name in sorted(names):
         with services.sessions() as session:
             job = session.scalar(
@@ -109,7 +109,9 @@ def fetch_reward_models(
         with tarfile.open(tar_path) as tar:
             tar.extractall(folder, filter="data")
         tar_path.unlink()
-        refs[name] = {"base": model_path(services.settings, job.model), "adapter": str(folder)}
+        refs[name] = RewardModelRef(
+            base=model_path(services.settings, job.model), adapter=str(folder)
+        )
     return refs
 
 
@@ -120,38 +122,35 @@ def build_spec(
     valid_path: Path | None,
     resume_dir: Path | None = None,
 ) -> TrainSpec:
+    """The job's stored spec with what only this machine knows filled in: the model's folder
+    and the files' paths in place of their names and ids, the checkpoint to resume from, the
+    reward models' folders, and the operator's settings (docs/operations.md, "The job spec")."""
+    if job.spec is None:
+        raise ValueError(f"job {job.id} has no stored spec (it was not created through the API)")
+    spec = TrainSpec.model_validate(job.spec)
     settings = services.settings
-    method_type = job.method["type"]
-    block = job.method[method_type]
-    reward_functions = block.get("reward_functions", [])
-    names = graders.reward_model_names(reward_functions) if reward_functions else set()
-    if block.get("reward_model"):
-        names.add(block["reward_model"])
-    reward_models = fetch_reward_models(
-        services, job.owner, names, train_path.parent / "reward_models"
-    )
-    return TrainSpec.model_validate(
-        {
-            "method": method_type,
-            "model": model_path(settings, job.model),
+    names = graders.reward_model_names(spec.reward_functions) if spec.reward_functions else set()
+    if spec.reward_model:
+        names.add(spec.reward_model)
+    local = spec.model_copy(
+        update={
+            "model": model_path(settings, spec.model),
             "train_file": str(train_path),
             "validation_file": str(valid_path) if valid_path else None,
-            "seed": job.seed,
-            "max_seq_len": job.extensions["max_seq_len"],
-            "adapter": job.extensions["adapter"],
-            "hyperparameters": job.method[method_type]["hyperparameters"],
+            "resume_from": str(resume_dir) if resume_dir else None,
+            "reward_models": fetch_reward_models(
+                services, job.owner, names, train_path.parent / "reward_models"
+            ),
             "trust_remote_code": settings.trust_remote_code,
             "allow_hub": settings.allow_hub,
             "num_threads": settings.torch_threads,
-            "resume_from": str(resume_dir) if resume_dir else None,
-            "reward_functions": reward_functions,
-            "reward_model": block.get("reward_model"),
-            "reward_models": reward_models,
             "reward_http_allowed_hosts": list(settings.reward_http_allowed_hosts),
             "reward_http_timeout_s": settings.reward_http_timeout_s,
-            "resources": job.extensions.get("resources") or {},
         }
     )
+    # model_copy does not validate: check the operator's values as every spec field is checked
+    # (ALIGND_TORCH_THREADS=0 fails the job here, not inside torch).
+    return TrainSpec.model_validate(local.model_dump())
 
 
 def finish(
