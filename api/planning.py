@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from api import catalog
 from api.errors import invalid
 from api.files import chunk_count, get_file, iter_content
-from api.jobs import plan_job
+from api.job_service import plan_job
 from api.models import Job
 from api.services import Services
 from trainer_core.registry import METHODS

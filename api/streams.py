@@ -11,7 +11,7 @@ sends a ``: keep-alive`` comment every ``sse_keepalive_s``.
 Why there can be no gap: a stream reads the job's status, then the rows after its cursor, in
 that order; a job's final rows commit with its terminal status, so once a stream has seen the
 status it also sees them. And a job's event inserts are serialised on the job's row
-(``api.jobs.add_event``), so their ``seq`` order is their commit order: a stream that has read
+(``api.job_events.add_event``), so their ``seq`` order is their commit order: a stream that has read
 seq N never later finds a smaller one committed behind it. Log lines and metric points each
 have one writer per job (the worker running it).
 """
@@ -34,7 +34,9 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
 from api.errors import invalid
-from api.jobs import TERMINAL, get_job, render_event, render_job
+from api.job_queries import get_job
+from api.job_rendering import render_event, render_job
+from api.job_service import TERMINAL
 from api.models import Job, JobEvent, JobLog, JobMetric
 from api.services import Services
 

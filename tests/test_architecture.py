@@ -66,7 +66,9 @@ def test_api_source_imports_no_torch() -> None:
         [
             "api.app",
             "api.models",
-            "api.jobs",
+            "api.job_service",
+            "api.job_rendering",
+            "api.job_events",
             "api.files",
             "api.routes.jobs",
             "api.routes.files",

@@ -19,7 +19,7 @@ import pytest
 
 from api import streams as streams_module
 from api.db import make_engine, make_sessionmaker
-from api.jobs import add_event
+from api.job_events import add_event
 from api.models import Job, JobMetric, now
 from api.settings import Settings
 from tests.conftest import Api, WorkerProcess, chat_rows, insert_job

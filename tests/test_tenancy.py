@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from api.app import create_app
-from api.jobs import add_event
+from api.job_events import add_event
 from api.models import Checkpoint, Job, new_id, now
 from api.services import Services
 from api.settings import Settings

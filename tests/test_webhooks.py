@@ -309,7 +309,7 @@ def test_a_real_job_is_delivered_signed_and_retried(stack: Stack, receiver: Rece
 
 
 def test_retries_stop_after_the_last_attempt(stack: Stack, receiver: Receiver) -> None:
-    # A queued job cancelled at once (api/jobs.py) is an event too; /fail never takes it.
+    # A queued job cancelled at once (api/job_service.py) is an event too; /fail never takes it.
     endpoint = stack.api.http.post(
         "webhook_endpoints",
         json={"url": f"{receiver.url}/fail", "event_types": ["fine_tuning.job.cancelled"]},

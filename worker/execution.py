@@ -18,7 +18,8 @@ import trainer_core
 from api import webhooks
 from api.catalog import fine_tuned_name, model_path
 from api.files import chunk_count, iter_content
-from api.jobs import add_event
+from api.job_events import add_event
+from api.job_queries import succeeded_job_named
 from api.models import Checkpoint, File, Job, now
 from api.services import Services
 from trainer_core import graders
@@ -95,11 +96,7 @@ def fetch_reward_models(
     refs: dict[str, RewardModelRef] = {}
     for name in sorted(names):
         with services.sessions() as session:
-            job = session.scalar(
-                select(Job).where(
-                    Job.owner == owner, Job.fine_tuned_model == name, Job.status == "succeeded"
-                )
-            )
+            job = succeeded_job_named(session, owner, name)
         if job is None or not job.adapter_key:
             raise FileNotFoundError(f"reward model {name} no longer exists")
         folder = dest / job.id

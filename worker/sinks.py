@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api import webhooks
 from api.artifacts import ArtifactStore
-from api.jobs import add_event
+from api.job_events import add_event
 from api.models import Checkpoint, Job, JobMetric, new_id, now
 
 # A metrics event every this many steps (plus the first and the last): enough to follow a

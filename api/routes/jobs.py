@@ -7,10 +7,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
-from api import jobs, planning, streams
+from api import job_queries, job_service, planning, streams
 from api.deps import OwnerDep, ServicesDep, SessionDep
 from api.downloads import artifact_response
 from api.errors import APIError
+from api.job_rendering import render_checkpoint, render_event, render_job
 from api.pagination import page
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
@@ -24,10 +25,10 @@ def create_job(
     # error comes back in OpenAI's error shape with the ``param`` the user wrote.
     with services.sessions() as session:
         with session.begin():
-            job = jobs.create_job(services, session, owner, body)
+            job = job_service.create_job(services, session, owner, body)
         # Enqueue only after the commit: a worker must never receive an id it cannot load.
-        jobs.enqueue_committed(services, job)
-        return jobs.render_job(job)
+        job_service.enqueue_committed(services, job)
+        return render_job(job)
 
 
 @router.post("/estimate")
@@ -45,9 +46,9 @@ def list_jobs(
     after: str | None = None,
     limit: Annotated[int, Query()] = 20,
 ) -> dict[str, Any]:
-    positions = jobs.queue_positions(session)
-    query = jobs.list_jobs_query(owner, after, _metadata_filter(request))
-    return page(session, query, limit, lambda job: jobs.render_job(job, positions.get(job.id)))
+    positions = job_queries.queue_positions(session)
+    query = job_queries.list_jobs_query(owner, after, _metadata_filter(request))
+    return page(session, query, limit, lambda job: render_job(job, positions.get(job.id)))
 
 
 def _metadata_filter(request: Request) -> dict[str, str] | None:
@@ -64,32 +65,32 @@ def _metadata_filter(request: Request) -> dict[str, str] | None:
 
 @router.get("/{job_id}")
 def retrieve_job(session: SessionDep, owner: OwnerDep, job_id: str) -> dict[str, Any]:
-    job = jobs.get_job(session, owner, job_id)
-    position = jobs.queue_positions(session).get(job.id) if job.status == "queued" else None
-    return jobs.render_job(job, position)
+    job = job_queries.get_job(session, owner, job_id)
+    position = job_queries.queue_positions(session).get(job.id) if job.status == "queued" else None
+    return render_job(job, position)
 
 
 @router.post("/{job_id}/cancel")
 def cancel_job(session: SessionDep, owner: OwnerDep, job_id: str) -> dict[str, Any]:
     with session.begin():
-        job = jobs.cancel_job(session, owner, job_id)
-    return jobs.render_job(job)
+        job = job_service.cancel_job(session, owner, job_id)
+    return render_job(job)
 
 
 @router.post("/{job_id}/pause")
 def pause_job(session: SessionDep, owner: OwnerDep, job_id: str) -> dict[str, Any]:
     with session.begin():
-        job = jobs.pause_job(session, owner, job_id)
-    return jobs.render_job(job)
+        job = job_service.pause_job(session, owner, job_id)
+    return render_job(job)
 
 
 @router.post("/{job_id}/resume")
 def resume_job(services: ServicesDep, owner: OwnerDep, job_id: str) -> dict[str, Any]:
     with services.sessions() as session:
         with session.begin():
-            job = jobs.resume_job(session, owner, job_id)
-        jobs.enqueue_committed(services, job)
-        return jobs.render_job(job)
+            job = job_service.resume_job(session, owner, job_id)
+        job_service.enqueue_committed(services, job)
+        return render_job(job)
 
 
 @router.get("/{job_id}/events", response_model=None)
@@ -108,8 +109,8 @@ def list_events(
         return streams.stream_response(
             request, services, owner, job_id, last_event_id or after, "events"
         )
-    job = jobs.get_job(session, owner, job_id)
-    return page(session, jobs.events_query(session, job, after), limit, jobs.render_event)
+    job = job_queries.get_job(session, owner, job_id)
+    return page(session, job_queries.events_query(session, job, after), limit, render_event)
 
 
 @router.get("/{job_id}/checkpoints")
@@ -120,12 +121,12 @@ def list_checkpoints(
     after: str | None = None,
     limit: Annotated[int, Query()] = 10,
 ) -> dict[str, Any]:
-    job = jobs.get_job(session, owner, job_id)
+    job = job_queries.get_job(session, owner, job_id)
     return page(
         session,
-        jobs.checkpoints_query(job, after),
+        job_queries.checkpoints_query(job, after),
         limit,
-        lambda row: jobs.render_checkpoint(job, row),
+        lambda row: render_checkpoint(job, row),
     )
 
 
@@ -133,7 +134,7 @@ def list_checkpoints(
 def download_adapter(
     request: Request, services: ServicesDep, session: SessionDep, owner: OwnerDep, job_id: str
 ) -> Response:
-    job = jobs.get_job(session, owner, job_id)
+    job = job_queries.get_job(session, owner, job_id)
     if not job.adapter_key:
         raise APIError(
             404,
@@ -153,8 +154,8 @@ def download_checkpoint_adapter(
     job_id: str,
     checkpoint_id: str,
 ) -> Response:
-    job = jobs.get_job(session, owner, job_id)
-    row = jobs.get_checkpoint(session, job, checkpoint_id)
+    job = job_queries.get_job(session, owner, job_id)
+    row = job_queries.get_checkpoint(session, job, checkpoint_id)
     return artifact_response(
         request,
         services.artifacts,

@@ -8,9 +8,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
-from api import jobs, streams
+from api import streams
 from api.deps import OwnerDep, ServicesDep, SessionDep
 from api.errors import invalid
+from api.job_queries import get_job
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
@@ -64,7 +65,7 @@ def get_logs(
     if tail is not None and not 1 <= tail <= MAX_TAIL:
         raise invalid(f"tail must be between 1 and {MAX_TAIL}.", param="tail")
     with services.sessions() as session:
-        jobs.get_job(session, owner, job_id)
+        get_job(session, owner, job_id)
     return StreamingResponse(
         streams.log_text(services, job_id, tail), media_type="text/plain; charset=utf-8"
     )
@@ -97,6 +98,6 @@ def get_metrics(
     """Columnar series: ``step`` and one array per metric (``?keys=a,b&after_step=N``)."""
     if not 1 <= limit <= MAX_METRIC_STEPS:
         raise invalid(f"limit must be between 1 and {MAX_METRIC_STEPS}.", param="limit")
-    job = jobs.get_job(session, owner, job_id)
+    job = get_job(session, owner, job_id)
     names = [k.strip() for k in keys.split(",") if k.strip()] if keys else None
     return streams.metrics_columns(session, job, names, after_step, limit)

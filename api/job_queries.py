@@ -1,0 +1,79 @@
+"""Reading jobs and what hangs off them, always within one owner: lookups that 404 across
+tenants, the list/event/checkpoint queries the pages run, queue positions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Select, select
+from sqlalchemy.orm import Session
+
+from api.errors import invalid, not_found
+from api.models import Checkpoint, Job, JobEvent
+
+
+def get_job(session: Session, owner: str, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.owner != owner:
+        raise not_found("fine-tuning job", job_id, param="fine_tuning_job_id")
+    return job
+
+
+def get_checkpoint(session: Session, job: Job, checkpoint_id: str) -> Checkpoint:
+    row = session.get(Checkpoint, checkpoint_id)
+    if row is None or row.job_id != job.id:
+        raise not_found("checkpoint", checkpoint_id, param="checkpoint_id")
+    return row
+
+
+def succeeded_job_named(session: Session, owner: str, fine_tuned_model: str) -> Job | None:
+    """The owner's succeeded job whose fine-tuned model has this name."""
+    return session.scalar(
+        select(Job).where(
+            Job.owner == owner, Job.fine_tuned_model == fine_tuned_model, Job.status == "succeeded"
+        )
+    )
+
+
+def list_jobs_query(
+    owner: str, after: str | None, metadata: dict[str, str] | None = None
+) -> Select[Any]:
+    """Newest first. ``metadata``: OpenAI's ``metadata[k]=v`` filter (all pairs must match);
+    an empty dict selects jobs without metadata (the SDK's ``metadata=null``)."""
+    query = select(Job).where(Job.owner == owner)
+    if metadata == {}:
+        query = query.where(Job.user_metadata.is_(None) | (Job.user_metadata.as_string() == "null"))
+    for key, value in (metadata or {}).items():
+        query = query.where(Job.user_metadata[key].as_string() == value)
+    if after:
+        query = query.where(Job.id < after)
+    return query.order_by(Job.id.desc())
+
+
+def events_query(session: Session, job: Job, after: str | None) -> Select[Any]:
+    query = select(JobEvent).where(JobEvent.job_id == job.id)
+    if after:
+        seq = session.scalar(
+            select(JobEvent.seq).where(JobEvent.id == after, JobEvent.job_id == job.id)
+        )
+        if seq is None:
+            raise invalid(f"No event '{after}' in job {job.id}.", param="after")
+        query = query.where(JobEvent.seq < seq)
+    return query.order_by(JobEvent.seq.desc())
+
+
+def checkpoints_query(job: Job, after: str | None) -> Select[Any]:
+    query = select(Checkpoint).where(Checkpoint.job_id == job.id)
+    if after:
+        query = query.where(Checkpoint.id < after)
+    return query.order_by(Checkpoint.id.desc())
+
+
+def queue_positions(session: Session) -> dict[str, int]:
+    """1-based place in the queue of every queued job, across all owners (oldest first).
+
+    Other owners' jobs count, since they are ahead in the same queue, but nothing of them
+    is shown: a caller only ever sees the positions of its own jobs.
+    """
+    queued = session.scalars(select(Job.id).where(Job.status == "queued").order_by(Job.id))
+    return {job_id: i + 1 for i, job_id in enumerate(queued)}

@@ -1,0 +1,149 @@
+"""The body of ``POST /v1/fine_tuning/jobs`` (and of ``.../estimate``): its model, and the
+checks that turn a raw body into a typed request, each error naming the field as written.
+
+``JobCreate`` validates the top level. The method block (``method.<type>``) is checked here
+by hand, against the method's row in ``trainer_core.registry``, so that its errors carry the
+full path (``method.dpo.hyperparameters.beta``) and come in a fixed order: the type, unknown
+keys, missing required options, then the hyperparameters.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from api.errors import from_validation_error, invalid
+from trainer_core.hyperparameters import CommonRequest
+from trainer_core.registry import METHODS, required_options
+from trainer_core.specs import AdapterSpec, ResourcesSpec
+
+_SUFFIX = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class JobCreate(BaseModel):
+    """The body of ``POST /v1/fine_tuning/jobs``: OpenAI's fields plus our extensions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Annotated[str, Field(min_length=1, max_length=512)]
+    training_file: Annotated[str, Field(min_length=1, max_length=64)]
+    validation_file: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    suffix: str | None = None
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    metadata: dict[str, str] | None = None
+    method: dict[str, Any] | None = None
+    hyperparameters: dict[str, Any] | None = None  # OpenAI's deprecated top-level form
+    integrations: list[dict[str, Any]] | None = None
+    # Ours (the SDK sends them through extra_body).
+    adapter: AdapterSpec | None = None
+    max_seq_len: Annotated[int, Field(ge=8, le=1_048_576)] | None = None
+    resources: ResourcesSpec | None = None
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, value: str | None) -> str | None:
+        # The suffix becomes part of a model name split on ':', so keep it to a safe alphabet.
+        if value is not None and not _SUFFIX.match(value):
+            raise ValueError("must be 1-64 characters of letters, digits, '.', '_' or '-'")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return None
+        if len(value) > 16:
+            raise ValueError("at most 16 key-value pairs")
+        for key, item in value.items():
+            if len(key) > 64 or len(item) > 512:
+                raise ValueError("keys are at most 64 characters and values at most 512")
+        return value
+
+
+@dataclass(frozen=True)
+class MethodRequest:
+    """A job body's method, checked: its type, hyperparameters and (raw) options."""
+
+    type: str
+    hyperparameters: CommonRequest
+    # Reward functions, grader, reward model: checked by the service (graders, ownership).
+    options: dict[str, Any]
+
+
+def parse_body(raw: Any) -> JobCreate:
+    if not isinstance(raw, dict):
+        raise invalid("The request body must be a JSON object.", code="invalid_body")
+    try:
+        return JobCreate.model_validate(raw)
+    except ValidationError as exc:
+        error = from_validation_error(exc)
+        if error.param == "resources" and "offload_optimizer" in error.message:
+            # ResourcesSpec's cross-field rule reports on the whole object; name the field.
+            error.param = "resources.offload_optimizer"
+        raise error from None
+
+
+def parse_method(body: JobCreate) -> MethodRequest:
+    """The method block of a checked body (supervised with the legacy top-level form)."""
+    if body.method is None:
+        hyperparameters = _hyperparameters("supervised", body.hyperparameters, "hyperparameters")
+        return MethodRequest("supervised", hyperparameters, {})
+    if body.hyperparameters is not None:
+        raise invalid(
+            "Give hyperparameters inside 'method', not also at the top level.",
+            param="hyperparameters",
+        )
+    method_type = body.method.get("type")
+    if not isinstance(method_type, str):
+        raise invalid(
+            "Missing required parameter: 'method.type'.",
+            param="method.type",
+            code="missing_required_parameter",
+        )
+    if method_type not in METHODS:
+        raise invalid(
+            f"Unsupported method type '{method_type}'. Supported: {', '.join(METHODS)}.",
+            param="method.type",
+            code="unsupported_method",
+        )
+    for key in body.method:
+        if key not in ("type", method_type):
+            raise invalid(
+                f"Unknown parameter: 'method.{key}'.",
+                param=f"method.{key}",
+                code="unknown_parameter",
+            )
+    block = body.method.get(method_type) or {}
+    if not isinstance(block, dict):
+        raise invalid(f"'method.{method_type}' must be an object.", param=f"method.{method_type}")
+    options = METHODS[method_type].options.model_fields
+    for key in block:
+        if key != "hyperparameters" and key not in options:
+            raise invalid(
+                f"Unknown parameter: 'method.{method_type}.{key}'.",
+                param=f"method.{method_type}.{key}",
+                code="unknown_parameter",
+            )
+    for key in required_options(method_type):
+        if block.get(key) is None:
+            raise invalid(
+                f"Missing required parameter: 'method.{method_type}.{key}'.",
+                param=f"method.{method_type}.{key}",
+                code="missing_required_parameter",
+            )
+    prefix = f"method.{method_type}.hyperparameters"
+    hyperparameters = _hyperparameters(method_type, block.get("hyperparameters"), prefix)
+    given = {key: value for key, value in block.items() if key != "hyperparameters"}
+    return MethodRequest(method_type, hyperparameters, given)
+
+
+def _hyperparameters(method_type: str, raw: Any, prefix: str) -> CommonRequest:
+    if raw is not None and not isinstance(raw, dict):
+        raise invalid(f"'{prefix}' must be an object.", param=prefix)
+    try:
+        return METHODS[method_type].request.model_validate(raw or {})
+    except ValidationError as exc:
+        raise from_validation_error(exc, prefix=prefix) from None
