@@ -21,6 +21,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="alignd",
         version="0.1.0",
         description="Alignment fine-tuning as a service; /v1 is a superset of OpenAI's fine-tuning API.",
+        # One schema per model, as requests take it (api/openapi.py): the method blocks show
+        # only what a job stored, which a serialization-mode schema could not describe.
+        separate_input_output_schemas=False,
     )
     app.state.services = Services.build(settings)
     install_handlers(app)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -15,6 +16,37 @@ from api.settings import Settings
 
 _FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ModelObject(BaseModel):
+    """A model this owner can fine-tune or use: a base model of the server."""
+
+    id: str = Field(description="The name jobs give as 'model' (or a fine-tune's full name).")
+    object: Literal["model"] = Field(description="Always 'model'.")
+    created: int = Field(description="When it was added or finished training (Unix seconds).")
+    owned_by: str = Field(description="'system' for base models; the owner for fine-tunes.")
+
+
+class FineTunedModelObject(ModelObject):
+    """One of the owner's succeeded fine-tunes."""
+
+    # Ours: what the fine-tune is (a reward_model job's model scores, it does not chat).
+    method: str = Field(description="Ours: the method that trained it (method.type).")
+    parent: str = Field(description="Ours: the base model it was trained from.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = Field(description="Always 'list'.")
+    data: list[FineTunedModelObject | ModelObject] = Field(
+        description="Base models (by name), then the owner's fine-tunes (newest first)."
+    )
+    has_more: bool = Field(description="Always false: the list is never paged.")
+
+
+class ModelDeleted(BaseModel):
+    id: str = Field(description="The deleted fine-tune's name.")
+    object: Literal["model"] = Field(description="Always 'model'.")
+    deleted: bool = Field(description="Always true.")
 
 
 def base_model_dirs(settings: Settings) -> list[Path]:
@@ -54,14 +86,14 @@ def fine_tuned_name(job: Job) -> str:
     return f"ft:{job.model}:{job.owner}:{job.suffix or ''}:{job.id}"
 
 
-def list_models(session: Session, settings: Settings, owner: str) -> list[dict[str, Any]]:
+def list_models(session: Session, settings: Settings, owner: str) -> list[ModelObject]:
     models = [
-        {
-            "id": p.name,
-            "object": "model",
-            "created": int((p / "config.json").stat().st_mtime),
-            "owned_by": "system",
-        }
+        ModelObject(
+            id=p.name,
+            object="model",
+            created=int((p / "config.json").stat().st_mtime),
+            owned_by="system",
+        )
         for p in base_model_dirs(settings)
     ]
     jobs = session.scalars(
@@ -72,30 +104,29 @@ def list_models(session: Session, settings: Settings, owner: str) -> list[dict[s
         .order_by(Job.id.desc())
     )
     models += [
-        {
-            "id": job.fine_tuned_model,
-            "object": "model",
-            "created": job.finished_at or job.created_at,
-            "owned_by": owner,
-            # Ours: what the fine-tune is (a reward_model job's model scores, it does not chat).
-            "method": job.method["type"],
-            "parent": job.model,
-        }
+        FineTunedModelObject(
+            id=job.fine_tuned_model,
+            object="model",
+            created=job.finished_at or job.created_at,
+            owned_by=owner,
+            method=job.method["type"],
+            parent=job.model,
+        )
         for job in jobs
     ]
     return models
 
 
-def get_model(session: Session, settings: Settings, owner: str, model_id: str) -> dict[str, Any]:
+def get_model(session: Session, settings: Settings, owner: str, model_id: str) -> ModelObject:
     for model in list_models(session, settings, owner):
-        if model["id"] == model_id:
+        if model.id == model_id:
             return model
     raise not_found("model", model_id, param="model")
 
 
 def delete_model(
     session: Session, settings: Settings, owner: str, model_id: str, artifacts: Any
-) -> dict[str, Any]:
+) -> ModelDeleted:
     """Delete one of the owner's fine-tunes: its adapter and checkpoints go; its job stays."""
     job = session.scalar(
         select(Job).where(
@@ -114,4 +145,4 @@ def delete_model(
     job.adapter_key = None
     for checkpoint in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id)):
         session.delete(checkpoint)
-    return {"id": model_id, "object": "model", "deleted": True}
+    return ModelDeleted(id=model_id, object="model", deleted=True)

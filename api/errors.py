@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -29,6 +29,31 @@ _TYPES = {
     413: "invalid_request_error",
     429: "rate_limit_error",
 }
+
+
+class ErrorObject(BaseModel):
+    message: str = Field(description="What went wrong, for a person to read.")
+    type: str = Field(
+        description=(
+            "invalid_request_error, authentication_error, permission_error, rate_limit_error "
+            "or server_error."
+        )
+    )
+    param: str | None = Field(
+        description=(
+            "The field at fault, with its full path as the request wrote it "
+            "(method.supervised.hyperparameters.n_epochs); null when no one field is."
+        )
+    )
+    code: str | None = Field(
+        description="A machine-readable reason (invalid_value, not_found, invalid_state, ...)."
+    )
+
+
+class ErrorResponse(BaseModel):
+    """Every error of every /v1 route, as OpenAI's API and its SDK shape it."""
+
+    error: ErrorObject = Field(description="The error.")
 
 
 class APIError(Exception):

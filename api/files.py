@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
+from pydantic import BaseModel, Field
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.errors import APIError, invalid, not_found
 from api.models import File, FileChunk, Job, new_id, now
+from api.pagination import ListPage
 from trainer_core.formats import DatasetValidator
 
 # Only fine-tuning datasets are served; OpenAI's other purposes belong to other products.
@@ -18,21 +20,59 @@ PURPOSES = ("fine-tune",)
 ACTIVE_JOB_STATUSES = ("validating_files", "queued", "running", "paused")
 
 
-def render_file(row: File) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "object": "file",
-        "bytes": row.bytes,
-        "created_at": row.created_at,
-        "filename": row.filename,
-        "purpose": row.purpose,
-        "status": row.status,
-        "status_details": row.status_details,
-        "expires_at": None,
-        # Ours: what the validator found.
-        "format": row.format,
-        "num_examples": row.num_examples,
-    }
+class FileObject(BaseModel):
+    """An uploaded dataset file (OpenAI's ``file`` object, plus what our validator found)."""
+
+    id: str = Field(description="The file id (file-...), as jobs name it.")
+    object: Literal["file"] = Field(description="Always 'file'.")
+    bytes: int = Field(description="The size of the file, in bytes.")
+    created_at: int = Field(description="When it was uploaded (Unix seconds).")
+    filename: str = Field(description="The name it was uploaded with.")
+    purpose: str = Field(description="What it is for: 'fine-tune'.")
+    status: Literal["uploaded", "processed", "error"] = Field(
+        description=(
+            "processed: valid, usable by a job; error: invalid (see status_details). The file "
+            "is validated while it uploads, so an answer never says 'uploaded'."
+        )
+    )
+    status_details: str | None = Field(
+        description="Why the file is invalid, naming its first bad lines by number; else null."
+    )
+    expires_at: int | None = Field(description="Always null: files do not expire.")
+    # Ours: what the validator found.
+    format: str | None = Field(
+        description=(
+            "Ours: the dataset format of its rows (chat, prompt_completion, text, preference, "
+            "kto, prompt_only); null when none was found."
+        )
+    )
+    num_examples: int | None = Field(description="Ours: the number of valid rows.")
+
+
+class FileList(ListPage[FileObject]):
+    """A page of files."""
+
+
+class FileDeleted(BaseModel):
+    id: str = Field(description="The id of the deleted file.")
+    object: Literal["file"] = Field(description="Always 'file'.")
+    deleted: bool = Field(description="Always true.")
+
+
+def render_file(row: File) -> FileObject:
+    return FileObject(
+        id=row.id,
+        object="file",
+        bytes=row.bytes,
+        created_at=row.created_at,
+        filename=row.filename,
+        purpose=row.purpose,
+        status=row.status,
+        status_details=row.status_details,
+        expires_at=None,
+        format=row.format,
+        num_examples=row.num_examples,
+    )
 
 
 def store_upload(
@@ -110,7 +150,7 @@ def list_files(owner: str, *, purpose: str | None, after: str | None, order: str
     return query.order_by(File.id.desc())
 
 
-def delete_file(session: Session, owner: str, file_id: str) -> dict[str, Any]:
+def delete_file(session: Session, owner: str, file_id: str) -> FileDeleted:
     row = get_file(session, owner, file_id)
     in_use = session.scalar(
         select(Job.id)
@@ -124,7 +164,7 @@ def delete_file(session: Session, owner: str, file_id: str) -> dict[str, Any]:
             code="file_in_use",
         )
     session.delete(row)
-    return {"id": file_id, "object": "file", "deleted": True}
+    return FileDeleted(id=file_id, object="file", deleted=True)
 
 
 def chunk_count(session: Session, file_id: str) -> int:

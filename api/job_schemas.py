@@ -1,10 +1,11 @@
-"""The body of ``POST /v1/fine_tuning/jobs`` (and of ``.../estimate``): its model, and the
+"""The body of ``POST /v1/fine_tuning/jobs`` (and of ``.../estimate``): its models, and the
 checks that turn a raw body into a typed request, each error naming the field as written.
 
 ``JobCreate`` validates the top level. The method block (``method.<type>``) is checked here
 by hand, against the method's row in ``trainer_core.registry``, so that its errors carry the
 full path (``method.dpo.hyperparameters.beta``) and come in a fixed order: the type, unknown
-keys, missing required options, then the hyperparameters.
+keys, missing required options, then the hyperparameters. ``JobMethodRequest`` describes
+that block in ``/openapi.json``; it is built from the same registry rows.
 """
 
 from __future__ import annotations
@@ -13,14 +14,51 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from api.errors import from_validation_error, invalid
-from trainer_core.hyperparameters import CommonRequest
-from trainer_core.registry import METHODS, required_options
+from api.openapi import documented_as
+from trainer_core.hyperparameters import CommonRequest, SupervisedHyperparametersRequest
+from trainer_core.registry import METHODS, MethodType, required_options
 from trainer_core.specs import AdapterSpec, ResourcesSpec
 
 _SUFFIX = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def _block_request(name: str) -> type[BaseModel]:
+    """``method.<name>`` as a request may give it: hyperparameters plus the method's options."""
+    method = METHODS[name]
+    title = method.request.__name__.removesuffix("HyperparametersRequest")
+    fields: dict[str, Any] = {
+        "hyperparameters": (
+            method.request | None,
+            Field(None, description="Numbers or 'auto' (docs/methods.md has the defaults)."),
+        )
+    }
+    return create_model(
+        f"{title}MethodRequest",
+        __base__=method.options,
+        __doc__=f"The block of a '{name}' job: its hyperparameters and options.",
+        **fields,
+    )
+
+
+_method_fields: dict[str, Any] = {
+    "type": (MethodType, Field(description="The method: " + ", ".join(METHODS) + ".")),
+    **{
+        name: (_block_request(name) | None, Field(None, description=f"The '{name}' block."))
+        for name in METHODS
+    },
+}
+JobMethodRequest = create_model(
+    "JobMethodRequest",
+    __config__=ConfigDict(extra="forbid"),
+    __doc__=(
+        "The method to train with: its type, and the block named after the type with its "
+        "hyperparameters and options (e.g. {'type': 'dpo', 'dpo': {'hyperparameters': ...}})."
+    ),
+    **_method_fields,
+)
 
 
 class JobCreate(BaseModel):
@@ -28,19 +66,42 @@ class JobCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: Annotated[str, Field(min_length=1, max_length=512)]
-    training_file: Annotated[str, Field(min_length=1, max_length=64)]
-    validation_file: Annotated[str, Field(min_length=1, max_length=64)] | None = None
-    suffix: str | None = None
-    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
-    metadata: dict[str, str] | None = None
-    method: dict[str, Any] | None = None
-    hyperparameters: dict[str, Any] | None = None  # OpenAI's deprecated top-level form
-    integrations: list[dict[str, Any]] | None = None
+    model: Annotated[str, Field(min_length=1, max_length=512)] = Field(
+        description="The base model: a model in the server's models dir (GET /v1/models)."
+    )
+    training_file: Annotated[str, Field(min_length=1, max_length=64)] = Field(
+        description="The id of a processed file in a format the method trains on."
+    )
+    validation_file: Annotated[str, Field(min_length=1, max_length=64)] | None = Field(
+        None, description="A file for the validation metrics at every checkpoint."
+    )
+    suffix: str | None = Field(
+        None, description="Up to 64 of letters, digits, '.', '_', '-'; part of the model name."
+    )
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = Field(
+        None, description="Makes the run reproducible; a random one is picked when absent."
+    )
+    metadata: dict[str, str] | None = Field(
+        None, description="Up to 16 pairs (keys up to 64 characters, values up to 512)."
+    )
+    method: Annotated[dict[str, Any], documented_as(JobMethodRequest)] | None = Field(
+        None, description="The method and its hyperparameters; supervised when absent."
+    )
+    # OpenAI's deprecated top-level form of the supervised hyperparameters.
+    hyperparameters: (
+        Annotated[dict[str, Any], documented_as(SupervisedHyperparametersRequest)] | None
+    ) = Field(None, description="Deprecated (OpenAI): a supervised job's hyperparameters.")
+    integrations: list[dict[str, Any]] | None = Field(
+        None, description="OpenAI's integrations (e.g. wandb): stored and shown, not acted on."
+    )
     # Ours (the SDK sends them through extra_body).
-    adapter: AdapterSpec | None = None
-    max_seq_len: Annotated[int, Field(ge=8, le=1_048_576)] | None = None
-    resources: ResourcesSpec | None = None
+    adapter: AdapterSpec | None = Field(None, description="Ours: LoRA (default) or full.")
+    max_seq_len: Annotated[int, Field(ge=8, le=1_048_576)] | None = Field(
+        None, description="Ours: longer examples are truncated, keeping the start (1024)."
+    )
+    resources: ResourcesSpec | None = Field(
+        None, description="Ours: processes, ZeRO stage, precision and worker class."
+    )
 
     @field_validator("suffix")
     @classmethod

@@ -3,16 +3,34 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
+from pydantic import BaseModel, Field
 from sqlalchemy import Select
 from sqlalchemy.orm import Session
 
 from api.errors import invalid
 
-Row = TypeVar("Row")
+Item = TypeVar("Item", bound=BaseModel)
 
 MAX_LIMIT = 10_000
+
+
+class ListPage(BaseModel, Generic[Item]):
+    """One page of a list, newest first (files may ask for oldest first)."""
+
+    object: Literal["list"] = Field(description="Always 'list'.")
+    data: list[Item] = Field(description="The items of this page, in the list's order.")
+    has_more: bool = Field(
+        description="Whether more items follow; ask again with after=last_id to get them."
+    )
+    first_id: str | None = Field(description="The id of the first item; null on an empty page.")
+    last_id: str | None = Field(
+        description="The id of the last item (the next page's 'after'); null on an empty page."
+    )
+
+
+Page = TypeVar("Page", bound=ListPage[Any])
 
 
 def check_limit(limit: int) -> int:
@@ -25,15 +43,19 @@ def page(
     session: Session,
     query: Select[Any],
     limit: int,
-    render: Callable[[Any], dict[str, Any]],
-) -> dict[str, Any]:
-    """Run ``query`` (already filtered by the cursor and ordered) for one page."""
+    render: Callable[[Any], Any],
+    page_type: type[Page],
+) -> Page:
+    """Run ``query`` (already filtered by the cursor and ordered) for one page.
+
+    The rows are the listed objects' own rows, so their ``id`` is the public id.
+    """
     rows: Sequence[Any] = session.scalars(query.limit(check_limit(limit) + 1)).all()
-    data = [render(row) for row in rows[:limit]]
-    return {
-        "object": "list",
-        "data": data,
-        "has_more": len(rows) > limit,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-    }
+    shown = rows[:limit]
+    return page_type(
+        object="list",
+        data=[render(row) for row in shown],
+        has_more=len(rows) > limit,
+        first_id=shown[0].id if shown else None,
+        last_id=shown[-1].id if shown else None,
+    )

@@ -24,9 +24,10 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import anyio
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -47,6 +48,37 @@ RETRY_MS = 1000
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # Names a metric may not take in the columnar response (they are its own fields).
 RESERVED = frozenset({"object", "job_id", "step", "keys", "has_more"})
+
+
+class JobMetrics(BaseModel):
+    """A job's metrics as columns: ``step`` and one array per metric, aligned by index."""
+
+    # The metric arrays are named after the metrics ("train_loss": [...]).
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "additionalProperties": {
+                "type": "array",
+                "items": {"anyOf": [{"type": "number"}, {"type": "null"}]},
+                "description": "One value per step; null where the step lacks the metric.",
+            }
+        },
+    )
+
+    object: Literal["fine_tuning.job.metrics"] = Field(
+        description="Always 'fine_tuning.job.metrics'."
+    )
+    job_id: str = Field(description="The job.")
+    keys: list[str] = Field(description="The metrics shown, each an array of its own.")
+    step: list[int] = Field(description="The steps, ascending; a step logged twice shows once.")
+    has_more: bool = Field(description="More steps follow: ask again with after_step=last step.")
+
+    @model_serializer(mode="wrap")
+    def _has_more_last(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # As the columns were always written: the metric arrays before has_more.
+        shown: dict[str, Any] = handler(self)
+        has_more = shown.pop("has_more")
+        return {**shown, "has_more": has_more}
 
 
 @dataclass(frozen=True)
@@ -92,7 +124,13 @@ def fetch_events(session: Session, job_id: str, cursor: int, limit: int) -> list
         .limit(limit)
     ).all()
     return [
-        Message(row.id, "fine_tuning.job.event", dumps(render_event(row)), row.seq) for row in rows
+        Message(
+            row.id,
+            "fine_tuning.job.event",
+            dumps(render_event(row).model_dump(mode="json")),
+            row.seq,
+        )
+        for row in rows
     ]
 
 
@@ -184,7 +222,7 @@ def _poll(
         if job is None:
             return None, None, []
         status = job.status
-        rendered = render_job(job) if status in TERMINAL else None
+        rendered = render_job(job).model_dump(mode="json") if status in TERMINAL else None
         return status, rendered, fetch(session, job_id, cursor, PAGE)
 
 
@@ -252,7 +290,7 @@ def metrics_columns(
     keys: Sequence[str] | None,
     after_step: int | None,
     limit: int,
-) -> dict[str, Any]:
+) -> JobMetrics:
     """``{"object", "job_id", "keys", "step": [...], "<metric>": [...], "has_more"}``.
 
     One entry per step, ascending; a step logged twice (a job resumed from a checkpoint
@@ -277,16 +315,18 @@ def metrics_columns(
         else sorted({k for values in by_step.values() for k in values} - RESERVED)
     )
     steps = list(by_step)
-    out: dict[str, Any] = {
-        "object": "fine_tuning.job.metrics",
-        "job_id": job.id,
-        "keys": names,
-        "step": steps,
-    }
-    for name in names:
-        out[name] = [_finite(by_step[step].get(name)) for step in steps]
-    out["has_more"] = has_more
-    return out
+    columns = {name: [_finite(by_step[step].get(name)) for step in steps] for name in names}
+    # model_validate, not keyword arguments: metric names are the user's and may be anything.
+    return JobMetrics.model_validate(
+        {
+            "object": "fine_tuning.job.metrics",
+            "job_id": job.id,
+            "keys": names,
+            "step": steps,
+            **columns,
+            "has_more": has_more,
+        }
+    )
 
 
 # ---------------------------------------------------------------------------------------------

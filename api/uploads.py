@@ -8,13 +8,14 @@ storage plus validation), so an assembled file is indistinguishable from an uplo
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
+from pydantic import BaseModel, Field
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from api.errors import APIError, invalid, not_found
-from api.files import PURPOSES, render_file, store_upload
+from api.files import PURPOSES, FileObject, render_file, store_upload
 from api.models import File, Upload, UploadPart, UploadPartChunk, new_id, now
 
 UPLOAD_TTL_S = 3600  # OpenAI: an upload expires an hour after it is created
@@ -22,19 +23,60 @@ MAX_PART_BYTES = 64 * 1024 * 1024  # OpenAI: each part is at most 64 MB
 MAX_UPLOAD_BYTES = 8 * 1024**3
 
 
-def render_upload(session: Session, row: Upload) -> dict[str, Any]:
+class UploadCreate(BaseModel):
+    """The body of ``POST /v1/uploads`` (checked by ``create_upload``)."""
+
+    bytes: int = Field(description="The size of the whole file; the parts must add up to it.")
+    filename: str = Field(description="The name the assembled file gets.")
+    mime_type: str = Field(description="The file's MIME type (e.g. application/jsonl).")
+    purpose: str = Field(description="What it is for: 'fine-tune'.")
+
+
+class UploadComplete(BaseModel):
+    """The body of ``POST /v1/uploads/{id}/complete``."""
+
+    part_ids: list[str] = Field(description="The parts, in the order they make the file.")
+    md5: str | None = Field(None, description="Accepted as OpenAI does; not checked.")
+
+
+class UploadObject(BaseModel):
+    """OpenAI's ``upload`` object: a file sent in parts."""
+
+    id: str = Field(description="The upload id (upload-...).")
+    object: Literal["upload"] = Field(description="Always 'upload'.")
+    bytes: int = Field(description="The size of the whole file, as declared.")
+    created_at: int = Field(description="When the upload was created (Unix seconds).")
+    expires_at: int = Field(description="When it expires if not completed (Unix seconds).")
+    filename: str = Field(description="The name the assembled file gets.")
+    purpose: str = Field(description="What it is for: 'fine-tune'.")
+    status: Literal["pending", "completed", "cancelled", "expired"] = Field(
+        description="pending until completed or cancelled; expired an hour after creation."
+    )
+    file: FileObject | None = Field(
+        description="The assembled, validated file once completed; else null."
+    )
+
+
+class UploadPartObject(BaseModel):
+    id: str = Field(description="The part id (part-...), to list in complete's part_ids.")
+    object: Literal["upload.part"] = Field(description="Always 'upload.part'.")
+    created_at: int = Field(description="When the part was stored (Unix seconds).")
+    upload_id: str = Field(description="The upload it belongs to.")
+
+
+def render_upload(session: Session, row: Upload) -> UploadObject:
     file = session.get(File, row.file_id) if row.file_id else None
-    return {
-        "id": row.id,
-        "object": "upload",
-        "bytes": row.bytes,
-        "created_at": row.created_at,
-        "expires_at": row.expires_at,
-        "filename": row.filename,
-        "purpose": row.purpose,
-        "status": _status(row),
-        "file": render_file(file) if file else None,
-    }
+    return UploadObject(
+        id=row.id,
+        object="upload",
+        bytes=row.bytes,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        filename=row.filename,
+        purpose=row.purpose,
+        status=_status(row),
+        file=render_file(file) if file else None,
+    )
 
 
 def _status(row: Upload) -> str:
@@ -121,13 +163,10 @@ def add_part(
     return part
 
 
-def render_part(part: UploadPart) -> dict[str, Any]:
-    return {
-        "id": part.id,
-        "object": "upload.part",
-        "created_at": part.created_at,
-        "upload_id": part.upload_id,
-    }
+def render_part(part: UploadPart) -> UploadPartObject:
+    return UploadPartObject(
+        id=part.id, object="upload.part", created_at=part.created_at, upload_id=part.upload_id
+    )
 
 
 class _PartsReader:

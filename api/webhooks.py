@@ -37,6 +37,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.errors import from_validation_error, invalid, not_found
 from api.models import WebhookDelivery, WebhookEndpoint, now
 from api.settings import Settings
+from api.webhook_schemas import (
+    WebhookDeliveryObject,
+    WebhookEndpointDeleted,
+    WebhookEndpointObject,
+    WebhookEndpointWithSecret,
+    WebhookTestResult,
+)
 from trainer_core import outbound
 
 # OpenAI's three, plus ours.
@@ -137,30 +144,56 @@ def validate_url(settings: Settings, url: str) -> str:
 
 
 class EndpointCreate(BaseModel):
+    """The body of ``POST /v1/webhook_endpoints``."""
+
     model_config = ConfigDict(extra="forbid")
 
-    url: Annotated[str, Field(min_length=1, max_length=2048)]
-    event_types: Annotated[list[str], Field(min_length=1, max_length=len(EVENT_TYPES))]
-    name: Annotated[str, Field(max_length=256)] = ""
+    url: Annotated[str, Field(min_length=1, max_length=2048)] = Field(
+        description="Where events are POSTed: http or https, a public host unless allowlisted."
+    )
+    event_types: Annotated[list[str], Field(min_length=1, max_length=len(EVENT_TYPES))] = Field(
+        description="The event types to receive (GET /v1/webhook_event_types lists them)."
+    )
+    name: Annotated[str, Field(max_length=256)] = Field("", description="A name for people.")
     # Ours.
-    status: Annotated[str, Field(pattern="^(enabled|disabled)$")] = "enabled"
+    status: Annotated[str, Field(pattern="^(enabled|disabled)$")] = Field(
+        "enabled", description="Ours: enabled or disabled."
+    )
 
 
 class EndpointUpdate(BaseModel):
+    """The body of ``POST /v1/webhook_endpoints/{id}``: only the fields to change."""
+
     model_config = ConfigDict(extra="forbid")
 
-    url: Annotated[str, Field(min_length=1, max_length=2048)] | None = None
-    event_types: Annotated[list[str], Field(min_length=1, max_length=len(EVENT_TYPES))] | None = (
-        None
+    url: Annotated[str, Field(min_length=1, max_length=2048)] | None = Field(
+        None, description="A new URL (checked as at creation)."
     )
-    name: Annotated[str, Field(max_length=256)] | None = None
-    status: Annotated[str, Field(pattern="^(enabled|disabled)$")] | None = None
+    event_types: Annotated[list[str], Field(min_length=1, max_length=len(EVENT_TYPES))] | None = (
+        Field(None, description="The complete new set of event types.")
+    )
+    name: Annotated[str, Field(max_length=256)] | None = Field(None, description="A new name.")
+    status: Annotated[str, Field(pattern="^(enabled|disabled)$")] | None = Field(
+        None, description="Ours: enabled or disabled."
+    )
 
 
 class RotateSecret(BaseModel):
+    """The body of ``POST /v1/webhook_endpoints/{id}/rotate_secret`` (may be empty)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    keep_old_secret_active_for_24_hours: bool = False
+    keep_old_secret_active_for_24_hours: bool = Field(
+        False, description="Sign with the old secret too for 24 h, so receivers can switch."
+    )
+
+
+class SendTest(BaseModel):
+    """The body of ``POST /v1/webhook_endpoints/{id}/test`` (may be empty)."""
+
+    event_type: str = Field(
+        "fine_tuning.job.succeeded", description="The event type to send, for job ftjob-test."
+    )
 
 
 def _parse(model: type[BaseModel], raw: Any) -> Any:
@@ -246,10 +279,10 @@ def rotate_secret(session: Session, owner: str, endpoint_id: str, raw: Any) -> W
     return row
 
 
-def delete_endpoint(session: Session, owner: str, endpoint_id: str) -> dict[str, Any]:
+def delete_endpoint(session: Session, owner: str, endpoint_id: str) -> WebhookEndpointDeleted:
     row = get_endpoint(session, owner, endpoint_id)
     session.delete(row)  # its deliveries go with it (ON DELETE CASCADE)
-    return {"id": endpoint_id, "object": "webhook_endpoint.deleted", "deleted": True}
+    return WebhookEndpointDeleted(id=endpoint_id, object="webhook_endpoint.deleted", deleted=True)
 
 
 def list_endpoints_query(owner: str, after: str | None) -> Select[Any]:
@@ -266,44 +299,44 @@ def deliveries_query(endpoint: WebhookEndpoint, after: str | None) -> Select[Any
     return query.order_by(WebhookDelivery.id.desc())
 
 
-def render_endpoint(row: WebhookEndpoint, *, with_secret: bool = False) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "id": row.id,
-        "object": "webhook_endpoint",
-        "created_at": row.created_at,
-        "updated_at": row.updated_at,
-        "name": row.name,
-        "url": row.url,
-        "event_types": row.event_types,
-        "signing_secret_hint": f"whsec_...{row.secret[-4:]}",
-        # Ours.
-        "status": row.status,
-    }
-    if with_secret:
-        out["signing_secret"] = row.secret
-    return out
+def render_endpoint(row: WebhookEndpoint) -> WebhookEndpointObject:
+    return WebhookEndpointObject(
+        id=row.id,
+        object="webhook_endpoint",
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        name=row.name,
+        url=row.url,
+        event_types=row.event_types,
+        signing_secret_hint=f"whsec_...{row.secret[-4:]}",
+        status=row.status,
+    )
 
 
-def render_delivery(row: WebhookDelivery) -> dict[str, Any]:
+def render_endpoint_with_secret(row: WebhookEndpoint) -> WebhookEndpointWithSecret:
+    return WebhookEndpointWithSecret(**render_endpoint(row).model_dump(), signing_secret=row.secret)
+
+
+def render_delivery(row: WebhookDelivery) -> WebhookDeliveryObject:
     try:
         payload = json.loads(row.payload)
     except ValueError:
         payload = row.payload
-    return {
-        "id": row.id,
-        "object": "webhook_endpoint.delivery",
-        "webhook_endpoint_id": row.endpoint_id,
-        "created_at": row.created_at,
-        "event_id": row.event_id,
-        "event_type": row.event_type,
-        "status": row.status,
-        "attempts": row.attempts,
-        "last_status_code": row.last_status_code,
-        "last_error": row.last_error,
-        "next_attempt_at": int(row.next_attempt_at) if row.next_attempt_at else None,
-        "attempt_log": row.attempt_log,
-        "payload": payload,
-    }
+    return WebhookDeliveryObject(
+        id=row.id,
+        object="webhook_endpoint.delivery",
+        webhook_endpoint_id=row.endpoint_id,
+        created_at=row.created_at,
+        event_id=row.event_id,
+        event_type=row.event_type,
+        status=row.status,
+        attempts=row.attempts,
+        last_status_code=row.last_status_code,
+        last_error=row.last_error,
+        next_attempt_at=int(row.next_attempt_at) if row.next_attempt_at else None,
+        attempt_log=row.attempt_log,
+        payload=payload,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,7 +494,7 @@ def record_attempt(
 
 def send_test(
     sessions: sessionmaker[Session], settings: Settings, owner: str, endpoint_id: str, raw: Any
-) -> dict[str, Any]:
+) -> WebhookTestResult:
     """``POST /v1/webhook_endpoints/{id}/test``: one signed delivery, now, with no retries.
 
     The event is ``fine_tuning.job.succeeded``-shaped (or the ``event_type`` asked for) for the
@@ -500,16 +533,16 @@ def send_test(
     with sessions() as session, session.begin():
         if session.get(WebhookEndpoint, endpoint_id) is not None:  # not deleted meanwhile
             session.add(row)
-    return {
-        "object": "webhook_endpoint.test",
-        "webhook_endpoint_id": endpoint_id,
-        "event_type": event_type,
+    return WebhookTestResult(
+        object="webhook_endpoint.test",
+        webhook_endpoint_id=endpoint_id,
+        event_type=event_type,
         # As OpenAI: success means the request was made; status_code says how it went.
         # Ours: 0 when no response came back, with the reason in ``error``.
-        "success": result.status_code is not None,
-        "status_code": result.status_code or 0,
-        "error": result.error,
-        "delivery_id": row.id,
-        "event_id": event_id,
-        "duration_ms": result.duration_ms,
-    }
+        success=result.status_code is not None,
+        status_code=result.status_code or 0,
+        error=result.error,
+        delivery_id=row.id,
+        event_id=event_id,
+        duration_ms=result.duration_ms,
+    )

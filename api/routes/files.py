@@ -1,4 +1,4 @@
-"""``/v1/files``: OpenAI's file endpoints."""
+"""``/v1/files``: OpenAI's file endpoints, plus our validation report."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from fastapi.responses import StreamingResponse
 
 from api import files, planning
 from api.deps import OwnerDep, ServicesDep, SessionDep
+from api.openapi import ERROR_RESPONSES, documented_as, streamed
 from api.pagination import page
 
-router = APIRouter(prefix="/v1/files", tags=["files"])
+router = APIRouter(prefix="/v1/files", tags=["files"], responses=ERROR_RESPONSES)
 
 
 @router.post("")
@@ -19,9 +20,9 @@ def create_file(
     services: ServicesDep,
     session: SessionDep,
     owner: OwnerDep,
-    purpose: Annotated[str, Form()],
-    file: Annotated[UploadFile, File()],
-) -> dict[str, Any]:
+    purpose: Annotated[str, Form(description="What the file is for: 'fine-tune'.")],
+    file: Annotated[UploadFile, File(description="The JSONL dataset, one example a line.")],
+) -> files.FileObject:
     settings = services.settings
     with session.begin():
         row = files.store_upload(
@@ -44,18 +45,18 @@ def list_files(
     after: str | None = None,
     limit: Annotated[int, Query()] = 10_000,
     order: Literal["asc", "desc"] = "desc",
-) -> dict[str, Any]:
+) -> files.FileList:
     query = files.list_files(owner, purpose=purpose, after=after, order=order)
-    return page(session, query, limit, files.render_file)
+    return page(session, query, limit, files.render_file, files.FileList)
 
 
 @router.get("/{file_id}")
-def retrieve_file(session: SessionDep, owner: OwnerDep, file_id: str) -> dict[str, Any]:
+def retrieve_file(session: SessionDep, owner: OwnerDep, file_id: str) -> files.FileObject:
     return files.render_file(files.get_file(session, owner, file_id))
 
 
 @router.delete("/{file_id}")
-def delete_file(session: SessionDep, owner: OwnerDep, file_id: str) -> dict[str, Any]:
+def delete_file(session: SessionDep, owner: OwnerDep, file_id: str) -> files.FileDeleted:
     with session.begin():
         return files.delete_file(session, owner, file_id)
 
@@ -66,12 +67,16 @@ def validate_file(
     session: SessionDep,
     owner: OwnerDep,
     file_id: str,
-    body: Annotated[Any, Body()] = None,
-) -> dict[str, Any]:
+    body: Annotated[Any, Body(), documented_as(planning.FileValidateRequest)] = None,
+) -> planning.FileValidation:
     return planning.validate_file(services, session, owner, file_id, body)
 
 
-@router.get("/{file_id}/content")
+@router.get(
+    "/{file_id}/content",
+    response_class=StreamingResponse,
+    responses=streamed("The file's bytes, as uploaded.", "application/octet-stream"),
+)
 def file_content(
     services: ServicesDep, session: SessionDep, owner: OwnerDep, file_id: str
 ) -> StreamingResponse:

@@ -14,9 +14,18 @@ from fastapi import APIRouter, Body
 
 from api.deps import OwnerDep, ServicesDep
 from api.errors import invalid
+from api.grader_schemas import (
+    GraderRunRequest,
+    GraderRunResponse,
+    GraderValidateRequest,
+    GraderValidateResponse,
+)
+from api.openapi import ERROR_RESPONSES, documented_as
 from trainer_core import graders
 
-router = APIRouter(prefix="/v1/fine_tuning/alpha/graders", tags=["graders"])
+router = APIRouter(
+    prefix="/v1/fine_tuning/alpha/graders", tags=["graders"], responses=ERROR_RESPONSES
+)
 
 
 def _body(body: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
@@ -47,8 +56,10 @@ def _normalise(services: Any, raw: Any) -> dict[str, Any]:
 
 @router.post("/validate")
 def validate_grader(
-    services: ServicesDep, _owner: OwnerDep, body: Annotated[Any, Body()] = None
-) -> dict[str, Any]:
+    services: ServicesDep,
+    _owner: OwnerDep,
+    body: Annotated[Any, Body(), documented_as(GraderValidateRequest)] = None,
+) -> GraderValidateResponse:
     """Check a grader; answer it normalised (defaults filled in), or a 400 naming the field."""
     request = _body(body, ("grader",))
     raw = request["grader"]
@@ -57,13 +68,15 @@ def validate_grader(
         # The SDK's MultiGrader type declares ``graders`` as one grader (OpenAI's wire and docs
         # use an object of named graders, which is what we store); answer in the form asked.
         (grader["graders"],) = grader["graders"].values()
-    return {"grader": grader}
+    return GraderValidateResponse(grader=grader)
 
 
 @router.post("/run")
 def run_grader(
-    services: ServicesDep, _owner: OwnerDep, body: Annotated[Any, Body()] = None
-) -> dict[str, Any]:
+    services: ServicesDep,
+    _owner: OwnerDep,
+    body: Annotated[Any, Body(), documented_as(GraderRunRequest)] = None,
+) -> GraderRunResponse:
     """Grade ``model_sample`` (the completion) against ``item`` (a dataset row)."""
     request = _body(body, ("grader", "model_sample", "item"))
     sample = request.get("model_sample")
@@ -88,7 +101,7 @@ def run_grader(
         )
     settings = services.settings
     try:
-        return graders.run_grader(
+        result = graders.run_grader(
             grader,
             item or {},
             sample,
@@ -97,3 +110,4 @@ def run_grader(
         )
     except graders.GraderError as exc:
         raise invalid(exc.message, param=exc.param, code="grader_failed") from None
+    return GraderRunResponse.model_validate(result)

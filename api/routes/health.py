@@ -2,24 +2,39 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Literal
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, Field
 from sqlalchemy import func, select, text
 
 from api.deps import ServicesDep, SessionDep
 from api.models import Job
+from api.openapi import streamed
 
 router = APIRouter(tags=["health"])
 
 
+class Health(BaseModel):
+    status: Literal["ok"] = Field(description="Always 'ok': the process answers.")
+
+
+class Readiness(BaseModel):
+    ready: bool = Field(description="Whether the database and the broker both answer.")
+    checks: dict[str, str] = Field(description="'ok', or 'error: <kind>', per dependency.")
+
+
 @router.get("/healthz")
-def healthz() -> dict[str, Any]:
-    return {"status": "ok"}
+def healthz() -> Health:
+    return Health(status="ok")
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "Not ready: a dependency is down."}},
+)
 def readyz(services: ServicesDep, session: SessionDep) -> JSONResponse:
     checks: dict[str, str] = {}
     try:
@@ -36,7 +51,11 @@ def readyz(services: ServicesDep, session: SessionDep) -> JSONResponse:
     return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses=streamed("Prometheus text exposition: alignd_jobs by status.", "text/plain"),
+)
 def metrics(session: SessionDep) -> PlainTextResponse:
     counts = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
     lines = [

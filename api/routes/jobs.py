@@ -1,4 +1,4 @@
-"""``/v1/fine_tuning/jobs``: OpenAI's job endpoints plus adapter downloads."""
+"""``/v1/fine_tuning/jobs``: OpenAI's job endpoints plus estimates and adapter downloads."""
 
 from __future__ import annotations
 
@@ -11,18 +11,33 @@ from api import job_queries, job_service, planning, streams
 from api.deps import OwnerDep, ServicesDep, SessionDep
 from api.downloads import artifact_response
 from api.errors import APIError
-from api.job_rendering import render_checkpoint, render_event, render_job
+from api.job_rendering import (
+    FineTuningJob,
+    FineTuningJobCheckpointList,
+    FineTuningJobEventList,
+    FineTuningJobList,
+    render_checkpoint,
+    render_event,
+    render_job,
+)
+from api.job_schemas import JobCreate
+from api.openapi import ERROR_RESPONSES, documented_as, streamed
 from api.pagination import page
 
-router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=ERROR_RESPONSES)
+
+# The body is taken as plain JSON and validated by the service, so that every field error
+# comes back in OpenAI's error shape with the ``param`` the user wrote (api/openapi.py).
+JobBody = Annotated[Any, Body(), documented_as(JobCreate)]
+ADAPTER_TAR = streamed(
+    "A tar of the PEFT adapter folder (adapter_config.json, weights), for "
+    "PeftModel.from_pretrained once unpacked.",
+    "application/x-tar",
+)
 
 
 @router.post("")
-def create_job(
-    services: ServicesDep, owner: OwnerDep, body: Annotated[Any, Body()] = None
-) -> dict[str, Any]:
-    # The body is taken as plain JSON and validated by the service, so that every field
-    # error comes back in OpenAI's error shape with the ``param`` the user wrote.
+def create_job(services: ServicesDep, owner: OwnerDep, body: JobBody = None) -> FineTuningJob:
     with services.sessions() as session:
         with session.begin():
             job = job_service.create_job(services, session, owner, body)
@@ -33,8 +48,8 @@ def create_job(
 
 @router.post("/estimate")
 def estimate_job(
-    services: ServicesDep, session: SessionDep, owner: OwnerDep, body: Annotated[Any, Body()] = None
-) -> dict[str, Any]:
+    services: ServicesDep, session: SessionDep, owner: OwnerDep, body: JobBody = None
+) -> planning.JobEstimate:
     return planning.estimate(services, session, owner, body)
 
 
@@ -45,10 +60,12 @@ def list_jobs(
     owner: OwnerDep,
     after: str | None = None,
     limit: Annotated[int, Query()] = 20,
-) -> dict[str, Any]:
+) -> FineTuningJobList:
     positions = job_queries.queue_positions(session)
     query = job_queries.list_jobs_query(owner, after, _metadata_filter(request))
-    return page(session, query, limit, lambda job: render_job(job, positions.get(job.id)))
+    return page(
+        session, query, limit, lambda job: render_job(job, positions.get(job.id)), FineTuningJobList
+    )
 
 
 def _metadata_filter(request: Request) -> dict[str, str] | None:
@@ -64,28 +81,28 @@ def _metadata_filter(request: Request) -> dict[str, str] | None:
 
 
 @router.get("/{job_id}")
-def retrieve_job(session: SessionDep, owner: OwnerDep, job_id: str) -> dict[str, Any]:
+def retrieve_job(session: SessionDep, owner: OwnerDep, job_id: str) -> FineTuningJob:
     job = job_queries.get_job(session, owner, job_id)
     position = job_queries.queue_positions(session).get(job.id) if job.status == "queued" else None
     return render_job(job, position)
 
 
 @router.post("/{job_id}/cancel")
-def cancel_job(session: SessionDep, owner: OwnerDep, job_id: str) -> dict[str, Any]:
+def cancel_job(session: SessionDep, owner: OwnerDep, job_id: str) -> FineTuningJob:
     with session.begin():
         job = job_service.cancel_job(session, owner, job_id)
     return render_job(job)
 
 
 @router.post("/{job_id}/pause")
-def pause_job(session: SessionDep, owner: OwnerDep, job_id: str) -> dict[str, Any]:
+def pause_job(session: SessionDep, owner: OwnerDep, job_id: str) -> FineTuningJob:
     with session.begin():
         job = job_service.pause_job(session, owner, job_id)
     return render_job(job)
 
 
 @router.post("/{job_id}/resume")
-def resume_job(services: ServicesDep, owner: OwnerDep, job_id: str) -> dict[str, Any]:
+def resume_job(services: ServicesDep, owner: OwnerDep, job_id: str) -> FineTuningJob:
     with services.sessions() as session:
         with session.begin():
             job = job_service.resume_job(session, owner, job_id)
@@ -93,7 +110,15 @@ def resume_job(services: ServicesDep, owner: OwnerDep, job_id: str) -> dict[str,
         return render_job(job)
 
 
-@router.get("/{job_id}/events", response_model=None)
+@router.get(
+    "/{job_id}/events",
+    response_model=FineTuningJobEventList,
+    responses=streamed(
+        "A page of events, newest first; with stream=true, the events as server-sent events "
+        "(as .../events/stream).",
+        "text/event-stream",
+    ),
+)
 def list_events(
     request: Request,
     services: ServicesDep,
@@ -104,13 +129,14 @@ def list_events(
     limit: Annotated[int, Query()] = 20,
     stream: bool = False,
     last_event_id: Annotated[str | None, Header(alias="last-event-id")] = None,
-) -> dict[str, Any] | StreamingResponse:
+) -> FineTuningJobEventList | StreamingResponse:
     if stream:  # the same as .../events/stream (api/routes/streams.py)
         return streams.stream_response(
             request, services, owner, job_id, last_event_id or after, "events"
         )
     job = job_queries.get_job(session, owner, job_id)
-    return page(session, job_queries.events_query(session, job, after), limit, render_event)
+    query = job_queries.events_query(session, job, after)
+    return page(session, query, limit, render_event, FineTuningJobEventList)
 
 
 @router.get("/{job_id}/checkpoints")
@@ -120,17 +146,18 @@ def list_checkpoints(
     job_id: str,
     after: str | None = None,
     limit: Annotated[int, Query()] = 10,
-) -> dict[str, Any]:
+) -> FineTuningJobCheckpointList:
     job = job_queries.get_job(session, owner, job_id)
     return page(
         session,
         job_queries.checkpoints_query(job, after),
         limit,
         lambda row: render_checkpoint(job, row),
+        FineTuningJobCheckpointList,
     )
 
 
-@router.get("/{job_id}/adapter")
+@router.get("/{job_id}/adapter", response_class=Response, responses=ADAPTER_TAR)
 def download_adapter(
     request: Request, services: ServicesDep, session: SessionDep, owner: OwnerDep, job_id: str
 ) -> Response:
@@ -145,7 +172,9 @@ def download_adapter(
     return artifact_response(request, services.artifacts, job.adapter_key, f"{job.id}-adapter.tar")
 
 
-@router.get("/{job_id}/checkpoints/{checkpoint_id}/adapter")
+@router.get(
+    "/{job_id}/checkpoints/{checkpoint_id}/adapter", response_class=Response, responses=ADAPTER_TAR
+)
 def download_checkpoint_adapter(
     request: Request,
     services: ServicesDep,

@@ -2,32 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter
 
 from api import catalog
 from api.deps import OwnerDep, ServicesDep, SessionDep
+from api.openapi import ERROR_RESPONSES
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
 
 
 @router.get("")
-def list_models(services: ServicesDep, session: SessionDep, owner: OwnerDep) -> dict[str, Any]:
+def list_models(services: ServicesDep, session: SessionDep, owner: OwnerDep) -> catalog.ModelList:
     data = catalog.list_models(session, services.settings, owner)
-    return {"object": "list", "data": data, "has_more": False}
+    return catalog.ModelList(object="list", data=data, has_more=False)
 
 
 @router.get("/{model_id:path}")
 def retrieve_model(
     services: ServicesDep, session: SessionDep, owner: OwnerDep, model_id: str
-) -> dict[str, Any]:
+) -> catalog.FineTunedModelObject | catalog.ModelObject:
     return catalog.get_model(session, services.settings, owner, model_id)
 
 
 @router.delete("/{model_id:path}")
 def delete_model(
     services: ServicesDep, session: SessionDep, owner: OwnerDep, model_id: str
-) -> dict[str, Any]:
+) -> catalog.ModelDeleted:
     with session.begin():
         return catalog.delete_model(session, services.settings, owner, model_id, services.artifacts)

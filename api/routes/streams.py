@@ -3,7 +3,7 @@ the plain-text log. (``GET .../events?stream=true`` is routed here from ``routes
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
@@ -12,15 +12,32 @@ from api import streams
 from api.deps import OwnerDep, ServicesDep, SessionDep
 from api.errors import invalid
 from api.job_queries import get_job
+from api.openapi import ERROR_RESPONSES, streamed
 
-router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=ERROR_RESPONSES)
 
 LastEventId = Annotated[str | None, Header(alias="last-event-id")]
 MAX_METRIC_STEPS = 100_000
 MAX_TAIL = 100_000
+SSE = "text/event-stream"
+EVENTS_SSE = streamed(
+    "Server-sent events: 'fine_tuning.job.event' messages (the event objects), then 'done' "
+    "with the job once it has ended.",
+    SSE,
+)
+LOGS_SSE = streamed(
+    "Server-sent events: 'fine_tuning.job.log' messages ({id, object, created_at, level, "
+    "message}), then 'done' with the job once it has ended.",
+    SSE,
+)
+METRICS_SSE = streamed(
+    "Server-sent events: 'fine_tuning.job.metric' messages ({object, step, created_at, "
+    "<metric>: value, ...}), then 'done' with the job once it has ended.",
+    SSE,
+)
 
 
-@router.get("/{job_id}/events/stream")
+@router.get("/{job_id}/events/stream", response_class=StreamingResponse, responses=EVENTS_SSE)
 def stream_events(
     request: Request,
     services: ServicesDep,
@@ -34,7 +51,7 @@ def stream_events(
     )
 
 
-@router.get("/{job_id}/logs/stream")
+@router.get("/{job_id}/logs/stream", response_class=StreamingResponse, responses=LOGS_SSE)
 def stream_logs(
     request: Request,
     services: ServicesDep,
@@ -46,7 +63,16 @@ def stream_logs(
     return streams.stream_response(request, services, owner, job_id, last_event_id or after, "logs")
 
 
-@router.get("/{job_id}/logs")
+@router.get(
+    "/{job_id}/logs",
+    response_class=StreamingResponse,
+    responses=streamed(
+        "The job's log, one line per record ('<time> <LEVEL> <logger>: <message>'); with "
+        "stream=true, its lines as server-sent events (as .../logs/stream).",
+        "text/plain",
+        SSE,
+    ),
+)
 def get_logs(
     request: Request,
     services: ServicesDep,
@@ -71,7 +97,7 @@ def get_logs(
     )
 
 
-@router.get("/{job_id}/metrics/stream")
+@router.get("/{job_id}/metrics/stream", response_class=StreamingResponse, responses=METRICS_SSE)
 def stream_metrics(
     request: Request,
     services: ServicesDep,
@@ -94,7 +120,7 @@ def get_metrics(
     keys: str | None = None,
     after_step: int | None = None,
     limit: Annotated[int, Query()] = 10_000,
-) -> dict[str, Any]:
+) -> streams.JobMetrics:
     """Columnar series: ``step`` and one array per metric (``?keys=a,b&after_step=N``)."""
     if not 1 <= limit <= MAX_METRIC_STEPS:
         raise invalid(f"limit must be between 1 and {MAX_METRIC_STEPS}.", param="limit")

@@ -8,14 +8,18 @@ from fastapi import APIRouter, Body, File, UploadFile
 
 from api import uploads
 from api.deps import OwnerDep, ServicesDep, SessionDep
+from api.openapi import ERROR_RESPONSES, documented_as
 
-router = APIRouter(prefix="/v1/uploads", tags=["uploads"])
+router = APIRouter(prefix="/v1/uploads", tags=["uploads"], responses=ERROR_RESPONSES)
 
 
 @router.post("")
 def create_upload(
-    services: ServicesDep, session: SessionDep, owner: OwnerDep, body: Annotated[Any, Body()] = None
-) -> dict[str, Any]:
+    services: ServicesDep,
+    session: SessionDep,
+    owner: OwnerDep,
+    body: Annotated[Any, Body(), documented_as(uploads.UploadCreate)] = None,
+) -> uploads.UploadObject:
     with session.begin():
         row = uploads.create_upload(session, owner, body, services.settings.max_upload_bytes)
     return uploads.render_upload(session, row)
@@ -27,8 +31,8 @@ def add_part(
     session: SessionDep,
     owner: OwnerDep,
     upload_id: str,
-    data: Annotated[UploadFile, File()],
-) -> dict[str, Any]:
+    data: Annotated[UploadFile, File(description="The part's bytes (at most 64 MB).")],
+) -> uploads.UploadPartObject:
     with session.begin():
         part = uploads.add_part(
             session, owner, upload_id, data.file, services.settings.upload_chunk_bytes
@@ -42,8 +46,8 @@ def complete_upload(
     session: SessionDep,
     owner: OwnerDep,
     upload_id: str,
-    body: Annotated[Any, Body()] = None,
-) -> dict[str, Any]:
+    body: Annotated[Any, Body(), documented_as(uploads.UploadComplete)] = None,
+) -> uploads.UploadObject:
     with session.begin():
         row = uploads.complete_upload(
             session, owner, upload_id, body, services.settings.upload_chunk_bytes
@@ -52,7 +56,7 @@ def complete_upload(
 
 
 @router.post("/{upload_id}/cancel")
-def cancel_upload(session: SessionDep, owner: OwnerDep, upload_id: str) -> dict[str, Any]:
+def cancel_upload(session: SessionDep, owner: OwnerDep, upload_id: str) -> uploads.UploadObject:
     with session.begin():
         row = uploads.cancel_upload(session, owner, upload_id)
     return uploads.render_upload(session, row)

@@ -8,18 +8,31 @@ from fastapi import APIRouter, Body, Query
 
 from api import webhooks
 from api.deps import OwnerDep, ServicesDep, SessionDep
+from api.openapi import ERROR_RESPONSES, documented_as
 from api.pagination import page
+from api.webhook_schemas import (
+    WebhookDeliveryList,
+    WebhookEndpointDeleted,
+    WebhookEndpointList,
+    WebhookEndpointObject,
+    WebhookEndpointWithSecret,
+    WebhookEventTypes,
+    WebhookTestResult,
+)
 
-router = APIRouter(tags=["webhooks"])
+router = APIRouter(tags=["webhooks"], responses=ERROR_RESPONSES)
 
 
 @router.post("/v1/webhook_endpoints")
 def create_endpoint(
-    services: ServicesDep, session: SessionDep, owner: OwnerDep, body: Annotated[Any, Body()] = None
-) -> dict[str, Any]:
+    services: ServicesDep,
+    session: SessionDep,
+    owner: OwnerDep,
+    body: Annotated[Any, Body(), documented_as(webhooks.EndpointCreate)] = None,
+) -> WebhookEndpointWithSecret:
     with session.begin():
         row = webhooks.create_endpoint(session, services.settings, owner, body)
-    return webhooks.render_endpoint(row, with_secret=True)
+    return webhooks.render_endpoint_with_secret(row)
 
 
 @router.get("/v1/webhook_endpoints")
@@ -28,14 +41,15 @@ def list_endpoints(
     owner: OwnerDep,
     after: str | None = None,
     limit: Annotated[int, Query()] = 20,
-) -> dict[str, Any]:
-    return page(
-        session, webhooks.list_endpoints_query(owner, after), limit, webhooks.render_endpoint
-    )
+) -> WebhookEndpointList:
+    query = webhooks.list_endpoints_query(owner, after)
+    return page(session, query, limit, webhooks.render_endpoint, WebhookEndpointList)
 
 
 @router.get("/v1/webhook_endpoints/{endpoint_id}")
-def retrieve_endpoint(session: SessionDep, owner: OwnerDep, endpoint_id: str) -> dict[str, Any]:
+def retrieve_endpoint(
+    session: SessionDep, owner: OwnerDep, endpoint_id: str
+) -> WebhookEndpointObject:
     return webhooks.render_endpoint(webhooks.get_endpoint(session, owner, endpoint_id))
 
 
@@ -45,32 +59,40 @@ def update_endpoint(
     session: SessionDep,
     owner: OwnerDep,
     endpoint_id: str,
-    body: Annotated[Any, Body()] = None,
-) -> dict[str, Any]:
+    body: Annotated[Any, Body(), documented_as(webhooks.EndpointUpdate)] = None,
+) -> WebhookEndpointObject:
     with session.begin():
         row = webhooks.update_endpoint(session, services.settings, owner, endpoint_id, body)
     return webhooks.render_endpoint(row)
 
 
 @router.delete("/v1/webhook_endpoints/{endpoint_id}")
-def delete_endpoint(session: SessionDep, owner: OwnerDep, endpoint_id: str) -> dict[str, Any]:
+def delete_endpoint(
+    session: SessionDep, owner: OwnerDep, endpoint_id: str
+) -> WebhookEndpointDeleted:
     with session.begin():
         return webhooks.delete_endpoint(session, owner, endpoint_id)
 
 
 @router.post("/v1/webhook_endpoints/{endpoint_id}/rotate_secret")
 def rotate_secret(
-    session: SessionDep, owner: OwnerDep, endpoint_id: str, body: Annotated[Any, Body()] = None
-) -> dict[str, Any]:
+    session: SessionDep,
+    owner: OwnerDep,
+    endpoint_id: str,
+    body: Annotated[Any, Body(), documented_as(webhooks.RotateSecret)] = None,
+) -> WebhookEndpointWithSecret:
     with session.begin():
         row = webhooks.rotate_secret(session, owner, endpoint_id, body)
-    return webhooks.render_endpoint(row, with_secret=True)
+    return webhooks.render_endpoint_with_secret(row)
 
 
 @router.post("/v1/webhook_endpoints/{endpoint_id}/test")
 def test_endpoint(
-    services: ServicesDep, owner: OwnerDep, endpoint_id: str, body: Annotated[Any, Body()] = None
-) -> dict[str, Any]:
+    services: ServicesDep,
+    owner: OwnerDep,
+    endpoint_id: str,
+    body: Annotated[Any, Body(), documented_as(webhooks.SendTest)] = None,
+) -> WebhookTestResult:
     return webhooks.send_test(services.sessions, services.settings, owner, endpoint_id, body)
 
 
@@ -81,13 +103,12 @@ def list_deliveries(
     endpoint_id: str,
     after: str | None = None,
     limit: Annotated[int, Query()] = 20,
-) -> dict[str, Any]:
+) -> WebhookDeliveryList:
     endpoint = webhooks.get_endpoint(session, owner, endpoint_id)
-    return page(
-        session, webhooks.deliveries_query(endpoint, after), limit, webhooks.render_delivery
-    )
+    query = webhooks.deliveries_query(endpoint, after)
+    return page(session, query, limit, webhooks.render_delivery, WebhookDeliveryList)
 
 
 @router.get("/v1/webhook_event_types")
-def list_event_types(owner: OwnerDep) -> dict[str, Any]:
-    return {"object": "list", "data": list(webhooks.EVENT_TYPES)}
+def list_event_types(owner: OwnerDep) -> WebhookEventTypes:
+    return WebhookEventTypes(object="list", data=list(webhooks.EVENT_TYPES))
