@@ -9,6 +9,8 @@
 - worker takes nothing from alignd but alignd.processes, which imports nothing of ours (the
   API image ships alignd without worker; the worker must not load the CLI).
 - the method registry is the one list of methods: each row names a module that trains it.
+- every /v1 route declares what it answers (a response model, or a documented stream or
+  file), and /openapi.json describes the objects with their fields' descriptions.
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from fastapi.routing import APIRoute
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "transformers", "peft", "accelerate", "deepspeed", "datasets")
@@ -280,3 +285,107 @@ def test_method_registry_rows_name_their_modules() -> None:
         fillable = {*method.request.model_fields, *method.request.DEFAULTS, "learning_rate"}
         assert set(method.resolved.model_fields) <= fillable, name
         assert all(rate > 0 for rate in method.base_learning_rate), name
+
+
+@pytest.fixture(scope="module")
+def app_and_schema(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, dict[str, Any]]:
+    from api.app import create_app
+    from api.settings import Settings
+
+    app = create_app(Settings(data_dir=tmp_path_factory.mktemp("openapi")))
+    return app, app.openapi()
+
+
+def api_routes(routes: list[Any]) -> Iterator[APIRoute]:
+    for route in routes:
+        if isinstance(route, APIRoute):
+            yield route
+        # FastAPI keeps an included router whole, behind a wrapper, rather than copying its
+        # routes into the app's list.
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            yield from api_routes(included.routes)
+
+
+def v1_operations(app: Any) -> list[tuple[APIRoute, str]]:
+    return [
+        (route, method.lower())
+        for route in api_routes(app.routes)
+        if route.path.startswith("/v1")
+        for method in sorted(route.methods)
+    ]
+
+
+def test_every_v1_route_declares_its_response(app_and_schema: tuple[Any, dict[str, Any]]) -> None:
+    app, schema = app_and_schema
+    operations = v1_operations(app)
+    assert len(operations) >= 40
+    undeclared = []
+    for route, method in operations:
+        responses = schema["paths"][route.path_format][method]["responses"]
+        content = responses["200"].get("content", {})
+        # A model, or a stream/file whose media type is documented (SSE, text, tar, bytes).
+        streamed = [media for media in content if media != "application/json"]
+        if route.response_model is None and not streamed:
+            undeclared.append(f"{method.upper()} {route.path}")
+        if route.response_model is not None:
+            assert "$ref" in str(content["application/json"]["schema"]), route.path
+        # Errors are documented in OpenAI's shape, never FastAPI's 422 {"detail": ...}.
+        assert "422" not in responses, route.path
+        assert responses["4XX"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/ErrorResponse"
+        }, route.path
+        # A JSON body is described by its model, not as "any value".
+        body = schema["paths"][route.path_format][method].get("requestBody", {}).get("content", {})
+        for media, spec in body.items():
+            assert spec["schema"].get("$ref", "").startswith("#/components/schemas/"), (
+                route.path,
+                media,
+            )
+    assert undeclared == []
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+
+
+@pytest.mark.parametrize(
+    ("name", "item"),
+    [
+        ("FineTuningJob", None),
+        ("FineTuningJobEvent", None),
+        ("FineTuningJobCheckpoint", None),
+        ("FileObject", None),
+        ("JobCreate", None),
+        ("FineTuningJobList", "FineTuningJob"),
+        ("FineTuningJobEventList", "FineTuningJobEvent"),
+        ("FineTuningJobCheckpointList", "FineTuningJobCheckpoint"),
+        ("FileList", "FileObject"),
+    ],
+)
+def test_openapi_describes_the_objects_field_by_field(
+    app_and_schema: tuple[Any, dict[str, Any]], name: str, item: str | None
+) -> None:
+    schemas = app_and_schema[1]["components"]["schemas"]
+    properties = schemas[name]["properties"]
+    assert properties
+    undescribed = [field for field, spec in properties.items() if not spec.get("description")]
+    assert undescribed == [], f"{name} fields without a description: {undescribed}"
+    if item is not None:  # a list page: OpenAI's envelope around the item's own schema
+        assert properties["object"]["const"] == "list"
+        assert properties["data"]["items"] == {"$ref": f"#/components/schemas/{item}"}
+        assert {"has_more", "first_id", "last_id"} <= set(properties)
+
+
+def test_job_schema_names_every_method_block(app_and_schema: tuple[Any, dict[str, Any]]) -> None:
+    # The method block, request and response, comes from the registry: every method is there
+    # with its own hyperparameters.
+    from trainer_core.registry import METHODS
+
+    schemas = app_and_schema[1]["components"]["schemas"]
+    for wrapper, suffix in (("FineTuningJobMethod", ""), ("JobMethodRequest", "Request")):
+        properties = schemas[wrapper]["properties"]
+        assert set(properties) == {"type", *METHODS}
+        assert properties["type"]["enum"] == list(METHODS)
+        for name, method in METHODS.items():
+            block = str(properties[name])
+            hyperparameters = (method.request if suffix else method.resolved).__name__
+            block_name = block.split("#/components/schemas/")[1].split("'")[0]
+            assert hyperparameters in str(schemas[block_name]["properties"]["hyperparameters"])

@@ -1,5 +1,6 @@
 """Schemathesis over our own OpenAPI schema: for a bounded number of generated requests per
-operation, the API never answers 5xx, and every error is in OpenAI's error shape.
+operation, the API never answers 5xx, every error is in OpenAI's error shape, and every answer
+matches what the schema declares for it (status, media type, and the JSON's shape).
 
 (schemathesis' pytest loader does not run under pytest 9, so each operation's Hypothesis
 strategy is driven here directly; the checks are ours.)
@@ -12,6 +13,11 @@ from typing import Any
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from tests.conftest import Api
 
@@ -31,6 +37,11 @@ def check(case: Any, api: Api) -> None:
         body = response.json()
         assert set(body) == {"error"}, (where, body)
         assert set(body["error"]) == {"message", "type", "param", "code"}, (where, body)
+    # The declared response models and media types are what the API really sends.
+    case.validate_response(
+        response,
+        checks=[status_code_conformance, content_type_conformance, response_schema_conformance],
+    )
 
 
 def test_no_server_errors_and_errors_in_shape(pg_api: Api) -> None:
