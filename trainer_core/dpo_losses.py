@@ -25,20 +25,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# Types whose loss is a function of the pair's log-ratios (all but "sft").
-PAIR_LOSS_TYPES = (
-    "sigmoid",
-    "ipo",
-    "hinge",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "nca_pair",
-    "apo_zero",
-    "apo_down",
-    "exo_pair",
-    "cdpo",
-)
+from trainer_core.hyperparameters import DPO_LOSS_TYPES
+
+# Types whose loss is a function of the pair's log-ratios: every DPO loss type but "sft" (the
+# one list of them is the hyperparameters' own).
+PAIR_LOSS_TYPES = tuple(name for name in DPO_LOSS_TYPES if name != "sft")
 
 
 def dpo_loss(
