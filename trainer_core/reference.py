@@ -27,8 +27,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from trainer_core import shared_prompt
+from trainer_core import distributed, shared_prompt
 from trainer_core.batching import fixed_batches
+from trainer_core.distributed import Distributed
 from trainer_core.logprobs import completion_token_logps
 from trainer_core.loop import disable_dropout, evaluating  # noqa: F401  (disable_dropout: old import path)
 from trainer_core.placement import Placement
@@ -36,9 +37,12 @@ from trainer_core.preference_data import PairBatch, PreferenceExample, collate_p
 from trainer_core.preference_losses import completion_logps
 
 
-def forward_logps(model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(per_token_logps (2B, T-1), logps (2B,))``: each row's summed completion log-prob
-    (per-token logps are 0 outside the completions, which the completion mask drops)."""
+def forward_logps(
+    model: nn.Module, batch: PairBatch, *, average: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(per_token_logps (2B, T-1), logps (2B,))``: each row's summed completion log-prob,
+    or with ``average`` its mean over the completion tokens (``completion_logps``; per-token
+    logps are 0 outside the completions, which the completion mask drops)."""
     if batch.shared is not None and shared_prompt.supported(model):
         # One row per pair, the prompt once; its scored tokens land where the two-row layout
         # has them (chosen rows, then rejected rows, in row-major order).
@@ -49,7 +53,8 @@ def forward_logps(model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, tor
         per_token_logps = completion_token_logps(
             model, batch.input_ids, batch.attention_mask, batch.completion_mask
         )  # (2B, T-1)
-    return per_token_logps, completion_logps(per_token_logps, batch.completion_mask[:, 1:])
+    mask = batch.completion_mask[:, 1:]  # (2B, T-1)
+    return per_token_logps, completion_logps(per_token_logps, mask, average=average)
 
 
 class Reference(Protocol):
@@ -73,14 +78,29 @@ class ReferenceModel:
         self.disable_adapter = disable_adapter
 
     @classmethod
-    def of(cls, model: nn.Module, adapter_type: str, *, keep: bool = True) -> ReferenceModel:
+    def of(
+        cls,
+        model: nn.Module,
+        adapter_type: str,
+        *,
+        keep: bool = True,
+        dist: Distributed | None = None,
+    ) -> ReferenceModel:
         """The reference of a policy about to be trained: its base under LoRA, else (full
-        fine-tuning) a frozen copy. ``keep=False`` is for a pass before the first step, when
-        the policy still is the reference: the model itself then serves, and nothing is
-        copied."""
+        fine-tuning) a frozen copy, sharded like the policy under ZeRO-3 when given the
+        job's ``dist`` (``distributed.shard_frozen``). Take it once the policy is on its
+        device: the copy lands there too.
+
+        ``keep=False`` is for a pass before the first step, when the policy still is the
+        reference: the model itself then serves, and nothing is copied."""
         if adapter_type == "lora":
             return cls(model, disable_adapter=True)
-        return cls(frozen_copy(model) if keep else model, disable_adapter=False)
+        if not keep:
+            return cls(model, disable_adapter=False)
+        frozen = frozen_copy(model)
+        if dist is not None:
+            frozen = distributed.shard_frozen(dist, frozen)
+        return cls(frozen, disable_adapter=False)
 
     @contextmanager
     def scoring(self) -> Iterator[nn.Module]:

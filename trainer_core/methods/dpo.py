@@ -35,7 +35,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from trainer_core import distributed, loop, shared_prompt
+from trainer_core import loop, shared_prompt
 from trainer_core.adapters import load_trained
 from trainer_core.dpo_losses import DpoStats, add_dpo_stats, combined_dpo_loss
 from trainer_core.models import load_model, load_tokenizer
@@ -80,11 +80,7 @@ def train(job: loop.Job, hp: DpoHyperparameters) -> RunResult:
         if valid_data is not None:
             valid_ref = precomputed(valid_data.examples)
     else:
-        live = ReferenceModel.of(model, job.spec.adapter.type)
-        if not live.disable_adapter:
-            # Full fine-tuning's frozen copy: sharded like the policy under ZeRO-3.
-            live.model = distributed.shard_frozen(job.dist, live.model)
-        train_ref = valid_ref = live
+        train_ref = valid_ref = ReferenceModel.of(model, job.spec.adapter.type, dist=job.dist)
 
     run: loop.Run[DpoStats] = job.start(
         model,

@@ -75,10 +75,7 @@ def train(job: loop.Job, hp: KtoHyperparameters) -> RunResult:
     pad_token_id = tokenizer.pad_token_id
     # On the device before the reference is taken: a frozen copy lands there too.
     model = job.policy(base)
-    reference = ReferenceModel.of(model, job.spec.adapter.type)
-    if not reference.disable_adapter:
-        # Full fine-tuning's frozen copy: sharded like the policy under ZeRO-3.
-        reference.model = distributed.shard_frozen(job.dist, reference.model)
+    reference = ReferenceModel.of(model, job.spec.adapter.type, dist=job.dist)
 
     run: loop.Run[KtoStats] = job.start(
         model,

@@ -42,7 +42,6 @@ from trainer_core.preference_data import (
 from trainer_core.preference_losses import (
     PairStats,
     add_stats,
-    completion_logps,
     simpo_loss,
     validation_pair_metrics,
 )
@@ -98,8 +97,7 @@ def pair_loss(
 ) -> tuple[torch.Tensor, PairStats]:
     """One micro-batch's share of the step's loss, from one forward pass over its pairs (one
     row per pair where the attention takes a 4D mask: ``shared_prompt``)."""
-    per_token_logps, _ = forward_logps(model, batch)  # (2B, T-1)
-    logps = completion_logps(per_token_logps, batch.completion_mask[:, 1:], average=True)
+    _, logps = forward_logps(model, batch, average=True)  # (2B,) length-averaged
     policy_chosen_logps, policy_rejected_logps = logps.chunk(2)  # (B,) each
     return simpo_loss(
         policy_chosen_logps,
