@@ -4,8 +4,8 @@ A method module keeps its own story on screen: how it batches, what it computes 
 rewards, advantages), its loss and its metrics. Everything around that story is here, once:
 
 - ``setup``: seeding and the process group (joined before the model is built: ZeRO-3);
-- ``load_base`` and ``load_splits``: the model and tokenizer, the training and validation
-  data with the truncation report;
+- ``Job.load``: the policy and its tokenizer (``load_base``, ``policy``), the training and
+  validation examples with the truncation report (``load_splits``);
 - ``start_run``: optimizer, schedule, resume from a checkpoint, the DeepSpeed wrap; it
   returns the ``Run``, the one object that carries the run's state from step to step;
 - ``Run.steps``: the iterator over optimizer steps (or rollouts), which owns the stop check,
@@ -13,23 +13,30 @@ rewards, advantages), its loss and its metrics. Everything around that story is 
 - ``Run.shares``, ``Run.backward``, ``Run.optimizer_step``: the one backward/step path, the
   distributed one, which is plain single-process code in one process;
 - ``Run.count`` and ``Run.record``: token counts and the metrics window;
-- ``evaluating`` and ``validation_batches``: a validation pass in eval mode without grad;
+- ``Job.validation`` and ``evaluate``: a validation pass (the method's own step loss over
+  the validation examples, in eval mode without grad) and its metrics;
 - ``Run.result``: how the run ended.
 
-A method's loop then reads (supervised, in short)::
+A method then reads (an offline one, in short)::
 
-    run = loop.start_run(spec, sink, store, should_stop, d, model, tokenizer, ...)
-    for micro_batches in run.steps(len(rows)):
-        for share in run.shares(micro_batches):
-            loss, stats = ...                       # the method's own computation
-            run.backward(loss * share.weight, last=share.last)
-        grad_norm, learning_rate = run.optimizer_step()
-        run.record(step_stats, grad_norm=grad_norm, learning_rate=learning_rate)
-    return run.result()
+    @loop.method(XHyperparameters)
+    def train(job, hp):
+        model, tokenizer, examples, valid_examples = job.load(load_rows)
+        run = job.start(model, tokenizer, rows=len(examples), summarise=..., validate=...)
+        for micro_batches in run.steps(lengths=...):
+            normaliser = ...                 # of the whole step: its tokens, pairs or rows
+            loss = partial(step_loss, model, normaliser)  # the method's own algorithm
+            run.train_step(micro_batches, collate_indices, loss, add_stats)
+        return run.result()
+
+``train_step`` is ``shares`` → the method's loss → ``backward`` for each micro-batch, then
+``optimizer_step`` and ``record``; an online method calls those pieces itself. ``validate``
+is ``job.validation``: the same step loss, its normalisers set to 1, over the validation
+examples.
 
 Shared functions, not a base class with hooks: what differs between methods is passed in as
-plain values and functions (``summarise``, ``validate``), and each method calls the pieces in
-its own order.
+plain values and functions (``collate``, ``loss``, ``summarise``), and each method calls the
+pieces in its own order.
 """
 
 from __future__ import annotations
@@ -62,11 +69,11 @@ from trainer_core.reporting import TruncationCounts, report_truncation
 from trainer_core.seams import CheckpointStore, MetricSink, RunResult, ShouldStop
 from trainer_core.specs import TrainSpec
 
-D = TypeVar("D", bound="Dataset")
 B = TypeVar("B")
 E = TypeVar("E")
 S = TypeVar("S")
 H = TypeVar("H")
+E_co = TypeVar("E_co", covariant=True)
 
 
 def seed_everything(seed: int, num_threads: int | None) -> None:
@@ -107,22 +114,38 @@ class Job:
         return load_base(self.spec)
 
     def load_splits(
-        self, load: Callable[..., D], tokenizer: Any, **options: Any
-    ) -> tuple[D, D | None]:
+        self, load: Callable[..., Dataset[E]], tokenizer: Any, **options: Any
+    ) -> tuple[Sequence[E], Sequence[E]]:
         return load_splits(self.spec, self.sink, load, tokenizer, **options)
 
     def policy(self, base: nn.Module, **options: Any) -> nn.Module:
         return policy(self.spec, self.dist, base, **options)
 
+    def load(
+        self, load: Callable[..., Dataset[E]], *, dropout: bool = False, **options: Any
+    ) -> tuple[nn.Module, Any, Sequence[E], Sequence[E]]:
+        """``(model, tokenizer, examples, valid_examples)``: the policy (``policy`` of the
+        ``load_base`` model, with ``dropout``) and its tokenizer, and the training and
+        validation examples (``load_splits`` with ``load`` and its ``options``)."""
+        base, tokenizer = self.load_base()
+        examples, valid_examples = self.load_splits(load, tokenizer, **options)
+        return self.policy(base, dropout=dropout), tokenizer, examples, valid_examples
+
     def validation(
-        self, valid_data: Dataset | None, metrics_of: Callable[..., dict[str, float]]
+        self,
+        examples: Sequence[E],
+        model: nn.Module,
+        collate: Callable[[list[E]], B],
+        loss: Callable[[B, Share], tuple[torch.Tensor, S]],
+        metrics: Callable[[Sequence[S]], dict[str, float]],
     ) -> Callable[[], dict[str, float]] | None:
-        """The run's validation pass for its checkpoints, ``metrics_of(examples, where=...)``
-        of the validation examples on this rank's device (None without a validation file)."""
-        if valid_data is None:
+        """The run's validation pass for its checkpoints: ``evaluate`` of ``examples`` in
+        batches of the job's ``batch_size`` on this rank's device (None without validation
+        examples)."""
+        if not examples:
             return None
-        examples = valid_data.examples
-        return lambda: metrics_of(examples, where=self.where)
+        batch_size = self.spec.hyperparameters.batch_size
+        return lambda: evaluate(model, examples, batch_size, collate, loss, metrics, self.where)
 
     def start(
         self,
@@ -201,33 +224,33 @@ def load_base(spec: TrainSpec) -> tuple[nn.Module, Any]:
     return base, tokenizer
 
 
-class Dataset(TruncationCounts, Protocol):
+class Dataset(TruncationCounts, Protocol[E_co]):
     """What a method's data loader returns: the usable rows, and what loading cut."""
 
     @property
-    def examples(self) -> Sequence[Any]: ...
+    def examples(self) -> Sequence[E_co]: ...
 
 
 def load_splits(
     spec: TrainSpec,
     sink: MetricSink,
-    load: Callable[..., D],
+    load: Callable[..., Dataset[E]],
     tokenizer: Any,
     *,
     unit: str = "examples",
     minimum: int = 1,
     too_few: str | None = None,
     **options: Any,
-) -> tuple[D, D | None]:
-    """The training data and, when the job has one, the validation data, each read with
-    ``load(path, tokenizer, max_seq_len, **options)`` and reported (rows cut or dropped at
-    ``max_seq_len``).
+) -> tuple[Sequence[E], Sequence[E]]:
+    """The training examples and the validation examples (none when the job has no
+    validation file), each split read with ``load(path, tokenizer, max_seq_len, **options)``
+    and reported (rows cut or dropped at ``max_seq_len``).
 
     A split with fewer than ``minimum`` usable examples is an error: "no training pair has a
     completion token within N", or ``too_few`` (formatted with ``split`` and ``max_seq_len``).
     """
 
-    def checked(path: str, split: str) -> D:
+    def checked(path: str, split: str) -> Sequence[E]:
         data = load(path, tokenizer, spec.max_seq_len, **options)
         report_truncation(sink, data, split, spec.max_seq_len, unit=unit)
         if len(data.examples) < minimum:
@@ -237,13 +260,12 @@ def load_splits(
                     split=split, row=unit.removesuffix("s"), max_seq_len=spec.max_seq_len
                 )
             )
-        return data
+        return data.examples
 
-    train_data = checked(spec.train_file, "training")
-    valid_data = None
-    if spec.validation_file is not None:
-        valid_data = checked(spec.validation_file, "validation")
-    return train_data, valid_data
+    examples = checked(spec.train_file, "training")
+    if spec.validation_file is None:
+        return examples, []
+    return examples, checked(spec.validation_file, "validation")
 
 
 def policy(
@@ -271,7 +293,8 @@ def disable_dropout(model: nn.Module) -> None:
 
 @dataclass(frozen=True)
 class Share:
-    """This rank's part of one micro-batch of an optimizer step (``Run.shares``)."""
+    """This rank's part of one micro-batch of an optimizer step (``Run.shares``), or a whole
+    validation batch (``evaluate``: its examples' indices, weight 1)."""
 
     rows: list[Any]  # the rows this rank computes (all of them in one process)
     weight: float  # of its loss: 0 for the stand-in row of a rank with no rows of its own
@@ -638,19 +661,27 @@ def evaluate(
     examples: Sequence[E],
     batch_size: int,
     collate: Callable[[list[E]], B],
-    stats_of: Callable[[list[int], B], S],
+    loss: Callable[[B, Share], tuple[torch.Tensor, S]],
+    metrics: Callable[[Sequence[S]], dict[str, float]],
     where: Placement | None = None,
-) -> list[S]:
-    """A validation pass: ``stats_of(indices, batch)`` of every ``batch_size`` examples in
-    file order, in eval mode without grad, on ``where``'s device and under its autocast (the
-    CPU in fp32 by default)."""
+) -> dict[str, float]:
+    """A validation pass: ``metrics`` of the stats of every ``batch_size`` examples in file
+    order, in eval mode without grad, on ``where``'s device and under its autocast (the CPU
+    in fp32 by default).
+
+    ``loss`` is the method's training loss, ``(batch, share) -> (loss, stats)``, with its
+    normalisers set to 1: its stats are sums, which no normaliser touches (``metrics``
+    divides them). Each batch is one whole share, its rows the indices of its examples (a
+    precomputed reference looks its log-probs up by them).
+    """
     where = where or Placement()
     totals = []
     with evaluating(model):
         for indices, batch in validation_batches(examples, batch_size, collate, where):
             with where.autocast():
-                totals.append(stats_of(indices, batch))
-    return totals
+                _, stats = loss(batch, Share(indices, 1.0, last=True, whole=True))
+            totals.append(stats)
+    return metrics(totals)
 
 
 def mean_of_points(points: Sequence[dict[str, float]]) -> dict[str, float]:

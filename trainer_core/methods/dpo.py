@@ -39,10 +39,8 @@ from trainer_core import loop, shared_prompt
 from trainer_core.adapters import load_trained
 from trainer_core.dpo_losses import DpoStats, add_dpo_stats, combined_dpo_loss
 from trainer_core.models import load_model, load_tokenizer
-from trainer_core.placement import Placement
 from trainer_core.preference_data import (
     PairBatch,
-    PreferenceExample,
     collate_pairs,
     load_preference,
     pair_lengths,
@@ -60,12 +58,9 @@ from trainer_core.specs import DpoHyperparameters
 
 @loop.method(DpoHyperparameters)
 def train(job: loop.Job, hp: DpoHyperparameters) -> RunResult:
-    base, tokenizer = job.load_base()
-    train_data, valid_data = job.load_splits(load_preference, tokenizer, unit="pairs")
-    examples = train_data.examples
+    # The policy is on the device before the reference is taken: a frozen copy lands there too.
+    model, tokenizer, examples, valid_examples = job.load(load_preference, unit="pairs")
     pad_token_id = tokenizer.pad_token_id
-    # On the device before the reference is taken: a frozen copy lands there too.
-    model = job.policy(base)
 
     # -- the reference: live (adapter off / frozen copy) or precomputed once, now ---------
     train_ref: Reference
@@ -77,8 +72,8 @@ def train(job: loop.Job, hp: DpoHyperparameters) -> RunResult:
             precompute, now, batch_size=hp.batch_size, pad_token_id=pad_token_id, where=job.where
         )
         train_ref = valid_ref = precomputed(examples)
-        if valid_data is not None:
-            valid_ref = precomputed(valid_data.examples)
+        if valid_examples:
+            valid_ref = precomputed(valid_examples)
     else:
         train_ref = valid_ref = ReferenceModel.of(model, job.spec.adapter.type, dist=job.dist)
 
@@ -86,14 +81,14 @@ def train(job: loop.Job, hp: DpoHyperparameters) -> RunResult:
         model,
         tokenizer,
         rows=len(examples),
-        # Pair-weighted over a logging window's steps.
-        summarise=lambda window: dpo_metrics(add_dpo_stats(window)),
+        summarise=dpo_metrics,  # pair-weighted over a logging window's steps
         checkpoint_metrics=lambda stats: {"train_loss": stats.loss},
         validate=job.validation(
-            valid_data,
-            partial(
-                validation_metrics, model, reference=valid_ref, hp=hp, pad_token_id=pad_token_id
-            ),
+            valid_examples,
+            model,
+            partial(collate_pairs, pad_token_id=pad_token_id),
+            partial(step_loss, model, valid_ref, hp, 1, 1),  # normalisers of 1: stats are sums
+            valid_metrics,
         ),
     )
 
@@ -115,10 +110,6 @@ def train(job: loop.Job, hp: DpoHyperparameters) -> RunResult:
     return run.result()
 
 
-def dpo_metrics(stats: DpoStats) -> dict[str, float]:
-    return {"train_loss": stats.loss, **stats.means()}
-
-
 def step_loss(
     model: nn.Module,
     reference: Reference,
@@ -128,24 +119,12 @@ def step_loss(
     batch: PairBatch,
     share: loop.Share,
 ) -> tuple[torch.Tensor, DpoStats]:
-    """A rank's share of a micro-batch (``share.rows``: its pairs' indices, which a
-    precomputed reference looks its log-probs up by)."""
-    return pair_loss(model, reference, batch, share.rows, hp, num_pairs, num_chosen_tokens)
-
-
-def pair_loss(
-    model: nn.Module,
-    reference: Reference,
-    batch: PairBatch,
-    indices: Sequence[int],
-    hp: DpoHyperparameters,
-    num_pairs: int,
-    num_chosen_tokens: int,
-) -> tuple[torch.Tensor, DpoStats]:
-    """One micro-batch's share of the step's loss: policy logps, reference logps, loss."""
+    """A micro-batch's (or a rank's share of it) part of the step's loss: policy logps,
+    reference logps (a precomputed reference looks them up by ``share.rows``, the pairs'
+    indices), loss."""
     per_token_logps, logps = forward_logps(model, batch)  # (2B, T-1), (2B,)
     policy_chosen_logps, policy_rejected_logps = logps.chunk(2)  # (B,) each
-    ref_chosen_logps, ref_rejected_logps = reference.logps(batch, indices)  # (B,) each
+    ref_chosen_logps, ref_rejected_logps = reference.logps(batch, share.rows)  # (B,) each
     mask = batch.completion_mask[:, 1:]  # (2B, T-1), aligned with per_token_logps
     return combined_dpo_loss(
         policy_chosen_logps,
@@ -163,32 +142,20 @@ def pair_loss(
     )
 
 
+def dpo_metrics(stats: Sequence[DpoStats]) -> dict[str, float]:
+    """The loss and the means (rewards, log-probs) over the pairs of all ``stats``."""
+    total = add_dpo_stats(stats)
+    return {"train_loss": total.loss, **total.means()}
+
+
+def valid_metrics(stats: Sequence[DpoStats]) -> dict[str, float]:
+    """A validation pass's loss, reward accuracy and margin (``valid_*``)."""
+    return validation_pair_metrics(dpo_metrics(stats))
+
+
 def chosen_mask(batch: PairBatch) -> torch.Tensor:
     """(B, T-1) 1 where the next token of a chosen row is a completion token."""
     return batch.completion_mask[:, 1:].chunk(2)[0]
-
-
-def validation_metrics(
-    model: nn.Module,
-    examples: Sequence[PreferenceExample],
-    *,
-    reference: Reference,
-    hp: DpoHyperparameters,
-    pad_token_id: int,
-    where: Placement | None = None,
-) -> dict[str, float]:
-    """The loss and reward accuracy/margin over all ``examples``, in eval mode (no dropout),
-    on ``where``'s device and in its precision (the CPU in fp32 by default)."""
-    totals = loop.evaluate(
-        model,
-        examples,
-        hp.batch_size,
-        partial(collate_pairs, pad_token_id=pad_token_id),
-        # Normalisers of 1 give sums; DpoStats.loss divides by the totals at the end.
-        lambda indices, batch: pair_loss(model, reference, batch, indices, hp, 1, 1)[1],
-        where,
-    )
-    return validation_pair_metrics(dpo_metrics(add_dpo_stats(totals)))
 
 
 def evaluate(
@@ -220,10 +187,11 @@ def evaluate(
         base = load_model(model_path, allow_hub=allow_hub, trust_remote_code=trust_remote_code)
         reference = ReferenceModel(base.eval(), disable_adapter=False)
     data = load_preference(Path(data_file), tokenizer, max_seq_len)
-    return validation_metrics(
+    return loop.evaluate(
         model,
         data.examples,
-        reference=reference,
-        hp=hyperparameters,
-        pad_token_id=tokenizer.pad_token_id,
+        hyperparameters.batch_size,
+        partial(collate_pairs, pad_token_id=tokenizer.pad_token_id),
+        partial(step_loss, model, reference, hyperparameters, 1, 1),
+        valid_metrics,
     )

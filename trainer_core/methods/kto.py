@@ -42,7 +42,6 @@ from torch import nn
 from trainer_core import distributed, loop
 from trainer_core.distributed import Distributed
 from trainer_core.logprobs import completion_token_logps
-from trainer_core.placement import Placement
 from trainer_core.preference_data import (
     UnpairedBatch,
     UnpairedExample,
@@ -63,19 +62,26 @@ def train(job: loop.Job, hp: KtoHyperparameters) -> RunResult:
             "another row's completion"
         )
 
-    base, tokenizer = job.load_base()
-    train_data, valid_data = job.load_splits(
+    # The policy is on the device before the reference is taken: a frozen copy lands there too.
+    model, tokenizer, examples, valid_examples = job.load(
         load_unpaired,
-        tokenizer,
         minimum=2,
         too_few="KTO needs 2 or more {split} examples with a completion token within "
         "{max_seq_len}, for its KL baseline",
     )
-    examples = train_data.examples
-    pad_token_id = tokenizer.pad_token_id
-    # On the device before the reference is taken: a frozen copy lands there too.
-    model = job.policy(base)
+    pad_token_id, max_seq_len = tokenizer.pad_token_id, job.spec.max_seq_len
     reference = ReferenceModel.of(model, job.spec.adapter.type, dist=job.dist)
+
+    def collate(rows: list[tuple[UnpairedExample, UnpairedExample]]) -> KtoBatch:
+        return KtoBatch(
+            collate_unpaired([row for row, _ in rows], pad_token_id),
+            collate_unpaired([twin for _, twin in rows], pad_token_id),
+        )
+
+    def collate_valid(indices: list[int]) -> KtoBatch:
+        return KtoBatch(
+            *collate_with_mismatched(valid_examples, indices, max_seq_len, pad_token_id)
+        )
 
     run: loop.Run[KtoStats] = job.start(
         model,
@@ -84,23 +90,15 @@ def train(job: loop.Job, hp: KtoHyperparameters) -> RunResult:
         # Row-weighted over a logging window's steps (kl: the micro-batches' mean).
         summarise=lambda window: add_stats(window).metrics(),
         validate=job.validation(
-            valid_data,
-            partial(
-                validation_metrics,
-                model,
-                reference=reference,
-                hp=hp,
-                max_seq_len=job.spec.max_seq_len,
-                pad_token_id=pad_token_id,
-            ),
+            range(len(valid_examples)),  # indices: a lone last row borrows by its index
+            model,
+            collate_valid,
+            # z of each validation batch alone (one process's: Distributed()); normalisers
+            # of 1, the stats being sums.
+            partial(step_loss, model, reference, hp, 1, Distributed()),
+            valid_metrics,
         ),
     )
-
-    def collate(rows: list[tuple[UnpairedExample, UnpairedExample]]) -> KtoBatch:
-        return KtoBatch(
-            collate_unpaired([row for row, _ in rows], pad_token_id),
-            collate_unpaired([twin for _, twin in rows], pad_token_id),
-        )
 
     # -- one optimizer step: policy, mismatched and reference logps → the loss of the rows ---
     for micro_batches in run.steps(lengths=[example.padded_length for example in examples]):
@@ -113,7 +111,7 @@ def train(job: loop.Job, hp: KtoHyperparameters) -> RunResult:
             list(
                 zip(
                     [examples[i] for i in indices],
-                    mismatched(examples, indices, job.spec.max_seq_len),
+                    mismatched(examples, indices, max_seq_len),
                     strict=True,
                 )
             )
@@ -150,9 +148,30 @@ def step_loss(
     batch: KtoBatch,
     share: loop.Share,
 ) -> tuple[torch.Tensor, KtoStats]:
-    """This rank's share of a micro-batch; z is the whole micro-batch's, over the ranks."""
-    loss, stats = kto_step_loss(
-        model, reference, batch.rows, batch.twins, hp, rows_in_step, dist, weight=share.weight
+    """A micro-batch's (or a rank's share of it) part of the step's loss: policy, mismatched
+    and reference logps.
+
+    z is the mean over the whole micro-batch's mismatched rows, this rank's and the other
+    ranks' of ``dist``.
+    """
+    policy_logps = sequence_logps(model, batch.rows)  # (B,)
+    with torch.no_grad():  # z is a detached baseline, so its pass needs no graph
+        policy_kl_logps = sequence_logps(model, batch.twins)  # (B,)
+    ref_logps = reference_logps(reference, batch.rows)  # (B,)
+    ref_kl_logps = reference_logps(reference, batch.twins)  # (B,)
+    kl = distributed.mean_over_ranks(
+        dist, policy_kl_logps - ref_kl_logps, weight=share.weight
+    ).reshape(1)  # (1,): kto_loss takes the mean of (policy − ref) KL logps, here already one
+    loss, stats = kto_loss(
+        policy_logps,
+        ref_logps,
+        batch.rows.labels,
+        kl,
+        torch.zeros_like(kl),
+        beta=hp.beta,
+        desirable_weight=hp.desirable_weight,
+        undesirable_weight=hp.undesirable_weight,
+        normaliser=rows_in_step,
     )
     if dist.rank > 0:
         # z is the same on every rank: rank 0 (which always has rows) reports it.
@@ -197,6 +216,14 @@ def mismatched(
     ]
 
 
+def valid_metrics(stats: Sequence[KtoStats]) -> dict[str, float]:
+    """The training metrics of all ``stats``, as ``valid_*`` (train_loss as valid_loss)."""
+    return {
+        "valid_loss" if name == "train_loss" else f"valid_{name}": value
+        for name, value in add_stats(stats).metrics().items()
+    }
+
+
 def sequence_logps(model: nn.Module, batch: UnpairedBatch) -> torch.Tensor:
     """(B,) summed log-probs of each row's completion tokens under ``model``."""
     per_token_logps = completion_token_logps(
@@ -209,72 +236,3 @@ def reference_logps(reference: ReferenceModel, batch: UnpairedBatch) -> torch.Te
     """(B,) the reference's ``sequence_logps`` (no grad)."""
     with reference.scoring() as ref_model:
         return sequence_logps(ref_model, batch)
-
-
-def kto_step_loss(
-    model: nn.Module,
-    reference: ReferenceModel,
-    batch: UnpairedBatch,
-    kl_batch: UnpairedBatch,
-    hp: KtoHyperparameters,
-    normaliser: int,
-    dist: Distributed | None = None,
-    *,
-    weight: float = 1.0,
-) -> tuple[torch.Tensor, KtoStats]:
-    """One micro-batch's share of the step's loss: policy, mismatched and reference logps.
-
-    z is the mean over the whole micro-batch's mismatched rows, this rank's and the others'
-    (``dist``; the micro-batch is all here when None).
-    """
-    policy_logps = sequence_logps(model, batch)  # (B,)
-    with torch.no_grad():  # z is a detached baseline, so its pass needs no graph
-        policy_kl_logps = sequence_logps(model, kl_batch)  # (B,)
-    ref_logps = reference_logps(reference, batch)  # (B,)
-    ref_kl_logps = reference_logps(reference, kl_batch)  # (B,)
-    kl = distributed.mean_over_ranks(
-        dist or Distributed(), policy_kl_logps - ref_kl_logps, weight=weight
-    ).reshape(1)  # (1,): kto_loss takes the mean of (policy − ref) KL logps, here already one
-    return kto_loss(
-        policy_logps,
-        ref_logps,
-        batch.labels,
-        kl,
-        torch.zeros_like(kl),
-        beta=hp.beta,
-        desirable_weight=hp.desirable_weight,
-        undesirable_weight=hp.undesirable_weight,
-        normaliser=normaliser,
-    )
-
-
-def validation_metrics(
-    model: nn.Module,
-    examples: Sequence[UnpairedExample],
-    *,
-    reference: ReferenceModel,
-    hp: KtoHyperparameters,
-    max_seq_len: int,
-    pad_token_id: int,
-    where: Placement | None = None,
-) -> dict[str, float]:
-    """The loss, z and rewards over all ``examples`` in file order, in eval mode, on
-    ``where``'s device and in its precision (the CPU in fp32 by default)."""
-
-    totals = loop.evaluate(
-        model,
-        list(range(len(examples))),  # indices: a lone last row borrows by its index
-        hp.batch_size,
-        lambda indices: KtoBatch(
-            *collate_with_mismatched(examples, indices, max_seq_len, pad_token_id)
-        ),
-        lambda indices, batch: kto_step_loss(
-            model, reference, batch.rows, batch.twins, hp, len(indices)
-        )[1],
-        where,
-    )
-    metrics = add_stats(totals).metrics()
-    return {
-        "valid_loss" if name == "train_loss" else f"valid_{name}": value
-        for name, value in metrics.items()
-    }

@@ -31,10 +31,8 @@ from torch import nn
 
 from trainer_core import loop
 from trainer_core.logprobs import next_token_logps
-from trainer_core.placement import Placement
 from trainer_core.preference_data import (
     PairBatch,
-    PreferenceExample,
     collate_pairs,
     load_preference,
 )
@@ -54,23 +52,24 @@ OrpoStep = tuple[PairStats, OrpoStats]
 
 @loop.method(OrpoHyperparameters)
 def train(job: loop.Job, hp: OrpoHyperparameters) -> RunResult:
-    base, tokenizer = job.load_base()
-    train_data, valid_data = job.load_splits(load_preference, tokenizer, unit="pairs")
-    examples = train_data.examples
-    model = job.policy(base)
+    model, tokenizer, examples, valid_examples = job.load(load_preference, unit="pairs")
+    pad_token_id = tokenizer.pad_token_id
 
     def collate(indices: list[int]) -> PairBatch:
-        return collate_pairs([examples[i] for i in indices], tokenizer.pad_token_id)
+        return collate_pairs([examples[i] for i in indices], pad_token_id)
 
     run: loop.Run[OrpoStep] = job.start(
         model,
         tokenizer,
         rows=len(examples),
         # Pair- (and NLL token-) weighted over a logging window's steps.
-        summarise=lambda window: orpo_metrics(add_orpo_stats(window), hp.beta),
+        summarise=partial(orpo_metrics, beta=hp.beta),
         validate=job.validation(
-            valid_data,
-            partial(validation_metrics, model, hp=hp, pad_token_id=tokenizer.pad_token_id),
+            valid_examples,
+            model,
+            partial(collate_pairs, pad_token_id=pad_token_id),
+            partial(step_loss, model, hp, 1, 1),  # normalisers of 1: the stats are sums
+            lambda stats: validation_pair_metrics(orpo_metrics(stats, hp.beta)),
         ),
     )
 
@@ -88,11 +87,6 @@ def train(job: loop.Job, hp: OrpoHyperparameters) -> RunResult:
     return run.result()
 
 
-def orpo_metrics(stats: OrpoStep, beta: float) -> dict[str, float]:
-    pairs, orpo = stats
-    return orpo.metrics(pairs, beta)
-
-
 def nll_mask(batch: PairBatch) -> torch.Tensor:
     """(B, T-1) the chosen rows' NLL targets: every real token after the first, prompt
     included (TRL's ORPO labels are the input ids wherever attention is 1)."""
@@ -107,26 +101,15 @@ def step_loss(
     batch: PairBatch,
     share: loop.Share | None = None,
 ) -> tuple[torch.Tensor, OrpoStep]:
-    """A micro-batch (or a rank's share of it), against the whole step's normalisers."""
-    loss, pairs, orpo = pair_loss(model, batch, hp, num_pairs, num_nll_tokens)
-    return loss, (pairs, orpo)
-
-
-def pair_loss(
-    model: nn.Module,
-    batch: PairBatch,
-    hp: OrpoHyperparameters,
-    num_pairs: int,
-    num_nll_tokens: int,
-) -> tuple[torch.Tensor, PairStats, OrpoStats]:
-    """One micro-batch's share of the step's loss, from one forward pass over its 2B rows."""
+    """A micro-batch's (or a rank's share of it) part of the step's loss, against the whole
+    step's normalisers, from one forward pass over its 2B rows."""
     logits = model(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
     ).logits  # (2B, T, V)
     per_token_logps = next_token_logps(logits, batch.input_ids)  # (2B, T-1)
     logps = completion_logps(per_token_logps, batch.completion_mask[:, 1:], average=True)
     policy_chosen_logps, policy_rejected_logps = logps.chunk(2)  # (B,) each
-    return orpo_loss(
+    loss, pairs, orpo = orpo_loss(
         policy_chosen_logps,
         policy_rejected_logps,
         per_token_logps.chunk(2)[0],  # (B, T-1) the chosen rows
@@ -135,29 +118,14 @@ def pair_loss(
         nll_normaliser=num_nll_tokens,
         normaliser=num_pairs,
     )
+    return loss, (pairs, orpo)
 
 
 def add_orpo_stats(stats: Sequence[OrpoStep]) -> OrpoStep:
     return add_stats([pairs for pairs, _ in stats]), add_stats([orpo for _, orpo in stats])
 
 
-def validation_metrics(
-    model: nn.Module,
-    examples: Sequence[PreferenceExample],
-    hp: OrpoHyperparameters,
-    *,
-    pad_token_id: int,
-    where: Placement | None = None,
-) -> dict[str, float]:
-    """The loss and reward accuracy/margin over all ``examples``, in eval mode."""
-    totals = loop.evaluate(
-        model,
-        examples,
-        hp.batch_size,
-        partial(collate_pairs, pad_token_id=pad_token_id),
-        lambda indices, batch: step_loss(
-            model, hp, len(indices), int(nll_mask(batch).sum()), batch
-        )[1],
-        where,
-    )
-    return validation_pair_metrics(orpo_metrics(add_orpo_stats(totals), hp.beta))
+def orpo_metrics(stats: Sequence[OrpoStep], beta: float) -> dict[str, float]:
+    """``OrpoStats.metrics`` over the pairs and NLL tokens of all ``stats``."""
+    pairs, orpo = add_orpo_stats(stats)
+    return orpo.metrics(pairs, beta)

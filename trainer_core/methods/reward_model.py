@@ -38,10 +38,9 @@ from torch import nn
 
 from trainer_core import loop, shared_prompt
 from trainer_core.models import load_tokenizer
-from trainer_core.placement import Placement, enable_gradient_checkpointing
+from trainer_core.placement import enable_gradient_checkpointing
 from trainer_core.preference_data import (
     PairBatch,
-    PreferenceExample,
     collate_pairs,
     load_preference,
     pair_lengths,
@@ -66,14 +65,9 @@ def train(job: loop.Job, hp: RewardModelHyperparameters) -> RunResult:
         trust_remote_code=spec.trust_remote_code,
     )
     enable_gradient_checkpointing(base, spec.resources.gradient_checkpointing)
-    train_data, valid_data = job.load_splits(load_preference, tokenizer, unit="pairs")
-    examples = train_data.examples
+    examples, valid_examples = job.load_splits(load_preference, tokenizer, unit="pairs")
     pad_token_id = tokenizer.pad_token_id
     model = job.policy(base, task_type=TaskType.SEQ_CLS)
-
-    def trained(stats: RewardStats) -> dict[str, float]:
-        metrics = stats.metrics()
-        return {"train_loss": metrics["train_loss"], "train_accuracy": metrics["accuracy"]}
 
     run: loop.Run[RewardStats] = job.start(
         model,
@@ -81,16 +75,13 @@ def train(job: loop.Job, hp: RewardModelHyperparameters) -> RunResult:
         rows=len(examples),
         # Pair-weighted over a logging window's steps (min/max over all of them).
         summarise=lambda window: add_stats(window).metrics(),
-        checkpoint_metrics=trained,
+        checkpoint_metrics=lambda stats: loss_and_accuracy([stats], "train_"),
         validate=job.validation(
-            valid_data,
-            partial(
-                validation_metrics,
-                model,
-                batch_size=hp.batch_size,
-                pad_token_id=pad_token_id,
-                center_rewards_coefficient=hp.center_rewards_coefficient,
-            ),
+            valid_examples,
+            model,
+            partial(collate_pairs, pad_token_id=pad_token_id),
+            partial(step_loss, model, hp.center_rewards_coefficient, 1),  # sums: normaliser 1
+            partial(loss_and_accuracy, prefix="valid_"),
         ),
     )
 
@@ -127,6 +118,12 @@ def step_loss(
     )
 
 
+def loss_and_accuracy(stats: Sequence[RewardStats], prefix: str) -> dict[str, float]:
+    """``<prefix>loss`` and ``<prefix>accuracy``, the pair means over all ``stats``."""
+    metrics = add_stats(stats).metrics()
+    return {f"{prefix}loss": metrics["train_loss"], f"{prefix}accuracy": metrics["accuracy"]}
+
+
 def uses_shared_prompt(model: nn.Module) -> bool:
     """Whether pairs run as one row each: the attention takes a 4D mask and the head is
     ``score`` (transformers' sequence classifiers)."""
@@ -149,29 +146,6 @@ def forward(model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Ten
     return chosen_rewards, rejected_rewards
 
 
-def validation_metrics(
-    model: nn.Module,
-    examples: Sequence[PreferenceExample],
-    *,
-    batch_size: int,
-    pad_token_id: int,
-    center_rewards_coefficient: float = 0.0,
-    where: Placement | None = None,
-) -> dict[str, float]:
-    """Pair-mean loss and accuracy over all ``examples`` (``loop.evaluate``: eval mode, no
-    grad, ``where``'s device and precision)."""
-    totals = loop.evaluate(
-        model,
-        examples,
-        batch_size,
-        partial(collate_pairs, pad_token_id=pad_token_id),
-        lambda _, batch: step_loss(model, center_rewards_coefficient, 1, batch)[1],
-        where,
-    )
-    metrics = add_stats(totals).metrics()
-    return {"valid_loss": metrics["train_loss"], "valid_accuracy": metrics["accuracy"]}
-
-
 def evaluate(
     model_path: str,
     adapter_dir: str | Path | None,
@@ -191,10 +165,11 @@ def evaluate(
     )
     tokenizer = reward_model.tokenizer
     data = load_preference(Path(data_file), tokenizer, max_seq_len)
-    return validation_metrics(
+    return loop.evaluate(
         reward_model.model,
         data.examples,
-        batch_size=batch_size,
-        pad_token_id=tokenizer.pad_token_id,
-        center_rewards_coefficient=center_rewards_coefficient,
+        batch_size,
+        partial(collate_pairs, pad_token_id=tokenizer.pad_token_id),
+        partial(step_loss, reward_model.model, center_rewards_coefficient, 1),
+        partial(loss_and_accuracy, prefix="valid_"),
     )

@@ -31,10 +31,8 @@ import torch
 from torch import nn
 
 from trainer_core import loop, shared_prompt
-from trainer_core.placement import Placement
 from trainer_core.preference_data import (
     PairBatch,
-    PreferenceExample,
     collate_pairs,
     load_preference,
     pair_lengths,
@@ -52,23 +50,24 @@ from trainer_core.specs import SimpoHyperparameters
 
 @loop.method(SimpoHyperparameters)
 def train(job: loop.Job, hp: SimpoHyperparameters) -> RunResult:
-    base, tokenizer = job.load_base()
-    train_data, valid_data = job.load_splits(load_preference, tokenizer, unit="pairs")
-    examples = train_data.examples
-    model = job.policy(base)
+    model, tokenizer, examples, valid_examples = job.load(load_preference, unit="pairs")
+    pad_token_id = tokenizer.pad_token_id
     run: loop.Run[PairStats] = job.start(
         model,
         tokenizer,
         rows=len(examples),
-        summarise=lambda window: add_stats(window).metrics(),  # pair-weighted over the window
+        summarise=pair_metrics,  # pair-weighted over the window
         validate=job.validation(
-            valid_data,
-            partial(validation_metrics, model, hp=hp, pad_token_id=tokenizer.pad_token_id),
+            valid_examples,
+            model,
+            partial(collate_pairs, pad_token_id=pad_token_id),
+            partial(step_loss, model, hp, 1),  # a normaliser of 1: the stats are sums
+            lambda stats: validation_pair_metrics(pair_metrics(stats)),
         ),
     )
 
     def collate(indices: list[int]) -> PairBatch:
-        return collate_pairs([examples[i] for i in indices], tokenizer.pad_token_id)
+        return collate_pairs([examples[i] for i in indices], pad_token_id)
 
     # -- one optimizer step: length-averaged logps of both answers → the margin loss --------
     shared = shared_prompt.supported(model)  # pairs run as one row each (shared_prompt.py)
@@ -88,15 +87,9 @@ def step_loss(
     batch: PairBatch,
     share: loop.Share | None = None,
 ) -> tuple[torch.Tensor, PairStats]:
-    """A micro-batch (or a rank's share of it), against the whole step's pair count."""
-    return pair_loss(model, batch, hp, num_pairs)
-
-
-def pair_loss(
-    model: nn.Module, batch: PairBatch, hp: SimpoHyperparameters, num_pairs: int
-) -> tuple[torch.Tensor, PairStats]:
-    """One micro-batch's share of the step's loss, from one forward pass over its pairs (one
-    row per pair where the attention takes a 4D mask: ``shared_prompt``)."""
+    """A micro-batch's (or a rank's share of it) part of the step's loss, against the whole
+    step's pair count, from one forward pass over its pairs (one row per pair where the
+    attention takes a 4D mask: ``shared_prompt``)."""
     _, logps = forward_logps(model, batch, average=True)  # (2B,) length-averaged
     policy_chosen_logps, policy_rejected_logps = logps.chunk(2)  # (B,) each
     return simpo_loss(
@@ -108,20 +101,6 @@ def pair_loss(
     )
 
 
-def validation_metrics(
-    model: nn.Module,
-    examples: Sequence[PreferenceExample],
-    hp: SimpoHyperparameters,
-    pad_token_id: int,
-    where: Placement | None = None,
-) -> dict[str, float]:
-    """The loss and reward accuracy/margin over all ``examples``, in eval mode."""
-    totals = loop.evaluate(
-        model,
-        examples,
-        hp.batch_size,
-        partial(collate_pairs, pad_token_id=pad_token_id),
-        lambda indices, batch: step_loss(model, hp, len(indices), batch)[1],
-        where,
-    )
-    return validation_pair_metrics(add_stats(totals).metrics())
+def pair_metrics(stats: Sequence[PairStats]) -> dict[str, float]:
+    """``PairStats.metrics`` over the pairs of all ``stats``."""
+    return add_stats(stats).metrics()

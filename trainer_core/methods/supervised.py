@@ -33,7 +33,6 @@ from trainer_core.batching import Batch, collate
 from trainer_core.logprobs import keep_positions, kept_next_token_logps
 from trainer_core.models import load_tokenizer
 from trainer_core.packing import PackedRow, attention_inputs, collate_packed, pack_examples
-from trainer_core.placement import Placement
 from trainer_core.seams import RunResult
 from trainer_core.sft_loss import SftStats, sft_loss
 from trainer_core.specs import SupervisedHyperparameters
@@ -42,34 +41,35 @@ from trainer_core.supervised_data import SupervisedExample, load_supervised
 
 @loop.method(SupervisedHyperparameters)
 def train(job: loop.Job, hp: SupervisedHyperparameters) -> RunResult:
-    base, tokenizer = job.load_base()
-    train_data, valid_data = job.load_splits(
+    model, tokenizer, examples, valid_examples = job.load(
         load_supervised,
-        tokenizer,
+        dropout=True,  # SFT keeps LoRA's dropout, as TRL
         completion_only_loss=hp.completion_only_loss,
         assistant_only_loss=hp.assistant_only_loss,
     )
     pad_token_id = tokenizer.pad_token_id
     # The rows that batches are made of: examples, or bins of them under packing.
-    rows: Sequence[SupervisedExample | PackedRow] = train_data.examples
+    rows: Sequence[SupervisedExample | PackedRow] = examples
     if hp.packing:
-        rows = pack_examples(train_data.examples, job.spec.max_seq_len)
+        rows = pack_examples(examples, job.spec.max_seq_len)
         job.sink.event(
-            f"Packed {len(train_data.examples)} training examples into {len(rows)} rows "
+            f"Packed {len(examples)} training examples into {len(rows)} rows "
             f"of up to {job.spec.max_seq_len} tokens",
-            data={"examples": len(train_data.examples), "rows": len(rows)},
+            data={"examples": len(examples), "rows": len(rows)},
         )
-    model = job.policy(base, dropout=True)  # SFT keeps LoRA's dropout, as TRL
 
     run: loop.Run[SftStats] = job.start(
         model,
         tokenizer,
         rows=len(rows),
-        summarise=lambda window: sft_metrics(add_stats(window), "train_"),
-        checkpoint_metrics=lambda stats: sft_metrics(stats, "train_"),
+        summarise=partial(sft_metrics, prefix="train_"),  # token-weighted over the window
+        checkpoint_metrics=lambda stats: sft_metrics([stats], "train_"),
         validate=job.validation(
-            valid_data,
-            partial(validation_metrics, model, batch_size=hp.batch_size, pad_token_id=pad_token_id),
+            valid_examples,
+            model,
+            partial(collate, pad_token_id=pad_token_id),
+            partial(step_loss, model, 1),  # a normaliser of 1: the stats are sums
+            partial(sft_metrics, prefix="valid_"),
         ),
     )
 
@@ -97,11 +97,13 @@ def step_loss(
     return sft_loss(per_token_logps, batch.completion_mask[:, 1:], token_correct, normaliser)
 
 
-def sft_metrics(stats: SftStats, prefix: str) -> dict[str, float]:
-    """``<prefix>loss`` (the token mean of the NLL) and ``<prefix>mean_token_accuracy``."""
+def sft_metrics(stats: Sequence[SftStats], prefix: str) -> dict[str, float]:
+    """``<prefix>loss`` (the token mean of the NLL) and ``<prefix>mean_token_accuracy`` over
+    the tokens of all ``stats``."""
+    total = add_stats(stats)
     return {
-        f"{prefix}loss": float(stats.nll_sum) / max(1, int(stats.num_tokens)),
-        f"{prefix}mean_token_accuracy": stats.mean_token_accuracy,
+        f"{prefix}loss": float(total.nll_sum) / max(1, int(total.num_tokens)),
+        f"{prefix}mean_token_accuracy": total.mean_token_accuracy,
     }
 
 
@@ -135,27 +137,6 @@ def add_stats(stats: Sequence[SftStats]) -> SftStats:
     )
 
 
-def validation_metrics(
-    model: nn.Module,
-    examples: Sequence[SupervisedExample],
-    *,
-    batch_size: int,
-    pad_token_id: int,
-    where: Placement | None = None,
-) -> dict[str, float]:
-    """Token-weighted loss and accuracy over all ``examples``, in eval mode (no dropout), on
-    ``where``'s device and in its precision (the CPU in fp32 by default)."""
-    totals = loop.evaluate(
-        model,
-        examples,
-        batch_size,
-        partial(collate, pad_token_id=pad_token_id),
-        lambda _, batch: step_loss(model, 1, batch)[1],
-        where,
-    )
-    return sft_metrics(add_stats(totals), "valid_")
-
-
 def evaluate(
     model_path: str,
     adapter_dir: str | None,
@@ -177,6 +158,11 @@ def evaluate(
         model_path, adapter_dir, allow_hub=allow_hub, trust_remote_code=trust_remote_code
     )
     data = load_supervised(Path(data_file), tokenizer, max_seq_len)
-    return validation_metrics(
-        model, data.examples, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id
+    return loop.evaluate(
+        model,
+        data.examples,
+        batch_size,
+        partial(collate, pad_token_id=tokenizer.pad_token_id),
+        partial(step_loss, model, 1),
+        partial(sft_metrics, prefix="valid_"),
     )
