@@ -39,19 +39,9 @@ from trainer_core import loop, shared_prompt
 from trainer_core.adapters import load_trained
 from trainer_core.dpo_losses import DpoStats, add_dpo_stats, combined_dpo_loss
 from trainer_core.models import load_model, load_tokenizer
-from trainer_core.preference_data import (
-    PairBatch,
-    collate_pairs,
-    load_preference,
-    pair_lengths,
-)
+from trainer_core.preference_data import PairBatch, collate_pairs, load_preference, pair_lengths
 from trainer_core.preference_losses import validation_pair_metrics
-from trainer_core.reference import (
-    Reference,
-    ReferenceModel,
-    forward_logps,
-    precompute,
-)
+from trainer_core.reference import Reference, ReferenceModel, forward_logps, precompute
 from trainer_core.seams import RunResult
 from trainer_core.specs import DpoHyperparameters
 
@@ -133,12 +123,12 @@ def step_loss(
         ref_rejected_logps,
         per_token_logps.chunk(2)[0],
         *mask.chunk(2),
+        num_pairs=num_pairs,
+        num_chosen_tokens=num_chosen_tokens,
         loss_types=hp.loss_type,
         loss_weights=hp.loss_weights,
         beta=hp.beta,
         label_smoothing=hp.label_smoothing,
-        num_pairs=num_pairs,
-        num_chosen_tokens=num_chosen_tokens,
     )
 
 

@@ -139,6 +139,41 @@ class KtoBatch:
         return self.rows.completion_mask
 
 
+def collate_with_mismatched(
+    examples: Sequence[UnpairedExample], indices: Sequence[int], max_seq_len: int, pad: int
+) -> tuple[UnpairedBatch, UnpairedBatch]:
+    """The batch of the rows ``indices``, and the batch of their ``mismatched`` twins."""
+    rows = [examples[i] for i in indices]
+    return collate_unpaired(rows, pad), collate_unpaired(
+        mismatched(examples, indices, max_seq_len), pad
+    )
+
+
+def mismatched(
+    examples: Sequence[UnpairedExample], indices: Sequence[int], max_seq_len: int
+) -> list[UnpairedExample]:
+    """The mismatched twins of the rows ``indices``: row i's prompt with row i−1's
+    completion, the first taking the last's (TRL's rotation), cut to ``max_seq_len``.
+
+    Only an epoch's last micro-batch can hold a single row; rotating it would give the row
+    itself, so it borrows the completion of the example after it (in file order) instead.
+    """
+    rows = [examples[i] for i in indices]
+    if len(rows) > 1:
+        donors = [rows[-1], *rows[:-1]]
+    else:
+        donors = [examples[(indices[0] + 1) % len(examples)]]
+    return [
+        UnpairedExample(
+            row.prompt_ids,
+            donor.completion_ids[: max_seq_len - len(row.prompt_ids)],
+            row.label,
+            row.line,
+        )
+        for row, donor in zip(rows, donors, strict=True)
+    ]
+
+
 def step_loss(
     model: nn.Module,
     reference: ReferenceModel,
@@ -179,41 +214,6 @@ def step_loss(
             stats, kl_sum=torch.zeros_like(stats.kl_sum), num_batches=torch.tensor(0)
         )
     return loss, stats
-
-
-def collate_with_mismatched(
-    examples: Sequence[UnpairedExample], indices: Sequence[int], max_seq_len: int, pad: int
-) -> tuple[UnpairedBatch, UnpairedBatch]:
-    """The batch of the rows ``indices``, and the batch of their ``mismatched`` twins."""
-    rows = [examples[i] for i in indices]
-    return collate_unpaired(rows, pad), collate_unpaired(
-        mismatched(examples, indices, max_seq_len), pad
-    )
-
-
-def mismatched(
-    examples: Sequence[UnpairedExample], indices: Sequence[int], max_seq_len: int
-) -> list[UnpairedExample]:
-    """The mismatched twins of the rows ``indices``: row i's prompt with row i−1's
-    completion, the first taking the last's (TRL's rotation), cut to ``max_seq_len``.
-
-    Only an epoch's last micro-batch can hold a single row; rotating it would give the row
-    itself, so it borrows the completion of the example after it (in file order) instead.
-    """
-    rows = [examples[i] for i in indices]
-    if len(rows) > 1:
-        donors = [rows[-1], *rows[:-1]]
-    else:
-        donors = [examples[(indices[0] + 1) % len(examples)]]
-    return [
-        UnpairedExample(
-            row.prompt_ids,
-            donor.completion_ids[: max_seq_len - len(row.prompt_ids)],
-            row.label,
-            row.line,
-        )
-        for row, donor in zip(rows, donors, strict=True)
-    ]
 
 
 def valid_metrics(stats: Sequence[KtoStats]) -> dict[str, float]:

@@ -31,11 +31,7 @@ from torch import nn
 
 from trainer_core import loop
 from trainer_core.logprobs import next_token_logps
-from trainer_core.preference_data import (
-    PairBatch,
-    collate_pairs,
-    load_preference,
-)
+from trainer_core.preference_data import PairBatch, collate_pairs, load_preference
 from trainer_core.preference_losses import (
     OrpoStats,
     PairStats,
@@ -99,7 +95,7 @@ def step_loss(
     num_pairs: int,
     num_nll_tokens: int,
     batch: PairBatch,
-    share: loop.Share | None = None,
+    share: loop.Share,
 ) -> tuple[torch.Tensor, OrpoStep]:
     """A micro-batch's (or a rank's share of it) part of the step's loss, against the whole
     step's normalisers, from one forward pass over its 2B rows."""

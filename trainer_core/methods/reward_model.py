@@ -39,12 +39,7 @@ from torch import nn
 from trainer_core import loop, shared_prompt
 from trainer_core.models import load_tokenizer
 from trainer_core.placement import enable_gradient_checkpointing
-from trainer_core.preference_data import (
-    PairBatch,
-    collate_pairs,
-    load_preference,
-    pair_lengths,
-)
+from trainer_core.preference_data import PairBatch, collate_pairs, load_preference, pair_lengths
 from trainer_core.preference_losses import RewardStats, add_stats, bradley_terry_loss
 from trainer_core.reward_models import RewardModel, load_reward_base
 from trainer_core.seams import RunResult
@@ -105,7 +100,7 @@ def step_loss(
     center_rewards_coefficient: float,
     pairs_in_step: int,
     batch: PairBatch,
-    share: loop.Share | None = None,
+    share: loop.Share,
 ) -> tuple[torch.Tensor, RewardStats]:
     """A micro-batch's (or a rank's share of it) Bradley–Terry loss of its pairs."""
     chosen_rewards, rejected_rewards = forward(model, batch)  # (B,) each

@@ -31,18 +31,8 @@ import torch
 from torch import nn
 
 from trainer_core import loop, shared_prompt
-from trainer_core.preference_data import (
-    PairBatch,
-    collate_pairs,
-    load_preference,
-    pair_lengths,
-)
-from trainer_core.preference_losses import (
-    PairStats,
-    add_stats,
-    simpo_loss,
-    validation_pair_metrics,
-)
+from trainer_core.preference_data import PairBatch, collate_pairs, load_preference, pair_lengths
+from trainer_core.preference_losses import PairStats, add_stats, simpo_loss, validation_pair_metrics
 from trainer_core.reference import forward_logps
 from trainer_core.seams import RunResult
 from trainer_core.specs import SimpoHyperparameters
@@ -81,11 +71,7 @@ def train(job: loop.Job, hp: SimpoHyperparameters) -> RunResult:
 
 
 def step_loss(
-    model: nn.Module,
-    hp: SimpoHyperparameters,
-    num_pairs: int,
-    batch: PairBatch,
-    share: loop.Share | None = None,
+    model: nn.Module, hp: SimpoHyperparameters, num_pairs: int, batch: PairBatch, share: loop.Share
 ) -> tuple[torch.Tensor, PairStats]:
     """A micro-batch's (or a rank's share of it) part of the step's loss, against the whole
     step's pair count, from one forward pass over its pairs (one row per pair where the

@@ -90,7 +90,7 @@ def train(job: loop.Job, hp: SupervisedHyperparameters) -> RunResult:
 
 
 def step_loss(
-    model: nn.Module, normaliser: int, batch: Batch, share: loop.Share | None = None
+    model: nn.Module, normaliser: int, batch: Batch, share: loop.Share
 ) -> tuple[torch.Tensor, SftStats]:
     """A micro-batch's (or a rank's share of it) NLL over the step's ``normaliser`` tokens."""
     per_token_logps, token_correct = forward(model, batch)  # (B, T-1) each
