@@ -2,7 +2,7 @@
 
 Each returns ``(loss, stats)``: the scalar loss (with grad) and detached *sums* over the
 micro-batch (never means), so the stats of a step's micro-batches add up with ``add_stats``
-and are divided once when a metric is reported, as ``losses.SftStats`` are.
+and are divided once when a metric is reported, as ``sft_loss.SftStats`` are.
 
 Every loss takes a ``normaliser``: the number of examples (or tokens) of the whole optimizer
 step, not of the micro-batch. Summing the micro-batch losses of a step then gives the mean

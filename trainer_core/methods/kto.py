@@ -155,8 +155,9 @@ def mismatched(
     """The mismatched twins of the rows ``indices``: row i's prompt with row i−1's
     completion, the first taking the last's (TRL's rotation), cut to ``max_seq_len``.
 
-    Only an epoch's last micro-batch can hold a single row; rotating it would give the row
-    itself, so it borrows the completion of the example after it (in file order) instead.
+    Only the last batch of an epoch or of a validation pass can hold a single row; rotating
+    it would give the row itself, so it borrows the completion of the example after it (in
+    file order) instead.
     """
     rows = [examples[i] for i in indices]
     if len(rows) > 1:
