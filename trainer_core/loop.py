@@ -350,32 +350,23 @@ class Run(Generic[S]):
 
     # -- the steps ---------------------------------------------------------------------------
 
-    def steps(
-        self,
-        n_rows: int | None = None,
-        *,
-        lengths: Sequence[int] | None = None,
-        gradient_accumulation_steps: int | None = None,
-        steps_per_item: int | None = None,
-    ) -> Iterator[Step]:
+    def steps(self, *, lengths: Sequence[int] | None = None) -> Iterator[Step]:
         """Each optimizer step's micro-batches (lists of row indices) of every epoch left.
 
-        The plan of an epoch is ``batching.epoch_steps`` (seeded by the run's seed and the
-        epoch, length-grouped by ``lengths``). Before each step: skip it if a resumed run took
-        it already, and stop, keeping a checkpoint, if any rank was asked to. After it: a
-        checkpoint every ``checkpoint_every`` steps, or at the end of every epoch without one.
+        The plan of an epoch is ``batching.epoch_steps`` over the run's ``rows`` (seeded by
+        the run's seed and the epoch, length-grouped by ``lengths``). Before each step: skip
+        it if a resumed run took it already, and stop, keeping a checkpoint, if any rank was
+        asked to. After it: a checkpoint every ``checkpoint_every`` steps, or at the end of
+        every epoch without one.
 
-        ``steps_per_item``: an item that takes several optimizer steps (an online method's
-        rollout, trained on ``num_iterations`` times). Its steps are then counted by the item,
-        and checkpoints and stops fall between items.
+        With ``steps_per_item`` > 1 (``Job.start``) an item takes several optimizer steps (an
+        online method's rollout, trained on ``num_iterations`` times): its steps are counted
+        by the item, and checkpoints and stops fall between items.
         """
         hp = self.spec.hyperparameters
         every = self.spec.checkpoint_every
-        n_rows = n_rows if n_rows is not None else self.rows
-        steps_per_item = steps_per_item or self.steps_per_item
-        accumulation = (
-            gradient_accumulation_steps or self.accumulation or hp.gradient_accumulation_steps
-        )
+        n_rows, steps_per_item = self.rows, self.steps_per_item
+        accumulation = self.accumulation or hp.gradient_accumulation_steps
         for epoch in range(self.start.epoch if self.start else 0, hp.n_epochs):
             plan = epoch_steps(
                 n_rows,
