@@ -1,12 +1,14 @@
-"""The worker's claim on Postgres: a job runs at most once however often it is delivered."""
+"""The worker's claim and sweep on Postgres: a job runs at most once however often it is
+delivered, and exactly one sweeping worker takes back a job whose worker went silent."""
 
 from __future__ import annotations
 
-from api.models import Job, now
+from api.models import Job, JobEvent, now
 from api.services import Services
 from api.settings import Settings
 from tests.conftest import insert_job
 from worker.execution import claim, execute, pending_jobs
+from worker.recovery import requeue_lost, sweep
 
 
 def test_second_delivery_claims_nothing(pg_settings: Settings) -> None:
@@ -14,6 +16,7 @@ def test_second_delivery_claims_nothing(pg_settings: Settings) -> None:
     job_id = insert_job(services.sessions)
     first = claim(services, job_id, "worker-a")
     assert first is not None and first.status == "running" and first.worker == "worker-a"
+    assert first.attempts == 1
     assert claim(services, job_id, "worker-b") is None
     # execute() on an already-claimed job returns without touching it.
     assert execute(services, job_id, "worker-b") is None
@@ -27,13 +30,65 @@ def test_cancelled_or_finished_jobs_are_never_claimed(pg_settings: Settings) -> 
         assert claim(services, insert_job(services.sessions, status=status), "w") is None
 
 
-def test_a_silent_running_job_can_be_claimed_again(pg_settings: Settings) -> None:
+def test_a_silent_running_job_is_requeued_by_one_sweeper_then_claimed(
+    pg_settings: Settings,
+) -> None:
     services = Services.build(pg_settings)
-    stale = insert_job(
-        services.sessions, status="running", heartbeat_at=now() - pg_settings.stale_heartbeat_s - 5
+    old = now() - int(pg_settings.stale_heartbeat_s) - 5
+    stale = insert_job(services.sessions, status="running", heartbeat_at=old, attempts=1)
+    fresh = insert_job(services.sessions, status="running", heartbeat_at=now(), attempts=1)
+    # A running job is never claimed by a delivery, stale or not: the sweep decides.
+    assert claim(services, stale, "w") is None and claim(services, fresh, "w") is None
+    sweep(services)
+    # A second sweeper (or the same one again) finds nothing left to take.
+    assert requeue_lost(services, stale, "again") is None
+    with services.sessions() as session:
+        job = session.get_one(Job, stale)
+        assert job.status == "queued" and job.attempts == 1
+        assert job.last_error is not None and "no heartbeat" in job.last_error
+        assert session.get_one(Job, fresh).status == "running"
+        assert session.query(JobEvent).filter_by(job_id=stale).count() == 1
+    assert stale in pending_jobs(services) and fresh not in pending_jobs(services)
+    again = claim(services, stale, "w")
+    assert again is not None and again.attempts == 2
+
+
+def test_a_job_out_of_attempts_fails_with_worker_lost(pg_settings: Settings) -> None:
+    services = Services.build(pg_settings)
+    old = now() - int(pg_settings.stale_heartbeat_s) - 5
+    job_id = insert_job(
+        services.sessions,
+        status="running",
+        heartbeat_at=old,
+        attempts=pg_settings.max_attempts,
+        worker="celery@gone",
     )
-    fresh = insert_job(services.sessions, status="running", heartbeat_at=now())
-    pending = pending_jobs(services)
-    assert stale in pending and fresh not in pending
-    assert claim(services, fresh, "w") is None
-    assert claim(services, stale, "w") is not None
+    assert requeue_lost(services, job_id, "no heartbeat from celery@gone") == "failed"
+    with services.sessions() as session:
+        job = session.get_one(Job, job_id)
+    assert job.status == "failed" and job.finished_at is not None
+    assert job.error is not None and job.error["code"] == "worker_lost"
+    assert "no heartbeat from celery@gone" in job.error["message"]
+
+
+def test_a_lost_job_its_owner_was_stopping_ends_as_asked(pg_settings: Settings) -> None:
+    services = Services.build(pg_settings)
+    old = now() - int(pg_settings.stale_heartbeat_s) - 5
+    pausing = insert_job(
+        services.sessions,
+        status="running",
+        heartbeat_at=old,
+        attempts=1,
+        cancel_requested=True,
+        substatus="pausing",
+    )
+    cancelling = insert_job(
+        services.sessions,
+        status="running",
+        heartbeat_at=old,
+        attempts=1,
+        cancel_requested=True,
+        substatus="cancelling",
+    )
+    assert requeue_lost(services, pausing, "lost") == "paused"
+    assert requeue_lost(services, cancelling, "lost") == "cancelled"
