@@ -12,7 +12,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
-from sqlalchemy import ColumnElement, delete, func, select, update
+from sqlalchemy import ColumnElement, delete, select, update
 
 import trainer_core
 from api import webhooks
@@ -48,7 +48,7 @@ def claim(services: Services, job_id: str, worker: str) -> Job | None:
             .where(claimable())
             .values(
                 status="running",
-                started_at=func.coalesce(Job.started_at, now()),
+                started_at=now(),
                 heartbeat_at=now(),
                 worker=worker,
                 substatus=None,
@@ -251,6 +251,11 @@ def execute(
     workdir = services.settings.work_dir / job_id
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
+    settings = services.settings
+    lease = Lease(services.sessions, job_id, job.attempts, settings.db_retry_s)
+    # The heart beats from the claim on: fetching a large file or a reward model may take
+    # longer than the stale threshold.
+    beat = Beat(lease, settings.heartbeat_s).start()
     try:
         train_path = fetch_file(services, job.owner, job.training_file, workdir / "train.jsonl")
         valid_path = (
@@ -266,29 +271,28 @@ def execute(
         if resume_from:
             resume_dir = fetch_checkpoint(services, resume_from, workdir / "resume")
         spec = build_spec(services, job, train_path, valid_path, resume_dir)
-        settings = services.settings
-        lease = Lease(services.sessions, job_id, job.attempts, settings.db_retry_s)
+        lease.check()
         result: RunResult | None
-        with Beat(lease, settings.heartbeat_s):
-            if spec.resources.distributed or device_kind == "cuda":
-                # Its own processes: several ranks, DeepSpeed, or GPUs pinned to this job.
-                result = launch.run_group(
-                    spec,
-                    job_id=job_id,
-                    owner=job.owner,
-                    attempt=job.attempts,
-                    workdir=workdir,
-                    should_stop=StopFlag(lease),
-                    devices=devices,
-                    device_kind=device_kind,
-                )
-            else:
-                result = trainer_core.run(
-                    spec,
-                    DatabaseSink(lease, job.owner),
-                    ArtifactCheckpointStore(lease, services.artifacts, job.owner),
-                    StopFlag(lease),
-                )
+        if spec.resources.distributed or device_kind == "cuda":
+            # Its own processes: several ranks, DeepSpeed, or GPUs pinned to this job.
+            result = launch.run_group(
+                spec,
+                job_id=job_id,
+                owner=job.owner,
+                attempt=job.attempts,
+                workdir=workdir,
+                should_stop=StopFlag(lease),
+                devices=devices,
+                device_kind=device_kind,
+            )
+        else:
+            result = trainer_core.run(
+                spec,
+                DatabaseSink(lease, job.owner),
+                ArtifactCheckpointStore(lease, services.artifacts, job.owner),
+                StopFlag(lease),
+            )
+        beat.stop()
         status = "cancelled" if result is None or result.status == "stopped" else "succeeded"
         finish(services, job_id, status, result=result, attempt=job.attempts)
         if result is not None:
@@ -319,6 +323,7 @@ def execute(
         )
         return "failed"
     finally:
+        beat.stop()
         shutil.rmtree(workdir, ignore_errors=True)
         logs.close()
 

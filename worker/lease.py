@@ -138,14 +138,16 @@ class Beat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="alignd-heartbeat", daemon=True)
 
-    def __enter__(self) -> Beat:
+    def start(self) -> Beat:
         self._thread.start()
         return self
 
-    def __exit__(self, *_exc: object) -> None:
+    def stop(self) -> None:
+        """Stop beating (the job is ending: its end is recorded next). Idempotent."""
         self._stop.set()
-        # A beat still retrying is fenced: once the job has ended it changes nothing.
-        self._thread.join(timeout=1)
+        if self._thread.is_alive():
+            # A beat still retrying is fenced: once the job has ended it changes nothing.
+            self._thread.join(timeout=1)
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):
