@@ -39,7 +39,7 @@ def test_a_silent_running_job_is_requeued_by_one_sweeper_then_claimed(
     fresh = insert_job(services.sessions, status="running", heartbeat_at=now(), attempts=1)
     # A running job is never claimed by a delivery, stale or not: the sweep decides.
     assert claim(services, stale, "w") is None and claim(services, fresh, "w") is None
-    sweep(services)
+    sweep(services, [pg_settings.default_queue])
     # A second sweeper (or the same one again) finds nothing left to take.
     assert requeue_lost(services, stale, "again") is None
     with services.sessions() as session:

@@ -127,12 +127,12 @@ _sweeper: Any = None
 
 
 @signals.worker_ready.connect
-def start_sweeper(**_kwargs: Any) -> None:
+def start_sweeper(sender: Any = None, **_kwargs: Any) -> None:
     """Every live worker sweeps for jobs that lost their worker or their broker message
     (worker/recovery.py), from its parent process, beside the pool: recovery never waits for
     a worker to restart, nor for a free pool process."""
     global _sweeper
-    _sweeper = recovery.Sweeper(services()).start()
+    _sweeper = recovery.Sweeper(services(), _consumed_queues(sender)).start()
 
 
 _heartbeat: Any = None

@@ -7,8 +7,8 @@ broker message, and hands them back to the queue (docs/operations.md, "Jobs surv
   ``queued`` (or ends it: ``worker_lost`` once ``max_attempts`` workers have started it; or
   ``cancelled``/``paused`` when its owner had asked for that), and sends it to its queue. The
   worker that claims it resumes it from its last checkpoint (``execution.recovery_point``).
-- A ``queued`` job neither handed to the broker nor seen by a worker for that long may have
-  lost its message (a broker restarted without persistence): one sweeping worker wins the
+- A ``queued`` job of the sweeping worker's queues neither handed to the broker nor seen by
+  a worker for that long may have lost its message (a broker restarted without persistence): one sweeping worker wins the
   update of its ``heartbeat_at`` and sends it again. A duplicate is harmless: the claim lets
   one delivery run it.
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+from collections.abc import Collection
 
 from sqlalchemy import or_, select, update
 
@@ -134,8 +135,10 @@ def resend_queued(services: Services, job_id: str, seen: int | None) -> bool:
     return True
 
 
-def sweep(services: Services) -> None:
-    """One pass: requeue running jobs with a stale heartbeat, re-send forgotten queued ones."""
+def sweep(services: Services, queues: Collection[str]) -> None:
+    """One pass: requeue running jobs with a stale heartbeat, re-send forgotten queued ones of
+    ``queues`` (the sweeping worker's own: a queue no live worker consumes gets no copies
+    piling up in the broker; its jobs are re-sent once a worker for it sweeps)."""
     settings = services.settings
     stale_before = now() - int(settings.stale_heartbeat_s)
     with services.sessions() as session:
@@ -148,7 +151,7 @@ def sweep(services: Services) -> None:
             )
         ).all()
         forgotten = session.execute(
-            select(Job.id, Job.heartbeat_at).where(
+            select(Job.id, Job.heartbeat_at, Job.extensions).where(
                 Job.status == "queued",
                 or_(
                     Job.heartbeat_at < stale_before,
@@ -162,7 +165,9 @@ def sweep(services: Services) -> None:
             requeue_lost(services, job_id, f"no heartbeat from {worker or 'its worker'} for {age}")
         except Exception:  # the broker is away: the job is queued, the next sweep re-sends it
             log.exception("sweep: could not requeue job %s", job_id)
-    for job_id, seen in forgotten:
+    for job_id, seen, extensions in forgotten:
+        if job_queue(settings, extensions) not in queues:
+            continue
         try:
             resend_queued(services, job_id, seen)
         except Exception:
@@ -182,8 +187,9 @@ class Sweeper:
     """A daemon thread in the worker's parent process: ``sweep`` at once, then every
     ``sweep_interval_s`` times a random 0.75-1.25 (workers started together drift apart)."""
 
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, queues: Collection[str]) -> None:
         self.services = services
+        self.queues = frozenset(queues)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="alignd-sweep", daemon=True)
 
@@ -199,7 +205,7 @@ class Sweeper:
         interval = self.services.settings.sweep_interval_s
         while True:
             try:
-                sweep(self.services)
+                sweep(self.services, self.queues)
             except Exception:  # the database or the broker is away: try again next time
                 log.exception("sweep failed")
             if self._stop.wait(interval * random.uniform(0.75, 1.25)):

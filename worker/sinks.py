@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from api import webhooks
@@ -55,6 +55,11 @@ class DatabaseSink:
         eta = self._eta(step)
 
         def record(session: Session) -> None:
+            # A retried write whose first commit did land (the connection broke while the
+            # server answered) must not leave the step twice.
+            session.execute(
+                delete(JobMetric).where(JobMetric.job_id == self.job_id, JobMetric.step == step)
+            )
             session.add(
                 JobMetric(
                     job_id=self.job_id, owner=self.owner, created_at=now(), step=step, values=clean
