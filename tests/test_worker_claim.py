@@ -1,14 +1,24 @@
-"""The worker's claim and sweep on Postgres: a job runs at most once however often it is
-delivered, and exactly one sweeping worker takes back a job whose worker went silent."""
+"""The worker's claim, sweep and lease on Postgres: a job runs at most once however often it
+is delivered, exactly one sweeping worker takes back a job whose worker went silent, and the
+attempt that lost it writes nothing more."""
 
 from __future__ import annotations
 
-from api.models import Job, JobEvent, now
+import time
+
+import pytest
+from sqlalchemy import select
+
+from alignd.processes import free_port
+from api.db import make_engine, make_sessionmaker
+from api.models import Job, JobEvent, JobMetric, now
 from api.services import Services
 from api.settings import Settings
 from tests.conftest import insert_job
 from worker.execution import claim, execute, pending_jobs
+from worker.lease import DatabaseUnavailable, Lease, LostClaim
 from worker.recovery import requeue_lost, sweep
+from worker.sinks import DatabaseSink
 
 
 def test_second_delivery_claims_nothing(pg_settings: Settings) -> None:
@@ -92,3 +102,47 @@ def test_a_lost_job_its_owner_was_stopping_ends_as_asked(pg_settings: Settings) 
     )
     assert requeue_lost(services, pausing, "lost") == "paused"
     assert requeue_lost(services, cancelling, "lost") == "cancelled"
+
+
+def test_a_lease_whose_job_was_taken_writes_nothing(pg_settings: Settings) -> None:
+    services = Services.build(pg_settings)
+    job_id = insert_job(services.sessions)
+    job = claim(services, job_id, "w")
+    assert job is not None
+    lease = Lease(services.sessions, job_id, job.attempts, retry_s=1)
+    DatabaseSink(lease, job.owner).metrics(1, {"train_loss": 1.0})
+    # The sweep takes the job back (its worker looked lost) and another worker claims it.
+    with services.sessions() as session, session.begin():
+        session.get_one(Job, job_id).heartbeat_at = 0
+    assert requeue_lost(services, job_id, "silent") == "queued"
+    assert claim(services, job_id, "w2") is not None
+    with pytest.raises(LostClaim):
+        DatabaseSink(lease, job.owner).metrics(2, {"train_loss": 0.5})
+    with services.sessions() as session:
+        steps = session.scalars(select(JobMetric.step).where(JobMetric.job_id == job_id)).all()
+    assert steps == [1]
+
+
+def test_a_lease_gives_up_on_an_unreachable_database_within_its_budget(
+    pg_settings: Settings,
+) -> None:
+    # Nothing listens on this port: every connection attempt fails at once.
+    gone = Settings(
+        data_dir=pg_settings.data_dir,
+        database_url=f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/postgres",
+    )
+    engine = make_engine(gone)
+    try:
+        lease = Lease(make_sessionmaker(engine), "ftjob-x", 1, retry_s=1.5)
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnavailable, match="unreachable for 2 s"):
+            lease.beat()
+        # Retried for the budget (with backoff), then gave up: not at once, not forever.
+        assert 1.5 <= time.monotonic() - started < 8
+    finally:
+        engine.dispose()
+
+
+def test_a_stale_threshold_within_the_retry_budget_is_refused() -> None:
+    with pytest.raises(ValueError, match="ALIGND_STALE_HEARTBEAT_S must exceed"):
+        Settings(stale_heartbeat_s=30, db_retry_s=30, heartbeat_s=5)
