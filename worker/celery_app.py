@@ -64,7 +64,9 @@ class JobRequest(Request):
     ) -> None:
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
         lost = lost_child(exc_info)
-        if lost is None or not self.args or self._already_revoked:
+        # A child killed by our own revoke or cancel is not a lost worker.
+        stopped = self._already_revoked or getattr(self, "_already_cancelled", False)
+        if lost is None or not self.args or stopped:
             return
         from worker.recovery import requeue_lost
 
