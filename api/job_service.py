@@ -289,6 +289,11 @@ def resume_job(session: Session, owner: str, job_id: str) -> Job:
     job.status = "queued"
     job.substatus = None
     job.cancel_requested = False
+    # A fresh run for crash recovery: its own attempts (worker/recovery.py), and sent to the
+    # broker now (the sweep re-sends a queued job unseen for ALIGND_STALE_HEARTBEAT_S).
+    job.attempts = 0
+    job.last_error = None
+    job.heartbeat_at = now()
     job.error = None
     job.finished_at = None
     job.estimated_finish = None

@@ -110,7 +110,15 @@ class Job(Base):
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     result_files: Mapped[list[str]] = mapped_column(JSON, default=list)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Running: the last beat of the process training it (docs/operations.md, "Jobs survive
+    # faults"). Queued: when it was last handed to the broker or seen by a worker, so that the
+    # sweep can re-send a job whose message was lost.
     heartbeat_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # Workers that have started the job since its owner last queued it (created or resumed);
+    # also the fence of the running attempt: a process whose attempt is no longer the job's
+    # writes nothing more (worker/lease.py). How the last worker was lost, if one was.
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     worker: Mapped[str | None] = mapped_column(String(256), nullable=True)
     step: Mapped[int | None] = mapped_column(Integer, nullable=True)
     total_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)

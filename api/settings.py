@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from trainer_core import outbound
@@ -41,13 +41,28 @@ class Settings(BaseSettings):
 
     # Celery queue the API sends jobs to and the worker listens on.
     default_queue: str = "default"
-    # Redis re-delivers an unacked message after this long; a job may run longer than this
-    # only because the claim refuses a second run of a job whose heartbeat is fresh.
-    broker_visibility_timeout_s: int = 12 * 3600
+    # Redis re-delivers an unacked message after this long. Recovery never waits for it (the
+    # sweep below re-sends lost jobs within a minute); a re-delivery is a duplicate the claim
+    # refuses. It must exceed slot_retry_s (a countdown message is held unacked until due), and
+    # longer than most jobs keeps those duplicates rare (docs/operations.md, "Jobs survive
+    # faults").
+    broker_visibility_timeout_s: int = Field(12 * 3600, gt=0)
     # The filesystem broker polls its folder; 1 s (kombu's default) adds a second to every hand-off.
     broker_polling_interval_s: float = 0.05
-    # A running job whose heartbeat is older than this may be claimed again (its worker died).
-    stale_heartbeat_s: int = 600
+    # Jobs survive faults (docs/operations.md). The process training a job beats every
+    # heartbeat_s; a running job whose beat is older than stale_heartbeat_s has lost its
+    # worker, and a queued one not handed to the broker (nor seen by a worker) for that long
+    # has lost its message. Every worker sweeps for both every sweep_interval_s (times a
+    # random 0.75-1.25, so that workers do not sweep in step). A lost job is queued again
+    # to resume from its last checkpoint, until max_attempts workers have started it; then
+    # it fails with worker_lost. The worker's writes (metrics, events, heartbeats) retry for
+    # db_retry_s, then the training process stops itself: that must happen before anyone may
+    # resume the job, hence db_retry_s + heartbeat_s < stale_heartbeat_s.
+    heartbeat_s: float = Field(5.0, gt=0)
+    stale_heartbeat_s: float = Field(60.0, gt=0)
+    sweep_interval_s: float = Field(15.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    db_retry_s: float = Field(30.0, gt=0)
 
     # Worker registry (the ``workers`` table). A worker counts as known to the API (its
     # capabilities are checked at job creation, its queues count as served) while its row was
@@ -110,6 +125,16 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 8 * 1024 * 1024 * 1024
     upload_chunk_bytes: int = 1024 * 1024
     torch_threads: int | None = None
+
+    @model_validator(mode="after")
+    def _stale_after_retries(self) -> Settings:
+        if self.db_retry_s + self.heartbeat_s >= self.stale_heartbeat_s:
+            raise ValueError(
+                "ALIGND_STALE_HEARTBEAT_S must exceed ALIGND_DB_RETRY_S + ALIGND_HEARTBEAT_S: a "
+                "worker that cannot reach the database must have stopped its job before "
+                "another worker may resume it"
+            )
+        return self
 
     @field_validator("webhook_allowed_hosts", mode="after")
     @classmethod

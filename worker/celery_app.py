@@ -12,6 +12,7 @@ import os
 import socket
 from typing import Any
 
+from billiard.einfo import ExceptionWithTraceback
 from billiard.exceptions import WorkerLostError
 from celery import Task, signals
 from celery.worker.request import Request
@@ -19,7 +20,7 @@ from celery.worker.request import Request
 from api.queue import RUN_JOB_TASK, make_celery
 from api.services import Services
 from api.settings import load_settings
-from worker import slots
+from worker import recovery, slots
 
 log = logging.getLogger("alignd.worker")
 
@@ -40,19 +41,42 @@ def services() -> Services:
     return _services[1]
 
 
+def lost_child(exc_info: Any) -> BaseException | None:
+    """The error when the pool child running a task died (else None). Celery hands the
+    parent an ``ExceptionInfo`` whose ``exception`` is the ``WorkerLostError`` wrapped in an
+    ``ExceptionWithTraceback`` (celery/worker/request.py unwraps it the same way); with
+    billiard >= 4.3 the child's exit may also arrive as ``SystemExit``."""
+    exc = getattr(exc_info, "exception", None)
+    if isinstance(exc, ExceptionWithTraceback):
+        exc = exc.exc
+    if isinstance(exc, WorkerLostError | SystemExit | KeyboardInterrupt):
+        return exc
+    return None
+
+
 class JobRequest(Request):
-    """Runs in the worker's parent: if the child running a job dies, fail the job clearly."""
+    """Runs in the worker's parent: if the child running a job dies, requeue the job at once
+    to resume from its last checkpoint (worker/recovery.py), or fail it with ``worker_lost``
+    once its attempts are used up."""
 
     def on_failure(
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
     ) -> None:
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
-        if isinstance(exc_info.exception, WorkerLostError) and self.args:
-            from worker.execution import fail_lost
+        lost = lost_child(exc_info)
+        # A child killed by our own revoke or cancel is not a lost worker.
+        stopped = self._already_revoked or getattr(self, "_already_cancelled", False)
+        if lost is None or not self.args or stopped:
+            return
+        from worker.recovery import requeue_lost
 
-            fail_lost(
-                services(), str(self.args[0]), f"The worker process died: {exc_info.exception}"
+        job_id = str(self.args[0])
+        try:
+            requeue_lost(
+                services(), job_id, f"the worker process died: {lost}", worker=self.hostname
             )
+        except Exception:  # the sweep requeues it once its heartbeat is stale
+            log.exception("job %s: could not requeue it after its process died", job_id)
 
 
 class JobTask(Task):  # type: ignore[misc]
@@ -76,6 +100,7 @@ def run_job(self: Task, job_id: str) -> str | None:
     if held is None:
         log.info("job %s needs %d free slot(s) of %s; trying again later", job_id, n, devices)
         slots.mark_waiting(svc, job_id, n)
+        recovery.touch_queued(svc, job_id)  # its message lives on: nothing for the sweep to do
         svc.queue.enqueue(job_id, queue, countdown=settings.slot_retry_s)
         return None
     try:
@@ -100,22 +125,16 @@ def _consumed_queues(sender: Any) -> list[str]:
         return [settings.default_queue]
 
 
-@signals.worker_ready.connect
-def requeue_pending(**_kwargs: Any) -> None:
-    """A broker may lose messages (Redis without persistence, a wiped folder). On start,
-    send every job that should be running again, each to its own queue; the claim makes
-    duplicates harmless."""
-    from api.models import Job
-    from api.workers import job_queue
-    from worker.execution import pending_jobs
+_sweeper: Any = None
 
-    svc = services()
-    for job_id in pending_jobs(svc):
-        with svc.sessions() as session:
-            job = session.get(Job, job_id)
-            queue = job_queue(settings, job.extensions if job else None)
-        log.info("re-sending pending job %s to queue %s", job_id, queue)
-        svc.queue.enqueue(job_id, queue)
+
+@signals.worker_ready.connect
+def start_sweeper(sender: Any = None, **_kwargs: Any) -> None:
+    """Every live worker sweeps for jobs that lost their worker or their broker message
+    (worker/recovery.py), from its parent process, beside the pool: recovery never waits for
+    a worker to restart, nor for a free pool process."""
+    global _sweeper
+    _sweeper = recovery.Sweeper(services(), _consumed_queues(sender)).start()
 
 
 _heartbeat: Any = None
@@ -154,3 +173,5 @@ def stop_webhook_dispatcher(**_kwargs: Any) -> None:
         _dispatcher.stop()
     if _heartbeat is not None:
         _heartbeat.stop()  # the row stays: known until worker_registry_ttl_s has passed
+    if _sweeper is not None:
+        _sweeper.stop()

@@ -12,7 +12,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
-from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy import ColumnElement, delete, select, update
 
 import trainer_core
 from api import webhooks
@@ -20,44 +20,80 @@ from api.catalog import fine_tuned_name, model_path
 from api.files import chunk_count, iter_content
 from api.job_events import add_event
 from api.job_queries import succeeded_job_named
-from api.models import Checkpoint, File, Job, now
+from api.models import Checkpoint, File, Job, JobMetric, now
 from api.services import Services
 from trainer_core import graders
 from trainer_core.seams import RunResult
 from trainer_core.specs import RewardModelRef, TrainSpec
 from worker import job_logs, launch
+from worker.lease import Abandoned, Beat, Lease, transient
 from worker.sinks import ArtifactCheckpointStore, DatabaseSink, StopFlag
 
 log = logging.getLogger("alignd.worker")
 
 
-def claimable(services: Services) -> ColumnElement[bool]:
-    """Jobs a worker may start: queued ones, and running ones whose worker stopped beating
-    (lost with its worker)."""
-    stale = now() - services.settings.stale_heartbeat_s
-    return or_(Job.status == "queued", and_(Job.status == "running", Job.heartbeat_at < stale))
+def claimable() -> ColumnElement[bool]:
+    """Jobs a delivery may start: queued ones. A running job whose worker was lost is queued
+    again by the sweep first (worker/recovery.py), which counts its attempts."""
+    return Job.status == "queued"
 
 
 def claim(services: Services, job_id: str, worker: str) -> Job | None:
+    """queued → running, as attempt ``attempts + 1``: one delivery wins, the others see
+    nothing to claim."""
     with services.sessions() as session, session.begin():
         result = session.execute(
             update(Job)
             .where(Job.id == job_id)
-            .where(claimable(services))
+            .where(claimable())
             .values(
                 status="running",
                 started_at=now(),
                 heartbeat_at=now(),
                 worker=worker,
                 substatus=None,
+                attempts=Job.attempts + 1,
             )
         )
         if not result.rowcount:  # type: ignore[attr-defined]
             return None
         job = session.get_one(Job, job_id)
-        add_event(session, job, "Fine-tuning job started", data={"worker": worker})
-        webhooks.on_status(session, job.owner, job.id, "running")
+        if job.attempts == 1:
+            add_event(session, job, "Fine-tuning job started", data={"worker": worker})
+            webhooks.on_status(session, job.owner, job.id, "running")
         return job
+
+
+def recovery_point(services: Services, job: Job) -> Checkpoint | None:
+    """Where a re-claimed job (attempt 2 or later) continues: its last complete checkpoint
+    (a row exists only once its files are stored). The lost attempt's metric points after it
+    are deleted, so that the series has each step once, from the run that the job continues;
+    the event says where it resumed."""
+    with services.sessions() as session, session.begin():
+        latest = session.scalar(
+            select(Checkpoint)
+            .where(Checkpoint.job_id == job.id)
+            .order_by(Checkpoint.step.desc())
+            .limit(1)
+        )
+        step = latest.step if latest is not None else 0
+        session.execute(delete(JobMetric).where(JobMetric.job_id == job.id, JobMetric.step > step))
+        row = session.get_one(Job, job.id)
+        row.step = step
+        if latest is not None:
+            message = f"Resumed at step {step} after the worker was lost (attempt {job.attempts})"
+        else:
+            message = (
+                "Restarted from the beginning after the worker was lost (attempt "
+                f"{job.attempts}): no checkpoint had been saved yet"
+            )
+        add_event(
+            session,
+            row,
+            message,
+            data={"step": step, "attempt": job.attempts, "last_error": job.last_error},
+        )
+        return latest
 
 
 def fetch_file(services: Services, owner: str, file_id: str, dest: Path) -> Path:
@@ -157,9 +193,17 @@ def finish(
     *,
     result: RunResult | None = None,
     error: dict[str, str | None] | None = None,
+    attempt: int | None = None,
 ) -> None:
+    """Record how the job ended. With ``attempt``: only while that attempt still holds the
+    running job (the sweep may have queued it again meanwhile)."""
     with services.sessions() as session, session.begin():
-        job = session.get_one(Job, job_id)
+        job = session.get_one(Job, job_id, with_for_update=True)
+        if attempt is not None and (job.status != "running" or job.attempts != attempt):
+            log.warning(
+                "job %s: attempt %s no longer holds it; not recording its end", job_id, attempt
+            )
+            return
         if status == "cancelled" and job.substatus == "pausing":
             status = "paused"  # the stop was a pause: the job waits for a resume
         job.status = status
@@ -207,6 +251,11 @@ def execute(
     workdir = services.settings.work_dir / job_id
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
+    settings = services.settings
+    lease = Lease(services.sessions, job_id, job.attempts, settings.db_retry_s)
+    # The heart beats from the claim on: fetching a large file or a reward model may take
+    # longer than the stale threshold.
+    beat = Beat(lease, settings.heartbeat_s).start()
     try:
         train_path = fetch_file(services, job.owner, job.training_file, workdir / "train.jsonl")
         valid_path = (
@@ -214,12 +263,15 @@ def execute(
             if job.validation_file
             else None
         )
+        resume_from: str | None = job.extensions.get("resume_from")
+        if job.attempts > 1:  # the job lost its worker: continue where it was last saved
+            latest = recovery_point(services, job)
+            resume_from = latest.id if latest is not None else None
         resume_dir = None
-        if job.extensions.get("resume_from"):
-            resume_dir = fetch_checkpoint(
-                services, job.extensions["resume_from"], workdir / "resume"
-            )
+        if resume_from:
+            resume_dir = fetch_checkpoint(services, resume_from, workdir / "resume")
         spec = build_spec(services, job, train_path, valid_path, resume_dir)
+        lease.check()
         result: RunResult | None
         if spec.resources.distributed or device_kind == "cuda":
             # Its own processes: several ranks, DeepSpeed, or GPUs pinned to this job.
@@ -227,26 +279,38 @@ def execute(
                 spec,
                 job_id=job_id,
                 owner=job.owner,
+                attempt=job.attempts,
                 workdir=workdir,
-                should_stop=StopFlag(services.sessions, job_id),
+                should_stop=StopFlag(lease),
                 devices=devices,
                 device_kind=device_kind,
             )
         else:
             result = trainer_core.run(
                 spec,
-                DatabaseSink(services.sessions, job_id, job.owner),
-                ArtifactCheckpointStore(services.sessions, services.artifacts, job_id, job.owner),
-                StopFlag(services.sessions, job_id),
+                DatabaseSink(lease, job.owner),
+                ArtifactCheckpointStore(lease, services.artifacts, job.owner),
+                StopFlag(lease),
             )
+        beat.stop()
         status = "cancelled" if result is None or result.status == "stopped" else "succeeded"
-        finish(services, job_id, status, result=result)
+        finish(services, job_id, status, result=result, attempt=job.attempts)
         if result is not None:
             log.info("job %s ended at step %s (%s)", job_id, result.step, result.status)
         else:
             log.info("job %s ended (stopped before rank 0 reported)", job_id)
         return status
+    except Abandoned as exc:
+        # Nothing more may be recorded: the job is another attempt's now, or the database is
+        # gone and the sweep will resume it from its last checkpoint once it is back.
+        log.error("job %s: attempt %d stopped: %s", job_id, job.attempts, exc)
+        return None
     except Exception as exc:
+        if transient(exc):  # a read outside the lease (the files) met a database blip
+            log.error(
+                "job %s: the database failed under it (%s); the sweep resumes it", job_id, exc
+            )
+            return None
         log.exception("job %s failed", job_id)
         code = "file_not_found" if isinstance(exc, FileNotFoundError) else "training_error"
         message = str(exc) or exc.__class__.__name__
@@ -255,25 +319,16 @@ def execute(
             job_id,
             "failed",
             error={"code": code, "message": message[:2000], "param": None},
+            attempt=job.attempts,
         )
         return "failed"
     finally:
+        beat.stop()
         shutil.rmtree(workdir, ignore_errors=True)
         logs.close()
 
 
-def fail_lost(services: Services, job_id: str, reason: str) -> None:
-    """Mark a job failed whose worker process died under it (called from the parent process)."""
-    with services.sessions() as session, session.begin():
-        job = session.get(Job, job_id)
-        if job is None or job.status != "running":
-            return
-    finish(
-        services, job_id, "failed", error={"code": "worker_lost", "message": reason, "param": None}
-    )
-
-
 def pending_jobs(services: Services) -> list[str]:
-    """Jobs a broker may have lost: queued ones, and running ones whose worker went silent."""
+    """Queued jobs (a broker may have lost their messages)."""
     with services.sessions() as session:
-        return list(session.scalars(select(Job.id).where(claimable(services)).order_by(Job.id)))
+        return list(session.scalars(select(Job.id).where(claimable()).order_by(Job.id)))

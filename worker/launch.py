@@ -37,11 +37,15 @@ from typing import IO
 from alignd.processes import free_port, kill_group
 from trainer_core.seams import RunResult, ShouldStop
 from trainer_core.specs import TrainSpec
+from worker.lease import Abandoned
 
 log = logging.getLogger("alignd.worker")
 
 POLL_S = 0.2
 GRACE_S = 30.0
+# Rank 0's exit code when its lease ended (worker/lease.py): the job is left for the sweep,
+# not failed. EX_TEMPFAIL of sysexits.h.
+ABANDONED_EXIT = 75
 
 
 class RankFailed(RuntimeError):
@@ -58,6 +62,7 @@ def run_group(
     *,
     job_id: str,
     owner: str,
+    attempt: int,
     workdir: Path,
     should_stop: ShouldStop,
     devices: list[str] | None,
@@ -88,7 +93,15 @@ def run_group(
     tails = [deque[str](maxlen=20) for _ in range(world)]
     try:
         for rank in range(world):
-            command = [sys.executable, "-m", "worker.rank", str(spec_path), job_id, owner]
+            command = [
+                sys.executable,
+                "-m",
+                "worker.rank",
+                str(spec_path),
+                job_id,
+                owner,
+                str(attempt),
+            ]
             env = {**base_env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
             # A process group of its own (in the worker's session, so the others can join it).
             group = {"process_group": 0 if rank == 0 else pgid}
@@ -121,6 +134,8 @@ def run_group(
                 rank, code = failed[0]
                 _reap(pgid, procs, pumps)
                 _drain(lines, tails)
+                if rank == 0 and code == ABANDONED_EXIT:
+                    raise Abandoned(_error_of(workdir, rank, code, tails[rank]))
                 raise RankFailed(_error_of(workdir, rank, code, tails[rank]))
             if all(c == 0 for c in codes):
                 break

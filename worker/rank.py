@@ -1,12 +1,13 @@
 """One rank of a job that runs in several processes (started by ``worker.launch``).
 
-    python -m worker.rank SPEC_JSON JOB_ID OWNER      (with RANK, WORLD_SIZE, ... set)
+    python -m worker.rank SPEC_JSON JOB_ID OWNER ATTEMPT      (with RANK, WORLD_SIZE, ... set)
 
 Rank 0 reports into the database and stores checkpoints, as an in-process job does; the
 other ranks compute and report nothing. SIGTERM asks for a stop: the ranks agree on it at
 the next step (``distributed.any_rank``), rank 0 saves a checkpoint, and all exit 0. An
 exception is written to ``rank-N.error`` in the job's folder (the working directory) for the
-launcher to report, and the rank exits 1.
+launcher to report, and the rank exits 1; rank 0 exits ``ABANDONED_EXIT`` when its lease on
+the job ended (worker/lease.py), so that the job is left for the sweep rather than failed.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from alignd.processes import die_with_parent
 
 
 def main(argv: list[str]) -> int:
-    spec_path, job_id, owner = argv
+    spec_path, job_id, owner, attempt = argv
     rank = int(os.environ["RANK"])
     # Die with the worker process that launched us, whatever happens to it.
     die_with_parent(signal.SIGKILL)
@@ -41,18 +42,23 @@ def main(argv: list[str]) -> int:
         if rank == 0:
             from api.services import Services
             from api.settings import load_settings
+            from worker.lease import Lease
             from worker.sinks import ArtifactCheckpointStore, DatabaseSink
 
             services = Services.build(load_settings())
-            sink = DatabaseSink(services.sessions, job_id, owner)
-            store = ArtifactCheckpointStore(services.sessions, services.artifacts, job_id, owner)
+            lease = Lease(services.sessions, job_id, int(attempt), services.settings.db_retry_s)
+            sink = DatabaseSink(lease, owner)
+            store = ArtifactCheckpointStore(lease, services.artifacts, owner)
         else:
             sink, store = NullSink(), FolderCheckpointStore(Path(f"rank-{rank}-unused"))
         result = trainer_core.run(spec, sink, store, stop.is_set)
     except BaseException as exc:
         traceback.print_exc()
         Path(f"rank-{rank}.error").write_text(f"{type(exc).__name__}: {exc}"[:4000])
-        return 1
+        from worker.launch import ABANDONED_EXIT
+        from worker.lease import Abandoned
+
+        return ABANDONED_EXIT if isinstance(exc, Abandoned) else 1
     if rank == 0:
         Path("result.json").write_text(json.dumps(asdict(result)))
     return 0

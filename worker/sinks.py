@@ -1,5 +1,6 @@
 """The worker's side of the trainer core's seams: metrics into the database, checkpoints into
-the artifact store."""
+the artifact store. Every write goes through the attempt's ``Lease`` (worker/lease.py):
+retried through database blips, and refused once the job is no longer this attempt's."""
 
 from __future__ import annotations
 
@@ -10,28 +11,28 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session
 
 from api import webhooks
 from api.artifacts import ArtifactStore
 from api.job_events import add_event
 from api.models import Checkpoint, Job, JobMetric, new_id, now
+from worker.lease import Lease
 
 # A metrics event every this many steps (plus the first and the last): enough to follow a
 # job in the events list without drowning it; every step is a metric point regardless.
 METRICS_EVENT_EVERY = 10
 # How often the training loop may touch the database to look for a cancel request.
 STOP_POLL_S = 0.5
-HEARTBEAT_S = 10.0
 
 
 class DatabaseSink:
     """MetricSink: each metric point is a row; some also become OpenAI ``metrics`` events."""
 
-    def __init__(self, sessions: sessionmaker[Session], job_id: str, owner: str) -> None:
-        self.sessions = sessions
-        self.job_id = job_id
+    def __init__(self, lease: Lease, owner: str) -> None:
+        self.lease = lease
+        self.job_id = lease.job_id
         self.owner = owner
         self.total_steps: int | None = None
         self.started = time.monotonic()
@@ -40,26 +41,32 @@ class DatabaseSink:
     def start(self, total_steps: int) -> None:
         self.total_steps = total_steps
         self.started = time.monotonic()
-        with self.sessions() as session, session.begin():
-            # A resumed run keeps the step it was paused at until its first metric point.
-            session.execute(
+        # A resumed run keeps the step it was paused at until its first metric point.
+        self.lease.write(
+            lambda session: session.execute(
                 update(Job)
                 .where(Job.id == self.job_id)
                 .values(total_steps=total_steps, step=func.coalesce(Job.step, 0))
             )
+        )
 
     def metrics(self, step: int, values: Mapping[str, float]) -> None:
         clean = {k: float(v) for k, v in values.items()}
-        with self.sessions() as session, session.begin():
+        eta = self._eta(step)
+
+        def record(session: Session) -> None:
+            # A retried write whose first commit did land (the connection broke while the
+            # server answered) must not leave the step twice.
+            session.execute(
+                delete(JobMetric).where(JobMetric.job_id == self.job_id, JobMetric.step == step)
+            )
             session.add(
                 JobMetric(
                     job_id=self.job_id, owner=self.owner, created_at=now(), step=step, values=clean
                 )
             )
             session.execute(
-                update(Job)
-                .where(Job.id == self.job_id)
-                .values(step=step, heartbeat_at=now(), estimated_finish=self._eta(step))
+                update(Job).where(Job.id == self.job_id).values(step=step, estimated_finish=eta)
             )
             if step == 1 or step % METRICS_EVENT_EVERY == 0 or step == self.total_steps:
                 job = session.get_one(Job, self.job_id)
@@ -74,17 +81,20 @@ class DatabaseSink:
                     data={"step": step, "total_steps": self.total_steps, **clean},
                 )
 
+        self.lease.write(record)
+
     def event(
         self, message: str, *, level: str = "info", data: Mapping[str, Any] | None = None
     ) -> None:
-        with self.sessions() as session, session.begin():
-            add_event(
+        self.lease.write(
+            lambda session: add_event(
                 session,
                 session.get_one(Job, self.job_id),
                 message,
                 level=level,
                 data=dict(data or {}),
             )
+        )
 
     def _eta(self, step: int) -> int | None:
         if self.first_step is None:
@@ -97,27 +107,28 @@ class DatabaseSink:
 
 
 class StopFlag:
-    """ShouldStop: reads the job's cancel flag, at most every STOP_POLL_S, and beats the heart."""
+    """ShouldStop: reads the job's cancel flag, at most every STOP_POLL_S. Raises what ended
+    the attempt's lease (worker/lease.py) so that the training stops at its next step without
+    recording anything more."""
 
-    def __init__(self, sessions: sessionmaker[Session], job_id: str) -> None:
-        self.sessions = sessions
-        self.job_id = job_id
+    def __init__(self, lease: Lease) -> None:
+        self.lease = lease
         self._last_poll = 0.0
-        self._last_beat = time.monotonic()
         self._stop = False
 
     def __call__(self) -> bool:
+        self.lease.check()
         clock = time.monotonic()
         if self._stop or clock - self._last_poll < STOP_POLL_S:
             return self._stop
         self._last_poll = clock
-        with self.sessions() as session, session.begin():
-            self._stop = bool(
-                session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id))
+        self._stop = bool(
+            self.lease.read(
+                lambda session: session.scalar(
+                    select(Job.cancel_requested).where(Job.id == self.lease.job_id)
+                )
             )
-            if clock - self._last_beat >= HEARTBEAT_S:
-                self._last_beat = clock
-                session.execute(update(Job).where(Job.id == self.job_id).values(heartbeat_at=now()))
+        )
         return self._stop
 
 
@@ -136,12 +147,10 @@ class ArtifactCheckpointStore:
     checkpoint it cannot serve.
     """
 
-    def __init__(
-        self, sessions: sessionmaker[Session], artifacts: ArtifactStore, job_id: str, owner: str
-    ) -> None:
-        self.sessions = sessions
+    def __init__(self, lease: Lease, artifacts: ArtifactStore, owner: str) -> None:
+        self.lease = lease
         self.artifacts = artifacts
-        self.job_id = job_id
+        self.job_id = lease.job_id
         self.owner = owner
 
     def save(self, step: int, folder: Path, metrics: Mapping[str, float], *, final: bool) -> None:
@@ -151,34 +160,41 @@ class ArtifactCheckpointStore:
                 if (folder / part).is_dir():
                     tarball = tar_folder(folder / part, Path(tmp) / f"{part}.tar")
                     self.artifacts.put_file(f"{key}/{part}.tar", tarball)
-        with self.sessions() as session, session.begin():
-            job = session.get_one(Job, self.job_id)
-            existing = session.scalar(
-                select(Checkpoint).where(Checkpoint.job_id == self.job_id, Checkpoint.step == step)
-            )
-            values = {k: float(v) for k, v in metrics.items()}
-            if existing is None:
-                session.add(
-                    checkpoint := Checkpoint(
-                        id=new_id("ftckpt"),
-                        job_id=self.job_id,
-                        owner=self.owner,
-                        created_at=now(),
-                        step=step,
-                        metrics=values,
-                        artifact_key=key,
-                        final=final,
-                    )
+        # A process that lost its job may still reach this point; its files are the same
+        # step's state as the new attempt's (same data order, same seed), and the fence
+        # below keeps it from recording the row.
+        self.lease.write(lambda session: self._record(session, step, key, metrics, final))
+
+    def _record(
+        self, session: Session, step: int, key: str, metrics: Mapping[str, float], final: bool
+    ) -> None:
+        job = session.get_one(Job, self.job_id)
+        existing = session.scalar(
+            select(Checkpoint).where(Checkpoint.job_id == self.job_id, Checkpoint.step == step)
+        )
+        values = {k: float(v) for k, v in metrics.items()}
+        if existing is None:
+            session.add(
+                checkpoint := Checkpoint(
+                    id=new_id("ftckpt"),
+                    job_id=self.job_id,
+                    owner=self.owner,
+                    created_at=now(),
+                    step=step,
+                    metrics=values,
+                    artifact_key=key,
+                    final=final,
                 )
-                webhooks.on_checkpoint(session, self.owner, self.job_id, checkpoint.id)
-            else:  # the final save of a step that already had a checkpoint
-                existing.metrics = values
-                existing.final = existing.final or final
-            if final:
-                job.adapter_key = f"{key}/adapter.tar"
-            add_event(
-                session,
-                job,
-                f"Checkpoint saved at step {step}" + (" (final)" if final else ""),
-                data={"step": step, **values},
             )
+            webhooks.on_checkpoint(session, self.owner, self.job_id, checkpoint.id)
+        else:  # the final save of a step that already had a checkpoint
+            existing.metrics = values
+            existing.final = existing.final or final
+        if final:
+            job.adapter_key = f"{key}/adapter.tar"
+        add_event(
+            session,
+            job,
+            f"Checkpoint saved at step {step}" + (" (final)" if final else ""),
+            data={"step": step, **values},
+        )

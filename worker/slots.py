@@ -167,11 +167,9 @@ def acquire(folder: Path, devices: list[str], n: int) -> Held | None:
 
 def job_gpus(services: Services, job_id: str) -> tuple[int, str] | None:
     """(devices the job asks for, its queue), or None when no worker may start it now
-    (gone, finished, paused, or running with a fresh heartbeat): then no slot is taken."""
+    (gone, finished, paused, or running): then no slot is taken."""
     with services.sessions() as session:
-        row = session.execute(
-            select(Job.extensions).where(Job.id == job_id, claimable(services))
-        ).first()
+        row = session.execute(select(Job.extensions).where(Job.id == job_id, claimable())).first()
     if row is None:
         return None
     extensions = row[0] or {}
