@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from api.body_limit import BodyLimitMiddleware
 from api.errors import install_handlers
 from api.idempotency import IdempotencyMiddleware
 from api.keys import AuthMiddleware
@@ -31,6 +32,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # request id must be outermost so that 401 and 429 answers carry it too.
     app.add_middleware(IdempotencyMiddleware, sessions=app.state.services.sessions)
     app.add_middleware(AuthMiddleware, sessions=app.state.services.sessions, settings=settings)
+    # Before auth: an oversized body is refused from its Content-Length, whoever sends it.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_json_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     for module in (health, files, uploads, jobs, models, graders):
         app.include_router(module.router)

@@ -167,5 +167,7 @@ def install_handlers(app: FastAPI) -> None:
                 404, f"Unknown route: {request.method} {request.url.path}", code="unknown_url"
             )
         else:
-            err = APIError(exc.status_code, str(exc.detail), code=None)
+            # 413: a body over ALIGND_MAX_JSON_BODY_BYTES, raised while FastAPI reads it.
+            code = "request_too_large" if exc.status_code == 413 else None
+            err = APIError(exc.status_code, str(exc.detail), code=code)
         return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
