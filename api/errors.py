@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy.exc import DataError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("alignd.api")
@@ -159,6 +160,17 @@ def install_handlers(app: FastAPI) -> None:
             "(for example, it contains a NUL character or is out of range).",
         )
         return JSONResponse(err.body(), status_code=400)
+
+    @app.exception_handler(PoolTimeout)
+    async def _pool(_request: Request, _exc: PoolTimeout) -> JSONResponse:
+        # No connection came free within ALIGND_DB_POOL_TIMEOUT_S: the server is overloaded,
+        # which the client should retry, not a bug (a 500) (api/admission.py).
+        err = APIError(
+            503,
+            "The server is busy (no database connection free); retry after 1 s.",
+            code="server_busy",
+        )
+        return JSONResponse(err.body(), status_code=503, headers={"retry-after": "1"})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
