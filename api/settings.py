@@ -34,6 +34,9 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    # API processes `alignd serve` runs on that port (uvicorn's workers). Each has its own
+    # pool, threads, admission limit and rate-limit buckets.
+    api_workers: int = Field(1, ge=1, le=64)
 
     # Operator-only switches: a request can never turn these on.
     allow_hub: bool = False

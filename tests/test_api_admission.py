@@ -9,6 +9,8 @@ against that.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -148,3 +150,32 @@ def test_streamed_download_does_not_hold_a_place(tiny_pool_server: Server, tmp_p
         response, elapsed = timed_get(tiny_pool_server, "/v1/fine_tuning/jobs")
         assert response.status_code == 200, response.text
         assert elapsed < WAIT_S
+
+
+def test_serve_runs_several_api_processes(pg_settings: Settings, tmp_path: Path) -> None:
+    # One process's Python runs under one GIL: more API processes on one port is how a
+    # machine with more cores serves more requests (docs/operations.md, "Load").
+    port = free_port()
+    env = {**settings_env(pg_settings), "ALIGND_API_WORKERS": "2"}
+    with (tmp_path / "serve.log").open("wb") as log:
+        proc = start_alignd(
+            ["serve", "--no-worker", "--port", str(port), "--log-level", "warning"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_healthy(f"http://127.0.0.1:{port}", proc)
+            group = []
+            for entry in Path("/proc").iterdir():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    if entry.name.isdigit() and os.getpgid(int(entry.name)) == proc.pid:
+                        group.append(entry.name)
+            assert len(group) >= 3, group  # the supervisor and two API processes
+            key = create_api_key(pg_settings)
+            headers = {"Authorization": f"Bearer {key}"}
+            for _ in range(8):
+                response = httpx.get(f"http://127.0.0.1:{port}/v1/files", headers=headers)
+                assert response.status_code == 200, response.text
+        finally:
+            stop_process_group(proc)
