@@ -13,7 +13,7 @@ request always finds a free connection. One that finds no place in time is answe
 The place is given back when the response starts: what streams after that (file content,
 adapters, SSE) takes short sessions of its own and must not keep others out for minutes.
 If the pool still runs dry (streams, health checks), the checkout waits ``db_pool_timeout_s``
-and the request gets the same 503 (``overloaded`` below, and ``api.errors``).
+and the request gets the same 503 (``api.errors``).
 """
 
 from __future__ import annotations
@@ -24,18 +24,8 @@ import anyio
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import APIError
+from api.errors import RETRY_AFTER_S, server_busy
 from api.keys import is_api_path, send_error
-
-RETRY_AFTER_S = 1
-
-
-def overloaded(what: str) -> APIError:
-    return APIError(
-        503,
-        f"The server is busy ({what}); retry after {RETRY_AFTER_S} s.",
-        code="server_busy",
-    )
 
 
 def retry_after() -> list[tuple[bytes, bytes]]:
@@ -61,7 +51,7 @@ class AdmissionMiddleware:
             await places.acquire()
         if waited.cancelled_caught:
             seconds = math.ceil(self.queue_timeout_s)
-            await send_error(send, overloaded(f"no place within {seconds} s"), retry_after())
+            await send_error(send, server_busy(f"no place within {seconds} s"), retry_after())
             return
         held = True
         started = False
@@ -85,6 +75,6 @@ class AdmissionMiddleware:
             # Auth and idempotency take connections outside the routes' handlers.
             if started:
                 raise
-            await send_error(send, overloaded("no database connection free"), retry_after())
+            await send_error(send, server_busy("no database connection free"), retry_after())
         finally:
             give_back()

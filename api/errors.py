@@ -91,6 +91,17 @@ def invalid(message: str, *, param: str | None = None, code: str = "invalid_valu
     return APIError(400, message, param=param, code=code)
 
 
+# A 503 tells the client to come back: the openai SDK retries it, honouring Retry-After.
+RETRY_AFTER_S = 1
+
+
+def server_busy(what: str) -> APIError:
+    """The 503 of a server at capacity (api/admission.py); send it with ``Retry-After``."""
+    return APIError(
+        503, f"The server is busy ({what}); retry after {RETRY_AFTER_S} s.", code="server_busy"
+    )
+
+
 def not_found(kind: str, ident: str, *, param: str | None = None) -> APIError:
     return APIError(404, f"No such {kind}: '{ident}'", param=param, code="not_found")
 
@@ -165,12 +176,10 @@ def install_handlers(app: FastAPI) -> None:
     async def _pool(_request: Request, _exc: PoolTimeout) -> JSONResponse:
         # No connection came free within ALIGND_DB_POOL_TIMEOUT_S: the server is overloaded,
         # which the client should retry, not a bug (a 500) (api/admission.py).
-        err = APIError(
-            503,
-            "The server is busy (no database connection free); retry after 1 s.",
-            code="server_busy",
+        err = server_busy("no database connection free")
+        return JSONResponse(
+            err.body(), status_code=503, headers={"retry-after": str(RETRY_AFTER_S)}
         )
-        return JSONResponse(err.body(), status_code=503, headers={"retry-after": "1"})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
