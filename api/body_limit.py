@@ -1,9 +1,11 @@
 """A cap on request bodies that are not file uploads (``ALIGND_MAX_JSON_BODY_BYTES``).
 
 Every JSON body is parsed whole into memory, then stored and echoed: without a cap a 30 MB
-job body was parsed and an 8 MB ``integrations`` value stored (issue 13). ``multipart/form-data``
-bodies are exempt: they are file uploads (``POST /v1/files``, upload parts), which Starlette
-streams to disk and which keep their own limits (``ALIGND_MAX_UPLOAD_BYTES``, 64 MB a part).
+job body was parsed and an 8 MB ``integrations`` value stored (issue 13). The two file-upload
+routes are exempt (``POST /v1/files`` and ``POST /v1/uploads/{id}/parts``): Starlette streams
+their multipart bodies to disk, and they keep their own limits (``ALIGND_MAX_UPLOAD_BYTES``,
+64 MB a part). The exemption is by route, not by content type: a JSON route reads any body
+whole, so a multipart body sent to one is capped like any other.
 
 A declared ``Content-Length`` over the cap is refused before a byte is read; a chunked body
 is counted as it arrives and refused the moment it passes the cap. Either way the answer is a
@@ -11,6 +13,8 @@ is counted as it arrives and refused the moment it passes the cap. Either way th
 """
 
 from __future__ import annotations
+
+import re
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -34,6 +38,13 @@ def too_large_message(limit: int) -> str:
     )
 
 
+UPLOAD_ROUTES = (re.compile(r"^/v1/files/?$"), re.compile(r"^/v1/uploads/[^/]+/parts/?$"))
+
+
+def _is_upload(scope: Scope) -> bool:
+    return scope["method"] == "POST" and any(route.match(scope["path"]) for route in UPLOAD_ROUTES)
+
+
 def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key == name:
@@ -47,11 +58,7 @@ class BodyLimitMiddleware:
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        content_type = (_header(scope, b"content-type") or "").split(";", 1)[0].strip().lower()
-        if content_type == "multipart/form-data":
+        if scope["type"] != "http" or _is_upload(scope):
             await self.app(scope, receive, send)
             return
         limit = self.max_bytes

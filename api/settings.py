@@ -123,9 +123,9 @@ class Settings(BaseSettings):
     api_queue_timeout_s: float = Field(3.0, gt=0)
 
     max_upload_bytes: int = 8 * 1024 * 1024 * 1024
-    # Any request body that is not a multipart file upload (JSON above all) is refused with
-    # 413 past this size: such bodies are parsed whole in memory (api/body_limit.py). A job
-    # body is a few KB; 1 MiB leaves room for long grader prompts.
+    # Any request body but a file upload's (JSON above all) is refused with 413 past this
+    # size: such bodies are read whole into memory (api/body_limit.py). A job body is a few
+    # KB; 1 MiB leaves room for long grader prompts.
     max_json_body_bytes: int = Field(1024 * 1024, ge=1024)
     upload_chunk_bytes: int = 1024 * 1024
     torch_threads: int | None = None

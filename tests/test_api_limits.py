@@ -145,11 +145,31 @@ def test_declared_length_over_the_cap_is_refused_before_the_body(pg_api: Api) ->
     assert '"code":"request_too_large"' in answer.replace(" ", "")
 
 
+def test_multipart_body_to_a_json_route_is_capped(pg_api: Api) -> None:
+    # Only the upload routes are exempt: a JSON route reads any body whole.
+    big = b"x" * (Settings().max_json_body_bytes + 1)
+    response = pg_api.http.post("fine_tuning/jobs", files={"file": ("big.jsonl", big)})
+    assert error_of(response, 413)["code"] == "request_too_large"
+
+
 def test_file_uploads_are_not_json_bodies(pg_api: Api) -> None:
     # A 3 MB multipart upload passes a 1 MiB JSON cap; files keep their own limits.
     body = chat_rows(1) * (3 * 1024 * 1024 // len(chat_rows(1)) + 1)
     assert len(body) > 3 * Settings().max_json_body_bytes
     assert pg_api.upload(body)["status"] == "processed"
+    # The same bytes as one part of the Uploads API.
+    data = body.encode()
+    created = pg_api.http.post(
+        "uploads",
+        json={
+            "bytes": len(data),
+            "filename": "big.jsonl",
+            "purpose": "fine-tune",
+            "mime_type": "application/jsonl",
+        },
+    )
+    part = pg_api.http.post(f"uploads/{created.json()['id']}/parts", files={"data": ("p", data)})
+    assert part.status_code == 200, part.text
 
 
 # -- metadata and integrations -------------------------------------------------------------
