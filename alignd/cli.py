@@ -52,13 +52,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # worker. Our handler turns the re-raised signal into a normal exit instead.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_cleanly)
+    workers = args.workers or settings.api_workers
     try:
-        uvicorn.run(
-            create_app(settings),
-            host=args.host or settings.host,
-            port=args.port or settings.port,
-            log_level=args.log_level,
-        )
+        if workers > 1:
+            # Each process builds its app (and its pool, threads and admission limit) from the
+            # same environment; the Python code of a request runs under one process's GIL, so
+            # more processes are how one machine serves more requests (docs/operations.md).
+            from alignd.serving import NoDelayH11Protocol
+
+            uvicorn.run(
+                "api.app:create_app",
+                factory=True,
+                workers=workers,
+                http=NoDelayH11Protocol,
+                host=args.host or settings.host,
+                port=args.port or settings.port,
+                log_level=args.log_level,
+            )
+        else:
+            uvicorn.run(
+                create_app(settings),
+                host=args.host or settings.host,
+                port=args.port or settings.port,
+                log_level=args.log_level,
+            )
     finally:
         if worker is not None:
             stop_process_group(worker)
@@ -317,6 +334,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--host")
     s.add_argument("--port", type=int)
     s.add_argument("--no-worker", action="store_true", help="do not start the embedded worker")
+    s.add_argument("--workers", type=int, help="API processes (default ALIGND_API_WORKERS, 1)")
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=cmd_serve)
 

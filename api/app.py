@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
 from fastapi import FastAPI
 
+from api.admission import AdmissionMiddleware
+from api.body_limit import BodyLimitMiddleware
 from api.errors import install_handlers
 from api.idempotency import IdempotencyMiddleware
 from api.keys import AuthMiddleware
@@ -14,10 +20,23 @@ from api.routes import webhooks as webhook_routes
 from api.services import Services
 from api.settings import Settings, load_settings
 
+THREAD_HEADROOM = 20
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Sync routes and their sessions run in anyio's default thread pool: one thread per
+        # admitted request (api/admission.py), plus headroom for the work outside admission
+        # (stream polls and chunk reads, health checks). 20 + 20 is anyio's own default, 40.
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = settings.db_pool_capacity + THREAD_HEADROOM
+        yield
+
     app = FastAPI(
+        lifespan=lifespan,
         title="alignd",
         version="0.1.0",
         description="Alignment fine-tuning as a service; /v1 is a superset of OpenAI's fine-tuning API.",
@@ -31,6 +50,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # request id must be outermost so that 401 and 429 answers carry it too.
     app.add_middleware(IdempotencyMiddleware, sessions=app.state.services.sessions)
     app.add_middleware(AuthMiddleware, sessions=app.state.services.sessions, settings=settings)
+    # Outside auth, which takes a connection too; sized with the pool (api/admission.py).
+    app.add_middleware(
+        AdmissionMiddleware,
+        capacity=settings.db_pool_capacity,
+        queue_timeout_s=settings.api_queue_timeout_s,
+    )
+    # Before auth: an oversized body is refused from its Content-Length, whoever sends it.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_json_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     for module in (health, files, uploads, jobs, models, graders):
         app.include_router(module.router)

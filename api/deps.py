@@ -8,12 +8,16 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from api.keys import Principal, authenticate
 from api.services import Services
 
+# Dependencies that do no I/O are ``async def``: FastAPI runs a sync one in the thread pool,
+# and each such hop costs a thread and, under load, a wait for one (api/admission.py).
 
-def get_services(request: Request) -> Services:
+
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
@@ -26,14 +30,17 @@ def get_session(services: ServicesDep) -> Iterator[Session]:
         yield session
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": the session (and its pooled connection) is closed once the route has
+# returned and its answer is serialised, not after the response is sent; a slow reader or a
+# streamed body never holds a connection (issue 13). Streams take sessions of their own.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 # Declares the scheme in the OpenAPI document; the header itself is read below.
 _bearer = HTTPBearer(auto_error=False, description="An alignd API key: sk-alignd-...")
 
 
-def current_principal(
+async def current_principal(
     request: Request,
     services: ServicesDep,
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -46,13 +53,15 @@ def current_principal(
     principal = getattr(request.state, "principal", None)
     if isinstance(principal, Principal):
         return principal
-    return authenticate(services.sessions, request.headers.get("authorization"))
+    return await run_in_threadpool(
+        authenticate, services.sessions, request.headers.get("authorization")
+    )
 
 
 PrincipalDep = Annotated[Principal, Depends(current_principal)]
 
 
-def current_owner(principal: PrincipalDep) -> str:
+async def current_owner(principal: PrincipalDep) -> str:
     # Every row carries its owner and every query filters on it: another owner's id is a 404.
     return principal.owner
 

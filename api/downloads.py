@@ -9,7 +9,9 @@ which RFC 9110 allows.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterator
+from urllib.parse import quote
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -19,6 +21,25 @@ from api.errors import APIError, not_found
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 CHUNK = 1024 * 1024
+# What the ASCII fallback keeps; anything else (quotes, ';', '\\', controls) becomes '_'.
+_UNSAFE_FALLBACK = re.compile(r"[^A-Za-z0-9 ._()+-]")
+
+
+def content_disposition(filename: str) -> str:
+    """``attachment`` naming ``filename`` twice, as RFC 6266 section 4.3 advises.
+
+    ``filename*=UTF-8''...`` (RFC 5987/8187) carries the exact name, percent-encoded, so any
+    character is safe in the header, and clients that read it (every current browser) get
+    the name back whole. ``filename="..."`` is an ASCII fallback for those that do not:
+    accents dropped (NFKD), every other character outside a safe ASCII set replaced by '_', so that no
+    quote, ';', CR or LF can end the parameter or the header. A user-chosen name (uploads take
+    any string) once broke out of the header, and a non-Latin-1 one made the download a 500.
+    """
+    decomposed = unicodedata.normalize("NFKD", filename)
+    unaccented = "".join(char for char in decomposed if not unicodedata.combining(char))
+    fallback = _UNSAFE_FALLBACK.sub("_", unaccented).strip(" .") or "download"
+    # quote() with safe="" leaves only letters, digits and "_.-~": all RFC 5987 attr-chars.
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
 def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -52,7 +73,7 @@ def artifact_response(request: Request, store: ArtifactStore, key: str, filename
     headers = {
         "accept-ranges": "bytes",
         "etag": etag,
-        "content-disposition": f'attachment; filename="{filename}"',
+        "content-disposition": content_disposition(filename),
     }
     if request.headers.get("if-none-match") in (etag, "*"):
         return Response(status_code=304, headers=headers)

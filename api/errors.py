@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy.exc import DataError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("alignd.api")
@@ -90,6 +91,17 @@ def invalid(message: str, *, param: str | None = None, code: str = "invalid_valu
     return APIError(400, message, param=param, code=code)
 
 
+# A 503 tells the client to come back: the openai SDK retries it, honouring Retry-After.
+RETRY_AFTER_S = 1
+
+
+def server_busy(what: str) -> APIError:
+    """The 503 of a server at capacity (api/admission.py); send it with ``Retry-After``."""
+    return APIError(
+        503, f"The server is busy ({what}); retry after {RETRY_AFTER_S} s.", code="server_busy"
+    )
+
+
 def not_found(kind: str, ident: str, *, param: str | None = None) -> APIError:
     return APIError(404, f"No such {kind}: '{ident}'", param=param, code="not_found")
 
@@ -160,6 +172,15 @@ def install_handlers(app: FastAPI) -> None:
         )
         return JSONResponse(err.body(), status_code=400)
 
+    @app.exception_handler(PoolTimeout)
+    async def _pool(_request: Request, _exc: PoolTimeout) -> JSONResponse:
+        # No connection came free within ALIGND_DB_POOL_TIMEOUT_S: the server is overloaded,
+        # which the client should retry, not a bug (a 500) (api/admission.py).
+        err = server_busy("no database connection free")
+        return JSONResponse(
+            err.body(), status_code=503, headers={"retry-after": str(RETRY_AFTER_S)}
+        )
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
@@ -167,5 +188,7 @@ def install_handlers(app: FastAPI) -> None:
                 404, f"Unknown route: {request.method} {request.url.path}", code="unknown_url"
             )
         else:
-            err = APIError(exc.status_code, str(exc.detail), code=None)
+            # 413: a body over ALIGND_MAX_JSON_BODY_BYTES, raised while FastAPI reads it.
+            code = "request_too_large" if exc.status_code == 413 else None
+            err = APIError(exc.status_code, str(exc.detail), code=code)
         return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)

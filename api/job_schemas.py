@@ -10,6 +10,7 @@ that block in ``/openapi.json``; it is built from the same registry rows.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -23,6 +24,11 @@ from trainer_core.registry import METHODS, MethodType, required_options
 from trainer_core.specs import AdapterSpec, ResourcesSpec
 
 _SUFFIX = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# integrations are stored on the job and echoed by every GET and every list page, and we never
+# act on them, so they get a budget of the same order as the largest metadata (16 pairs of
+# 64 + 512 characters, about 9 KB): 10 entries, 8 KiB of compact JSON (docs/api.md).
+MAX_INTEGRATIONS = 10
+MAX_INTEGRATIONS_BYTES = 8 * 1024
 
 
 def _block_request(name: str) -> type[BaseModel]:
@@ -91,8 +97,14 @@ class JobCreate(BaseModel):
     hyperparameters: (
         Annotated[dict[str, Any], documented_as(SupervisedHyperparametersRequest)] | None
     ) = Field(None, description="Deprecated (OpenAI): a supervised job's hyperparameters.")
-    integrations: list[dict[str, Any]] | None = Field(
-        None, description="OpenAI's integrations (e.g. wandb): stored and shown, not acted on."
+    integrations: Annotated[list[dict[str, Any]], Field(max_length=MAX_INTEGRATIONS)] | None = (
+        Field(
+            None,
+            description=(
+                "OpenAI's integrations (e.g. wandb): stored and shown, not acted on. At most "
+                f"{MAX_INTEGRATIONS} entries and {MAX_INTEGRATIONS_BYTES} bytes of JSON."
+            ),
+        )
     )
     # Ours (the SDK sends them through extra_body).
     adapter: AdapterSpec | None = Field(None, description="Ours: LoRA (default) or full.")
@@ -109,6 +121,17 @@ class JobCreate(BaseModel):
         # The suffix becomes part of a model name split on ':', so keep it to a safe alphabet.
         if value is not None and not _SUFFIX.match(value):
             raise ValueError("must be 1-64 characters of letters, digits, '.', '_' or '-'")
+        return value
+
+    @field_validator("integrations")
+    @classmethod
+    def _integrations(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if value is not None:
+            size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+            if size > MAX_INTEGRATIONS_BYTES:
+                raise ValueError(
+                    f"at most {MAX_INTEGRATIONS_BYTES} bytes of JSON in all (got {size})"
+                )
         return value
 
     @field_validator("metadata")

@@ -23,7 +23,7 @@ class Services:
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
-        engine = make_engine(settings)
+        engine = make_engine(settings, pool_timeout_s=settings.db_pool_timeout_s)
         return cls(
             settings=settings,
             engine=engine,

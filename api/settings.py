@@ -34,6 +34,9 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    # API processes `alignd serve` runs on that port (uvicorn's workers). Each has its own
+    # pool, threads, admission limit and rate-limit buckets.
+    api_workers: int = Field(1, ge=1, le=64)
 
     # Operator-only switches: a request can never turn these on.
     allow_hub: bool = False
@@ -122,7 +125,23 @@ class Settings(BaseSettings):
     reward_http_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     reward_http_timeout_s: float = Field(10.0, gt=0, le=600)
 
+    # The database connection pool of each API process, and how many requests it serves at
+    # once. A /v1 request holds at most one connection at a time, so the API admits at most
+    # db_pool_size + db_max_overflow of them together (api/admission.py); the others wait for
+    # a place up to api_queue_timeout_s and then get 503 with Retry-After, never a 30 s hang.
+    # Postgres serves max_connections (100 by default) to every API process and worker.
+    db_pool_size: int = Field(10, ge=1)
+    db_max_overflow: int = Field(10, ge=0)
+    # In the API, a connection not free within this long is a 503 too (work outside the
+    # admission limit: streams, health checks). Workers keep SQLAlchemy's 30 s.
+    db_pool_timeout_s: float = Field(3.0, gt=0)
+    api_queue_timeout_s: float = Field(3.0, gt=0)
+
     max_upload_bytes: int = 8 * 1024 * 1024 * 1024
+    # Any request body but a file upload's (JSON above all) is refused with 413 past this
+    # size: such bodies are read whole into memory (api/body_limit.py). A job body is a few
+    # KB; 1 MiB leaves room for long grader prompts.
+    max_json_body_bytes: int = Field(1024 * 1024, ge=1024)
     upload_chunk_bytes: int = 1024 * 1024
     torch_threads: int | None = None
 
@@ -161,6 +180,11 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         return value.expanduser().resolve() if value is not None else None
+
+    @property
+    def db_pool_capacity(self) -> int:
+        """Connections one process's pool may open: the most /v1 requests served at once."""
+        return self.db_pool_size + self.db_max_overflow
 
     @cached_property
     def resolved_database_url(self) -> str:

@@ -96,8 +96,8 @@ GRPO_LOSS_TYPE = "How per-token losses are aggregated: grpo, bnpo, dr_grpo or da
 NUM_ITERATIONS = "Optimizer passes over each rollout (> 1 uses importance ratios against it)."
 MASK_TRUNCATED = "Leave completions that never produced EOS out of the loss."
 COMPUTE_MULTIPLIER = "OpenAI's knob: num_generations is max(2, round(8 * compute_multiplier))."
-EVAL_INTERVAL = "OpenAI's; stored, no effect yet."
-EVAL_SAMPLES = "OpenAI's; stored, no effect yet."
+EVAL_INTERVAL = "OpenAI's; stored, no effect yet (0-100000 steps)."
+EVAL_SAMPLES = "OpenAI's; stored, no effect yet (0-10000 samples)."
 REASONING_EFFORT = "OpenAI's; stored, no effect yet."
 RLOO_BETA = "KL coefficient, folded into the reward (TRL: 0.05)."
 NORMALIZE_ADVANTAGES = "Whiten the leave-one-out advantages over the batch."
@@ -184,12 +184,22 @@ class DpoHyperparametersRequest(CommonRequest):
     }
 
     beta: Annotated[float, Field(gt=0, le=100)] | Auto = Field("auto", description=DPO_BETA)
-    loss_type: Literal[DPO_LOSS_TYPES] | list[Literal[DPO_LOSS_TYPES]] | Auto = Field(  # type: ignore[valid-type]
-        "auto", description=DPO_LOSS_TYPE
-    )
-    loss_weights: list[Annotated[float, Field(ge=0)]] | Auto | None = Field(
-        "auto", description=DPO_LOSS_WEIGHTS
-    )
+    loss_type: (
+        Literal[DPO_LOSS_TYPES]  # type: ignore[valid-type]
+        | Annotated[
+            list[Literal[DPO_LOSS_TYPES]],  # type: ignore[valid-type]
+            Field(min_length=1, max_length=len(DPO_LOSS_TYPES)),
+        ]
+        | Auto
+    ) = Field("auto", description=DPO_LOSS_TYPE)
+    loss_weights: (
+        Annotated[
+            list[Annotated[float, Field(ge=0, le=100)]],
+            Field(min_length=1, max_length=len(DPO_LOSS_TYPES)),
+        ]
+        | Auto
+        | None
+    ) = Field("auto", description=DPO_LOSS_WEIGHTS)
     label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] | Auto = Field(
         "auto", description=LABEL_SMOOTHING
     )
@@ -321,8 +331,13 @@ class ReinforcementHyperparametersRequest(CommonRequest):
     compute_multiplier: Annotated[float, Field(gt=0, le=32)] | Auto = Field(
         "auto", description=COMPUTE_MULTIPLIER
     )
-    eval_interval: Annotated[int, Field(ge=0)] | Auto = Field("auto", description=EVAL_INTERVAL)
-    eval_samples: Annotated[int, Field(ge=0)] | Auto = Field("auto", description=EVAL_SAMPLES)
+    # Unbounded, 10**30 was accepted and stored (issue 13); every number has both bounds.
+    eval_interval: Annotated[int, Field(ge=0, le=100_000)] | Auto = Field(
+        "auto", description=EVAL_INTERVAL
+    )
+    eval_samples: Annotated[int, Field(ge=0, le=10_000)] | Auto = Field(
+        "auto", description=EVAL_SAMPLES
+    )
     reasoning_effort: Literal["default", "low", "medium", "high"] | Auto = Field(
         "auto", description=REASONING_EFFORT
     )

@@ -9,6 +9,7 @@ from fastapi.responses import StreamingResponse
 
 from api import files, planning
 from api.deps import OwnerDep, ServicesDep, SessionDep
+from api.downloads import content_disposition
 from api.openapi import ERROR_RESPONSES, documented_as, streamed
 from api.pagination import page
 
@@ -87,6 +88,6 @@ def file_content(
         media_type="application/octet-stream",
         headers={
             "content-length": str(row.bytes),
-            "content-disposition": f'attachment; filename="{row.filename}"',
+            "content-disposition": content_disposition(row.filename),
         },
     )

@@ -1,0 +1,80 @@
+"""How many ``/v1`` requests one API process serves at once, sized with its database pool.
+
+Sync routes run in a thread pool and take a pooled connection; under load (issue 13: 128
+clients, 40 threads, 10 + 10 connections) threads waited 30 s for connections while the
+requests holding connections waited for threads, and clients got 500s and timeouts. Here a
+request first takes one of ``db_pool_size + db_max_overflow`` places, waiting in the event
+loop (where waiting costs no thread and no connection) for at most ``api_queue_timeout_s``;
+a request holds at most one connection at a time (auth, then idempotency, then the route,
+whose session closes before the response is sent: ``api.deps.get_session``), so an admitted
+request always finds a free connection. One that finds no place in time is answered 503
+``server_busy`` with ``Retry-After``, in the error shape (the openai SDK retries it).
+
+The place is given back when the response starts: what streams after that (file content,
+adapters, SSE) takes short sessions of its own and must not keep others out for minutes.
+If the pool still runs dry (streams, health checks), the checkout waits ``db_pool_timeout_s``
+and the request gets the same 503 (``api.errors``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import anyio
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.errors import RETRY_AFTER_S, server_busy
+from api.keys import is_api_path, send_error
+
+
+def retry_after() -> list[tuple[bytes, bytes]]:
+    return [(b"retry-after", str(RETRY_AFTER_S).encode())]
+
+
+class AdmissionMiddleware:
+    def __init__(self, app: ASGIApp, capacity: int, queue_timeout_s: float) -> None:
+        self.app = app
+        self.capacity = capacity
+        self.queue_timeout_s = queue_timeout_s
+        # Made in the event loop on first use: anyio primitives belong to a running loop.
+        self._places: anyio.Semaphore | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not is_api_path(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        if self._places is None:
+            self._places = anyio.Semaphore(self.capacity)
+        places = self._places
+        with anyio.move_on_after(self.queue_timeout_s) as waited:
+            await places.acquire()
+        if waited.cancelled_caught:
+            seconds = math.ceil(self.queue_timeout_s)
+            await send_error(send, server_busy(f"no place within {seconds} s"), retry_after())
+            return
+        held = True
+        started = False
+
+        def give_back() -> None:
+            nonlocal held
+            if held:
+                held = False
+                places.release()
+
+        async def send_and_release(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                give_back()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_release)
+        except PoolTimeout:
+            # Auth and idempotency take connections outside the routes' handlers.
+            if started:
+                raise
+            await send_error(send, server_busy("no database connection free"), retry_after())
+        finally:
+            give_back()

@@ -1,0 +1,188 @@
+"""The API under load (issue 13, item 5): a request that cannot get a database connection
+quickly is answered 503 with ``Retry-After`` in the error shape, never a 30 s hang and a 500.
+
+A real ``alignd serve`` process with a pool of one connection and a one-second wait, on
+Postgres. The test holds an exclusive lock on the jobs table, so one request that lists
+jobs takes the only place and the only connection and waits; everything else is measured
+against that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+
+from alignd.processes import free_port, start_alignd, stop_process_group, wait_healthy
+from api.settings import Settings
+from tests.conftest import create_api_key, settings_env
+
+WAIT_S = 1.0
+
+
+class Server:
+    def __init__(self, url: str, key: str) -> None:
+        self.url = url
+        self.http = httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30
+        )
+
+
+@pytest.fixture(scope="module")
+def tiny_pool_server(
+    pg_settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    port = free_port()
+    env = {
+        **settings_env(pg_settings),
+        "ALIGND_DB_POOL_SIZE": "1",
+        "ALIGND_DB_MAX_OVERFLOW": "0",
+        "ALIGND_DB_POOL_TIMEOUT_S": str(WAIT_S),
+        "ALIGND_API_QUEUE_TIMEOUT_S": str(WAIT_S),
+        "ALIGND_RATE_LIMIT_PER_MINUTE": "0",
+    }
+    log = (tmp_path_factory.mktemp("serve") / "serve.log").open("wb")
+    proc = start_alignd(
+        ["serve", "--no-worker", "--port", str(port), "--log-level", "warning"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
+        server = Server(f"http://127.0.0.1:{port}", create_api_key(pg_settings))
+        yield server
+        server.http.close()
+    finally:
+        stop_process_group(proc)
+        log.close()
+
+
+def lock_jobs(pg_settings: Settings) -> psycopg.Connection[tuple[object, ...]]:
+    """A connection holding an exclusive lock on ``jobs`` until it commits."""
+    url = pg_settings.resolved_database_url.replace("postgresql+psycopg://", "postgresql://")
+    conn = psycopg.connect(url)
+    conn.execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
+    return conn
+
+
+def wait_for_blocked_query(pg_settings: Settings, timeout_s: float = 10) -> None:
+    url = pg_settings.resolved_database_url.replace("postgresql+psycopg://", "postgresql://")
+    deadline = time.monotonic() + timeout_s
+    with psycopg.connect(url, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            row = conn.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()
+            if row and row[0]:
+                return
+            time.sleep(0.05)
+    raise AssertionError("the request never blocked on the lock")
+
+
+def assert_busy(response: httpx.Response, elapsed_s: float) -> None:
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"] == "1"
+    assert response.headers["x-request-id"]
+    error = response.json()["error"]
+    assert error["type"] == "server_error"
+    assert error["code"] == "server_busy"
+    # The wait is bounded by the setting, not SQLAlchemy's 30 s.
+    assert elapsed_s < WAIT_S + 2, elapsed_s
+
+
+def timed_get(server: Server, path: str) -> tuple[httpx.Response, float]:
+    started = time.monotonic()
+    response = server.http.get(path)
+    return response, time.monotonic() - started
+
+
+def test_requests_beyond_the_pool_get_503_with_retry_after(
+    tiny_pool_server: Server, pg_settings: Settings
+) -> None:
+    server = tiny_pool_server
+    assert server.http.get("/v1/fine_tuning/jobs").status_code == 200
+    lock = lock_jobs(pg_settings)
+    with ThreadPoolExecutor(max_workers=17) as pool:
+        try:
+            slow = pool.submit(timed_get, server, "/v1/fine_tuning/jobs")
+            wait_for_blocked_query(pg_settings)
+            # 16 more /v1 requests at once: no place frees up within the wait.
+            others = [pool.submit(timed_get, server, "/v1/files") for _ in range(16)]
+            for future in others:
+                assert_busy(*future.result(timeout=30))
+            # Outside /v1 (no admission limit) the pool's own timeout gives the same answer.
+            assert_busy(*timed_get(server, "/metrics"))
+            assert not slow.done()
+        finally:
+            lock.commit()
+            lock.close()
+        response, _elapsed = slow.result(timeout=30)
+    assert response.status_code == 200, response.text
+    # The place and the connection are back: the server answers normally at once.
+    response, elapsed = timed_get(server, "/v1/files")
+    assert response.status_code == 200
+    assert elapsed < WAIT_S
+
+
+def test_streamed_download_does_not_hold_a_place(tiny_pool_server: Server, tmp_path: Path) -> None:
+    # A download still being read (its response has started) leaves the only place free.
+    body = (
+        b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+    )
+    created = tiny_pool_server.http.post(
+        "/v1/files",
+        data={"purpose": "fine-tune"},
+        files={"file": ("big.jsonl", body * 40_000)},
+    )
+    assert created.status_code == 200, created.text
+    file_id = created.json()["id"]
+    with tiny_pool_server.http.stream("GET", f"/v1/files/{file_id}/content") as download:
+        assert download.status_code == 200
+        first = next(download.iter_bytes())
+        assert first
+        response, elapsed = timed_get(tiny_pool_server, "/v1/fine_tuning/jobs")
+        assert response.status_code == 200, response.text
+        assert elapsed < WAIT_S
+
+
+def test_serve_runs_several_api_processes(pg_settings: Settings, tmp_path: Path) -> None:
+    # One process's Python runs under one GIL: more API processes on one port is how a
+    # machine with more cores serves more requests (docs/operations.md, "Load").
+    port = free_port()
+    env = {**settings_env(pg_settings), "ALIGND_API_WORKERS": "2"}
+    with (tmp_path / "serve.log").open("wb") as log:
+        proc = start_alignd(
+            ["serve", "--no-worker", "--port", str(port), "--log-level", "warning"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_healthy(f"http://127.0.0.1:{port}", proc)
+            group = []
+            for entry in Path("/proc").iterdir():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    if entry.name.isdigit() and os.getpgid(int(entry.name)) == proc.pid:
+                        group.append(entry.name)
+            assert len(group) >= 3, group  # the supervisor and two API processes
+            key = create_api_key(pg_settings)
+            headers = {"Authorization": f"Bearer {key}"}
+            took = []
+            with httpx.Client(headers=headers) as http:  # one keep-alive connection
+                for _ in range(9):
+                    started = time.monotonic()
+                    response = http.get(f"http://127.0.0.1:{port}/v1/files")
+                    took.append(time.monotonic() - started)
+                    assert response.status_code == 200, response.text
+            # TCP_NODELAY (alignd/serving.py): without it, every answer waited ~40 ms for
+            # the client's delayed ACK.
+            assert sorted(took)[4] < 0.03, took
+        finally:
+            stop_process_group(proc)
