@@ -45,11 +45,14 @@ def test_a_silent_running_job_is_requeued_by_one_sweeper_then_claimed(
 ) -> None:
     services = Services.build(pg_settings)
     old = now() - int(pg_settings.stale_heartbeat_s) - 5
-    stale = insert_job(services.sessions, status="running", heartbeat_at=old, attempts=1)
-    fresh = insert_job(services.sessions, status="running", heartbeat_at=now(), attempts=1)
+    # On a queue no live worker serves: the session's real worker (pg_worker) sweeps this
+    # database too, and would otherwise re-send and run the requeued job under the test.
+    mine = {"extensions": {"resources": {"worker_class": "claim-test"}}}
+    stale = insert_job(services.sessions, status="running", heartbeat_at=old, attempts=1, **mine)
+    fresh = insert_job(services.sessions, status="running", heartbeat_at=now(), attempts=1, **mine)
     # A running job is never claimed by a delivery, stale or not: the sweep decides.
     assert claim(services, stale, "w") is None and claim(services, fresh, "w") is None
-    sweep(services, [pg_settings.default_queue])
+    sweep(services, ["claim-test"])
     # A second sweeper (or the same one again) finds nothing left to take.
     assert requeue_lost(services, stale, "again") is None
     with services.sessions() as session:
