@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     workers = args.workers or settings.api_workers
     try:
         if workers > 1:
+            # Each process counts its own requests; /metrics sums them all through
+            # prometheus_client's multiprocess mode (api/metrics.py). A fresh folder per
+            # start: counters from an earlier run must not add up.
+            if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
+                    prefix="alignd-api-metrics-"
+                )
             # Each process builds its app (and its pool, threads and admission limit) from the
             # same environment; the Python code of a request runs under one process's GIL, so
             # more processes are how one machine serves more requests (docs/operations.md).
