@@ -137,7 +137,11 @@ def serve(host: str, port: int, collector: WorkerCollector) -> None:
     """Serve the worker's metrics on ``host:port`` from a daemon thread of this process."""
     registry = CollectorRegistry()
     registry.register(collector)
-    start_http_server(port, addr=host, registry=registry)
+    try:
+        start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:  # a port in use must not stop the worker from training
+        log.error("worker metrics: cannot listen on %s:%d (%s); running without", host, port, exc)
+        return
     log.info("worker metrics on http://%s:%d/metrics", host, port)
 
 
