@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from alignd.processes import free_port
+from alignd.processes import free_port, start_alignd, stop_process_group
 from api.db import make_engine, make_sessionmaker
 from api.migration import upgrade
 from api.settings import Settings
@@ -200,3 +200,80 @@ def job_samples(collector: worker_metrics.WorkerCollector) -> Iterator[Any]:
     for family in collector.collect():
         if family.name.startswith("alignd_worker_job_"):
             yield from family.samples
+
+
+def test_a_running_job_has_its_throughput_series_on_the_worker(api: Api, worker: Worker) -> None:
+    train = api.upload(chat_rows(32, seed=4))["id"]
+    body: dict[str, Any] = {
+        "model": "tiny",
+        "training_file": train,
+        "seed": 1,
+        "method": {
+            "type": "supervised",
+            "supervised": {"hyperparameters": {"n_epochs": 50, "batch_size": 1}},
+        },
+        "max_seq_len": 64,
+        "resources": {"worker_class": worker.queue},
+    }
+    created = api.http.post("fine_tuning/jobs", json=body)
+    assert created.status_code == 200, created.text
+    job_id = created.json()["id"]
+    labels = {"worker": worker.hostname, "job_id": job_id, "method": "supervised"}
+    try:
+        deadline = time.monotonic() + 120
+        rate = 0.0
+        while rate <= 0 and time.monotonic() < deadline:
+            samples = scrape(worker.url)
+            rate = value(samples, "alignd_worker_job_tokens_per_second", **labels)
+            time.sleep(0.2)
+        assert rate > 0, worker.proc.output()[-3000:]
+        slots_labels = {"worker": worker.hostname, "worker_class": worker.queue}
+        assert value(samples, "alignd_worker_slots", state="busy", **slots_labels) == 1
+        # A CPU worker reports no GPU memory.
+        assert not any(name == "alignd_worker_job_gpu_memory_bytes" for name, _ in samples)
+    finally:
+        api.http.post(f"fine_tuning/jobs/{job_id}/cancel")
+    assert api.wait_terminal(job_id)["status"] == "cancelled"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        samples = scrape(worker.url)
+        if not any(name.startswith("alignd_worker_job_") for name, _ in samples):
+            break
+        time.sleep(0.2)
+    assert not any(name.startswith("alignd_worker_job_") for name, _ in samples)
+
+
+def test_several_api_processes_answer_with_the_sum_of_their_counts(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ALIGND_", "PROMETHEUS_"))}
+    env |= {"ALIGND_DATA_DIR": str(tmp_path), "ALIGND_PORT": str(port)}
+    proc = start_alignd(["serve", "--workers", "2", "--no-worker"], env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "serve did not start"
+            time.sleep(0.3)
+        before = value(
+            scrape(f"{base}/metrics"),
+            "alignd_http_requests_total",
+            route="/healthz",
+            method="GET",
+            status="2xx",
+        )
+        for _ in range(20):  # new connections: both processes take some
+            assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200
+        # Whichever process answers the scrape, it reports all of them.
+        for _ in range(4):
+            after = scrape(f"{base}/metrics")
+            count = value(
+                after, "alignd_http_requests_total", route="/healthz", method="GET", status="2xx"
+            )
+            assert count - before == 20
+    finally:
+        stop_process_group(proc)
