@@ -48,6 +48,8 @@ UNROUTED = "unrouted"
 # Where the inner middleware leaves the chosen route's template for the outer one: middlewares
 # pass shallow copies of the scope on, so the holder (a dict) is shared, not the scope itself.
 ROUTE_KEY = "alignd.route"
+# A client may send any method token; anything else is one label value, not one each.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class MetricsMiddleware:
@@ -76,13 +78,15 @@ class MetricsMiddleware:
         finally:
             route = holder.get("route", UNROUTED)
             method = str(scope.get("method", "GET"))
+            method = method if method in METHODS else "other"
             REQUESTS.labels(route, method, f"{status // 100}xx").inc()
             LATENCY.labels(route, method).observe(time.perf_counter() - started)
 
 
 class RouteTemplateMiddleware:
     """Innermost: once the router has chosen a route (``scope["route"]``), hand its path
-    template to MetricsMiddleware."""
+    template to MetricsMiddleware. The template is the route's own path: our routers carry
+    their prefix themselves (``APIRouter(prefix=...)``), never ``include_router``'s."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
