@@ -12,9 +12,11 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -53,8 +55,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_cleanly)
     workers = args.workers or settings.api_workers
+    metrics_dir: str | None = None
     try:
         if workers > 1:
+            # Each process counts its own requests; /metrics sums them all through
+            # prometheus_client's multiprocess mode (api/metrics.py). A fresh folder per
+            # start: counters from an earlier run must not add up.
+            if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                metrics_dir = tempfile.mkdtemp(prefix="alignd-api-metrics-")
+                os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
             # Each process builds its app (and its pool, threads and admission limit) from the
             # same environment; the Python code of a request runs under one process's GIL, so
             # more processes are how one machine serves more requests (docs/operations.md).
@@ -79,6 +88,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         if worker is not None:
             stop_process_group(worker)
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

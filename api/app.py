@@ -13,6 +13,7 @@ from api.body_limit import BodyLimitMiddleware
 from api.errors import install_handlers
 from api.idempotency import IdempotencyMiddleware
 from api.keys import AuthMiddleware
+from api.metrics import MetricsMiddleware, RouteTemplateMiddleware
 from api.request_id import RequestIdMiddleware
 from api.routes import files, graders, health, jobs, models, uploads
 from api.routes import streams as stream_routes
@@ -46,6 +47,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.services = Services.build(settings)
     install_handlers(app)
+    # Innermost: it reads the route the router chose, for MetricsMiddleware (api/metrics.py).
+    app.add_middleware(RouteTemplateMiddleware)
     # Innermost first: idempotency needs the principal that auth leaves in the scope, and the
     # request id must be outermost so that 401 and 429 answers carry it too.
     app.add_middleware(IdempotencyMiddleware, sessions=app.state.services.sessions)
@@ -59,6 +62,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Before auth: an oversized body is refused from its Content-Length, whoever sends it.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_json_body_bytes)
     app.add_middleware(RequestIdMiddleware)
+    # Outermost: every answer counts, a refused one too (api/metrics.py).
+    app.add_middleware(MetricsMiddleware)
     for module in (health, files, uploads, jobs, models, graders):
         app.include_router(module.router)
     app.include_router(stream_routes.router)

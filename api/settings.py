@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     # its pool's processes; None: detect.
     worker_devices: str | None = None
     worker_device_kind: Literal["cuda", "cpu"] | None = None
+    # The worker's Prometheus port (worker/metrics.py); 0 = off, since the default would
+    # collide between two workers on one host. One port per `alignd worker` process.
+    worker_metrics_port: int = Field(0, ge=0, le=65535)
+    worker_metrics_host: str = "127.0.0.1"
     # A job that finds too few free slots on its worker is sent back to its queue after this
     # many seconds (the pool process never waits for slots).
     slot_retry_s: float = Field(5.0, ge=0)

@@ -9,7 +9,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 import socket
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from billiard.einfo import ExceptionWithTraceback
@@ -20,12 +23,17 @@ from celery.worker.request import Request
 from api.queue import RUN_JOB_TASK, make_celery
 from api.services import Services
 from api.settings import load_settings
-from worker import recovery, slots
+from worker import metrics, recovery, slots
 
 log = logging.getLogger("alignd.worker")
 
 settings = load_settings()
 app = make_celery(settings)
+
+_stats_dir: str | None = None
+if settings.worker_metrics_port and not os.environ.get(metrics.STATS_DIR_ENV):
+    # Before the pool forks: its processes write their jobs' stats here (worker/metrics.py).
+    _stats_dir = os.environ[metrics.STATS_DIR_ENV] = tempfile.mkdtemp(prefix="alignd-worker-stats-")
 
 _services: tuple[int, Services] | None = None
 
@@ -152,6 +160,12 @@ def register_worker(sender: Any = None, **_kwargs: Any) -> None:
     kind, devices = _devices()
     registry.register(services(), hostname, queues, registry.detect(kind, devices))
     _heartbeat = registry.Heartbeat(services(), hostname, queues).start()
+    if settings.worker_metrics_port:
+        stats = Path(os.environ[metrics.STATS_DIR_ENV])
+        collector = metrics.WorkerCollector(
+            hostname, queues, slots.lock_dir(settings), devices, stats
+        )
+        metrics.serve(settings.worker_metrics_host, settings.worker_metrics_port, collector)
 
 
 _dispatcher: Any = None
@@ -175,3 +189,9 @@ def stop_webhook_dispatcher(**_kwargs: Any) -> None:
         _heartbeat.stop()  # the row stays: known until worker_registry_ttl_s has passed
     if _sweeper is not None:
         _sweeper.stop()
+
+
+@signals.worker_shutdown.connect
+def remove_stats_dir(**_kwargs: Any) -> None:
+    if _stats_dir is not None:
+        shutil.rmtree(_stats_dir, ignore_errors=True)

@@ -26,6 +26,7 @@ from trainer_core import graders
 from trainer_core.seams import RunResult
 from trainer_core.specs import RewardModelRef, TrainSpec
 from worker import job_logs, launch
+from worker import metrics as worker_metrics
 from worker.lease import Abandoned, Beat, Lease, transient
 from worker.sinks import ArtifactCheckpointStore, DatabaseSink, StopFlag
 
@@ -288,7 +289,7 @@ def execute(
         else:
             result = trainer_core.run(
                 spec,
-                DatabaseSink(lease, job.owner),
+                DatabaseSink(lease, job.owner, method=job.method["type"]),
                 ArtifactCheckpointStore(lease, services.artifacts, job.owner),
                 StopFlag(lease),
             )
@@ -324,6 +325,7 @@ def execute(
         return "failed"
     finally:
         beat.stop()
+        worker_metrics.job_ended()
         shutil.rmtree(workdir, ignore_errors=True)
         logs.close()
 

@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
 
             services = Services.build(load_settings())
             lease = Lease(services.sessions, job_id, int(attempt), services.settings.db_retry_s)
-            sink = DatabaseSink(lease, owner)
+            sink = DatabaseSink(lease, owner, method=str(spec.method))
             store = ArtifactCheckpointStore(lease, services.artifacts, owner)
         else:
             sink, store = NullSink(), FolderCheckpointStore(Path(f"rank-{rank}-unused"))

@@ -19,6 +19,7 @@ from api.artifacts import ArtifactStore
 from api.job_events import add_event
 from api.models import Checkpoint, Job, JobMetric, new_id, now
 from worker.lease import Lease
+from worker.metrics import JobStats
 
 # A metrics event every this many steps (plus the first and the last): enough to follow a
 # job in the events list without drowning it; every step is a metric point regardless.
@@ -30,8 +31,9 @@ STOP_POLL_S = 0.5
 class DatabaseSink:
     """MetricSink: each metric point is a row; some also become OpenAI ``metrics`` events."""
 
-    def __init__(self, lease: Lease, owner: str) -> None:
+    def __init__(self, lease: Lease, owner: str, method: str = "unknown") -> None:
         self.lease = lease
+        self.stats = JobStats(lease.job_id, method)  # the worker's metrics port (worker/metrics.py)
         self.job_id = lease.job_id
         self.owner = owner
         self.total_steps: int | None = None
@@ -82,6 +84,7 @@ class DatabaseSink:
                 )
 
         self.lease.write(record)
+        self.stats.update(step, clean)
 
     def event(
         self, message: str, *, level: str = "info", data: Mapping[str, Any] | None = None

@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
-from sqlalchemy import func, select, text
+from sqlalchemy import text
 
 from api.deps import ServicesDep, SessionDep
-from api.models import Job
+from api.metrics import exposition
 from api.openapi import streamed
 
 router = APIRouter(tags=["health"])
@@ -54,13 +55,10 @@ def readyz(services: ServicesDep, session: SessionDep) -> JSONResponse:
 @router.get(
     "/metrics",
     response_class=PlainTextResponse,
-    responses=streamed("Prometheus text exposition: alignd_jobs by status.", "text/plain"),
+    responses=streamed(
+        "Prometheus text exposition (docs/operations.md lists every metric).", "text/plain"
+    ),
 )
-def metrics(session: SessionDep) -> PlainTextResponse:
-    counts = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
-    lines = [
-        "# HELP alignd_jobs Fine-tuning jobs by status.",
-        "# TYPE alignd_jobs gauge",
-        *(f'alignd_jobs{{status="{status}"}} {count}' for status, count in counts),
-    ]
-    return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+def metrics(services: ServicesDep) -> Response:
+    body = exposition(services.sessions, services.settings)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
