@@ -28,7 +28,9 @@ class FileObject(BaseModel):
     bytes: int = Field(description="The size of the file, in bytes.")
     created_at: int = Field(description="When it was uploaded (Unix seconds).")
     filename: str = Field(description="The name it was uploaded with.")
-    purpose: str = Field(description="What it is for: 'fine-tune'.")
+    purpose: str = Field(
+        description="What it is for: 'fine-tune' (uploads) or 'fine-tune-results' (a job's results)."
+    )
     status: Literal["uploaded", "processed", "error"] = Field(
         description=(
             "processed: valid, usable by a job; error: invalid (see status_details). The file "

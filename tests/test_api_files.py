@@ -96,9 +96,15 @@ def test_unknown_purpose_is_a_400_naming_purpose(pg_api: Api) -> None:
     error = response.json()["error"]
     assert error["param"] == "purpose"
     assert error["type"] == "invalid_request_error"
-    before = {row["id"] for row in pg_api.http.get("files").json()["data"]}
+    before = {
+        row["id"]
+        for row in pg_api.http.get("files", params={"purpose": "fine-tune"}).json()["data"]
+    }
     # Nothing was half-stored: the list did not grow.
-    assert before == {row["id"] for row in pg_api.http.get("files").json()["data"]}
+    assert before == {
+        row["id"]
+        for row in pg_api.http.get("files", params={"purpose": "fine-tune"}).json()["data"]
+    }
 
 
 def test_missing_multipart_field_is_error_shape(pg_api: Api) -> None:
