@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any, BinaryIO, Literal
 
 from pydantic import BaseModel, Field
+from pydantic.json_schema import SkipJsonSchema
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -18,6 +19,10 @@ from trainer_core.formats import DatasetValidator
 # Only fine-tuning datasets are served; OpenAI's other purposes belong to other products.
 PURPOSES = ("fine-tune",)
 ACTIVE_JOB_STATUSES = ("validating_files", "queued", "running", "paused")
+
+
+def _is_none(value: object) -> bool:
+    return value is None
 
 
 class FileObject(BaseModel):
@@ -37,10 +42,19 @@ class FileObject(BaseModel):
             "is validated while it uploads, so an answer never says 'uploaded'."
         )
     )
-    status_details: str | None = Field(
-        description="Why the file is invalid, naming its first bad lines by number; else null."
+    # OpenAI declares these two optional but not nullable: absent, never null, when unset.
+    status_details: str | SkipJsonSchema[None] = Field(
+        None,
+        exclude_if=_is_none,
+        description=(
+            "Why the file is invalid, naming its first bad lines by number; absent when valid."
+        ),
     )
-    expires_at: int | None = Field(description="Always null: files do not expire.")
+    expires_at: int | SkipJsonSchema[None] = Field(
+        None,
+        exclude_if=_is_none,
+        description="When the file expires (Unix seconds); absent: files do not expire.",
+    )
     # Ours: what the validator found.
     format: str | None = Field(
         description=(
