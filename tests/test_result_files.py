@@ -11,8 +11,9 @@ import time
 import openai
 import pytest
 
-from api.models import Checkpoint, Job, JobMetric, new_id, now
-from api.results import results_csv
+from api.files import chunk_count, iter_content
+from api.models import Checkpoint, File, Job, JobMetric, new_id, now
+from api.results import results_csv, store_results
 from api.services import Services
 from api.settings import Settings
 from tests.conftest import Api, WorkerProcess, chat_rows, insert_job
@@ -61,11 +62,27 @@ def test_results_csv_columns_cells_and_relogged_steps(pg_settings: Settings) -> 
         ["3", "", "", "", "", "", "0.0003", ""],
     ]
 
-    # finish() stores it with the job's success, in the same transaction, once.
+    # Stored in chunks as uploads are (16 bytes here: several), read back whole.
+    with services.sessions() as session, session.begin():
+        stored = store_results(session, session.get_one(Job, job_id), chunk_bytes=16)
+        stored_id = stored.id
+    assert chunk_count_of(services, stored_id) == -(-len(data) // 16) > 1
+    assert b"".join(iter_content(services.sessions, stored_id, 10**6)) == data
+
+    # finish() stores it with the job's success, in the same transaction, owned by the owner.
     finish(services, job_id, "succeeded", attempt=1)
     with services.sessions() as session:
         job = session.get_one(Job, job_id)
-        assert len(job.result_files) == 1
+        [file_id] = job.result_files
+        row = session.get_one(File, file_id)
+        assert (row.owner, row.purpose, row.status) == (job.owner, "fine-tune-results", "processed")
+        assert row.bytes == len(data)
+    assert b"".join(iter_content(services.sessions, file_id, 10**6)) == data
+
+
+def chunk_count_of(services: Services, file_id: str) -> int:
+    with services.sessions() as session:
+        return chunk_count(session, file_id)
 
 
 @pytest.mark.slow
