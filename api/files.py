@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any, BinaryIO, Literal
 
 from pydantic import BaseModel, Field
+from pydantic.json_schema import SkipJsonSchema
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -20,6 +21,10 @@ PURPOSES = ("fine-tune",)
 ACTIVE_JOB_STATUSES = ("validating_files", "queued", "running", "paused")
 
 
+def _is_none(value: object) -> bool:
+    return value is None
+
+
 class FileObject(BaseModel):
     """An uploaded dataset file (OpenAI's ``file`` object, plus what our validator found)."""
 
@@ -28,17 +33,28 @@ class FileObject(BaseModel):
     bytes: int = Field(description="The size of the file, in bytes.")
     created_at: int = Field(description="When it was uploaded (Unix seconds).")
     filename: str = Field(description="The name it was uploaded with.")
-    purpose: str = Field(description="What it is for: 'fine-tune'.")
+    purpose: str = Field(
+        description="What it is for: 'fine-tune' (uploads) or 'fine-tune-results' (a job's results)."
+    )
     status: Literal["uploaded", "processed", "error"] = Field(
         description=(
             "processed: valid, usable by a job; error: invalid (see status_details). The file "
             "is validated while it uploads, so an answer never says 'uploaded'."
         )
     )
-    status_details: str | None = Field(
-        description="Why the file is invalid, naming its first bad lines by number; else null."
+    # OpenAI declares these two optional but not nullable: absent, never null, when unset.
+    status_details: str | SkipJsonSchema[None] = Field(
+        None,
+        exclude_if=_is_none,
+        description=(
+            "Why the file is invalid, naming its first bad lines by number; absent when valid."
+        ),
     )
-    expires_at: int | None = Field(description="Always null: files do not expire.")
+    expires_at: int | SkipJsonSchema[None] = Field(
+        None,
+        exclude_if=_is_none,
+        description="When the file expires (Unix seconds); absent: files do not expire.",
+    )
     # Ours: what the validator found.
     format: str | None = Field(
         description=(

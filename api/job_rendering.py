@@ -129,7 +129,12 @@ class FineTuningJob(BaseModel):
     )
     training_file: str = Field(description="The id of the training file.")
     validation_file: str | None = Field(description="The id of the validation file, if any.")
-    result_files: list[str] = Field(description="Always empty: metrics are served by /metrics.")
+    result_files: list[str] = Field(
+        description=(
+            "Once succeeded: the id of its results file (purpose fine-tune-results), a CSV of "
+            "its metrics per step, read with GET /v1/files/{id}/content; else empty."
+        )
+    )
     trained_tokens: int | None = Field(
         description="Non-padding tokens processed over all epochs; null until the job ends."
     )

@@ -186,6 +186,18 @@ def create_job(services: Services, session: Session, owner: str, raw: Any) -> Jo
     session.add(job)
     session.flush()
     add_event(session, job, f"Created fine-tuning job: {job.id}")
+    effort = job.method[job.method["type"]]["hyperparameters"].get("reasoning_effort")
+    if effort not in (None, "default"):
+        # OpenAI's reinforcement knob for its reasoning models; ours have no reasoning mode.
+        # Said once, where the user looks, rather than ignored in silence (issue 14).
+        add_event(
+            session,
+            job,
+            f"reasoning_effort '{effort}' has no effect on this model: it has no reasoning "
+            "mode, so the job trains as with 'default'",
+            level="warning",
+            data={"param": f"method.{job.method['type']}.hyperparameters.reasoning_effort"},
+        )
     return job
 
 

@@ -18,6 +18,7 @@ from api.models import Job
 from api.services import Services
 from api.settings import Settings
 from tests.conftest import Api, chat_rows
+from trainer_core.hyperparameters import ReinforcementHyperparameters
 from trainer_core.specs import WORKER_FIELDS, TrainSpec
 from worker.execution import build_spec
 
@@ -138,3 +139,54 @@ def test_online_options_are_in_the_spec(api: Api, pg_settings: Settings, tmp_pat
         assert spec.hyperparameters.model_dump() == job["method"][method]["hyperparameters"]
         assert spec.reward_model is None and spec.reward_models == {}
     assert type(spec.hyperparameters).__name__ == "ReinforcementHyperparameters"
+
+
+def test_reinforcement_echoes_openai_eval_settings_and_warns_of_reasoning_effort(
+    api: Api,
+) -> None:
+    rows = "".join(json.dumps({"prompt": f"Say {i}.", "answer": str(i)}) + "\n" for i in range(4))
+    prompts = api.upload(rows)["id"]
+    grader = {
+        "type": "string_check",
+        "name": "exact",
+        "input": "{{sample.output_text}}",
+        "reference": "{{item.answer}}",
+        "operation": "eq",
+    }
+
+    def body(**hyperparameters: Any) -> dict[str, Any]:
+        block = {"grader": grader, "hyperparameters": hyperparameters}
+        return {
+            "model": "tiny",
+            "training_file": prompts,
+            "method": {"type": "reinforcement", "reinforcement": block},
+        }
+
+    def warnings(job_id: str) -> list[dict[str, Any]]:
+        events = api.http.get(f"fine_tuning/jobs/{job_id}/events").json()["data"]
+        return [e for e in events if e["level"] != "info"]
+
+    # OpenAI's schema: "auto" or an integer >= 1, never 0.
+    default = create(api, body())
+    shown = default["method"]["reinforcement"]["hyperparameters"]
+    assert (shown["eval_interval"], shown["eval_samples"]) == ("auto", "auto")
+    assert shown["reasoning_effort"] == "default" and warnings(default["id"]) == []
+    # A job stored before "auto" was echoed holds 0 for it: it is shown as "auto".
+    old = ReinforcementHyperparameters.model_validate(
+        shown | {"eval_interval": 0, "eval_samples": 0}
+    )
+    assert (old.eval_interval, old.eval_samples) == ("auto", "auto")
+
+    given = create(api, body(eval_interval=3, eval_samples=2, reasoning_effort="high"))
+    shown = given["method"]["reinforcement"]["hyperparameters"]
+    assert (shown["eval_interval"], shown["eval_samples"]) == (3, 2)
+    assert shown["reasoning_effort"] == "high"
+    [warning] = warnings(given["id"])
+    assert warning["level"] == "warning"
+    assert "reasoning_effort 'high' has no effect on this model" in warning["message"]
+    assert warning["data"]["param"] == "method.reinforcement.hyperparameters.reasoning_effort"
+
+    for field in ("eval_interval", "eval_samples"):
+        response = api.http.post("fine_tuning/jobs", json=body(**{field: 0}))
+        assert response.status_code == 400, response.text
+        assert field in response.json()["error"]["param"]

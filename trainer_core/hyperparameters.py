@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Auto = Literal["auto"]
 LrScheduler = Literal["linear", "cosine", "constant"]
@@ -96,9 +96,11 @@ GRPO_LOSS_TYPE = "How per-token losses are aggregated: grpo, bnpo, dr_grpo or da
 NUM_ITERATIONS = "Optimizer passes over each rollout (> 1 uses importance ratios against it)."
 MASK_TRUNCATED = "Leave completions that never produced EOS out of the loss."
 COMPUTE_MULTIPLIER = "OpenAI's knob: num_generations is max(2, round(8 * compute_multiplier))."
-EVAL_INTERVAL = "OpenAI's; stored, no effect yet (0-100000 steps)."
-EVAL_SAMPLES = "OpenAI's; stored, no effect yet (0-10000 samples)."
-REASONING_EFFORT = "OpenAI's; stored, no effect yet."
+EVAL_INTERVAL = "OpenAI's: training steps between evaluations (1-100000, or auto); stored."
+EVAL_SAMPLES = "OpenAI's: completions per validation prompt (1-10000, or auto); stored."
+REASONING_EFFORT = (
+    "OpenAI's; no effect on these models (a value other than default adds a warning event)."
+)
 RLOO_BETA = "KL coefficient, folded into the reward (TRL: 0.05)."
 NORMALIZE_ADVANTAGES = "Whiten the leave-one-out advantages over the batch."
 NUM_PPO_EPOCHS = "Optimizer passes over each rollout."
@@ -323,8 +325,9 @@ class ReinforcementHyperparametersRequest(CommonRequest):
     DEFAULTS: ClassVar[dict[str, Any]] = {
         **GrpoHyperparametersRequest.DEFAULTS,
         "compute_multiplier": 1.0,
-        "eval_interval": 0,
-        "eval_samples": 0,
+        # OpenAI echoes "auto" for these, never a number it picked: so do we.
+        "eval_interval": "auto",
+        "eval_samples": "auto",
         "reasoning_effort": "default",
     }
 
@@ -332,10 +335,10 @@ class ReinforcementHyperparametersRequest(CommonRequest):
         "auto", description=COMPUTE_MULTIPLIER
     )
     # Unbounded, 10**30 was accepted and stored (issue 13); every number has both bounds.
-    eval_interval: Annotated[int, Field(ge=0, le=100_000)] | Auto = Field(
+    eval_interval: Annotated[int, Field(ge=1, le=100_000)] | Auto = Field(
         "auto", description=EVAL_INTERVAL
     )
-    eval_samples: Annotated[int, Field(ge=0, le=10_000)] | Auto = Field(
+    eval_samples: Annotated[int, Field(ge=1, le=10_000)] | Auto = Field(
         "auto", description=EVAL_SAMPLES
     )
     reasoning_effort: Literal["default", "low", "medium", "high"] | Auto = Field(
@@ -469,9 +472,15 @@ class GrpoHyperparameters(SamplingResolved):
 
 class ReinforcementHyperparameters(GrpoHyperparameters):
     compute_multiplier: float = Field(description=COMPUTE_MULTIPLIER)
-    eval_interval: int = Field(description=EVAL_INTERVAL)
-    eval_samples: int = Field(description=EVAL_SAMPLES)
+    eval_interval: Annotated[int, Field(ge=1)] | Auto = Field(description=EVAL_INTERVAL)
+    eval_samples: Annotated[int, Field(ge=1)] | Auto = Field(description=EVAL_SAMPLES)
     reasoning_effort: str = Field(description=REASONING_EFFORT)
+
+    @field_validator("eval_interval", "eval_samples", mode="before")
+    @classmethod
+    def _zero_was_auto(cls, value: Any) -> Any:
+        # Jobs stored before these echoed "auto" hold 0 for it; OpenAI's schema wants >= 1.
+        return "auto" if value == 0 else value
 
 
 class RlooHyperparameters(SamplingResolved):

@@ -21,6 +21,7 @@ from api.files import chunk_count, iter_content
 from api.job_events import add_event
 from api.job_queries import succeeded_job_named
 from api.models import Checkpoint, File, Job, JobMetric, now
+from api.results import store_results
 from api.services import Services
 from trainer_core import graders
 from trainer_core.seams import RunResult
@@ -218,6 +219,8 @@ def finish(
             job.step = result.step
         if status == "succeeded":
             job.fine_tuned_model = fine_tuned_name(job)
+            results = store_results(session, job, chunk_bytes=services.settings.upload_chunk_bytes)
+            job.result_files = [results.id]
             add_event(session, job, f"New fine-tuned model created: {job.fine_tuned_model}")
             add_event(session, job, "The job has successfully completed")
         elif status == "paused":

@@ -1,0 +1,156 @@
+"""A succeeded job's results file (OpenAI's ``result_files``): a CSV of its metrics per step,
+owned by the job's owner, read with the unmodified SDK's ``files.content``."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+
+import openai
+import pytest
+
+from api.files import chunk_count, iter_content
+from api.models import Checkpoint, File, Job, JobMetric, new_id, now
+from api.results import results_csv, store_results
+from api.services import Services
+from api.settings import Settings
+from tests.conftest import Api, WorkerProcess, chat_rows, insert_job
+from worker.execution import finish
+
+OPENAI_HEADER = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+
+
+def rows_of(data: bytes) -> list[list[str]]:
+    return list(csv.reader(io.StringIO(data.decode())))
+
+
+def test_results_csv_columns_cells_and_relogged_steps(pg_settings: Settings) -> None:
+    services = Services.build(pg_settings)
+    job_id = insert_job(services.sessions, status="running", attempts=1)
+    points = [
+        (1, {"train_loss": 2.5, "train_mean_token_accuracy": 0.25, "lr": 1e-4}),
+        (2, {"train_loss": 2.0, "lr": 2e-4}),
+        (3, {"lr": 3e-4}),
+        # step 2 logged again (a resumed job): its latest point wins, as GET .../metrics says
+        (2, {"train_loss": 1.75, "lr": 2e-4, "kl": 0.125}),
+    ]
+    with services.sessions() as session, session.begin():
+        for step, values in points:
+            session.add(
+                JobMetric(job_id=job_id, owner="local", created_at=now(), step=step, values=values)
+            )
+        # The validation pass's metrics come with the checkpoint of step 2, not its point.
+        session.add(
+            Checkpoint(
+                id=new_id("ftckpt"),
+                job_id=job_id,
+                owner="local",
+                created_at=now(),
+                step=2,
+                metrics={"step": 2.0, "train_loss": 9.0, "valid_loss": 2.25, "valid_x": 0.5},
+                artifact_key="none",
+            )
+        )
+    with services.sessions() as session:
+        data = results_csv(session, job_id)
+    assert rows_of(data) == [
+        [*OPENAI_HEADER, "kl", "lr", "valid_x"],  # then the others, sorted by name
+        ["1", "2.5", "0.25", "", "", "", "0.0001", ""],
+        ["2", "1.75", "", "2.25", "", "0.125", "0.0002", "0.5"],
+        ["3", "", "", "", "", "", "0.0003", ""],
+    ]
+
+    # Stored in chunks as uploads are (16 bytes here: several), read back whole.
+    with services.sessions() as session, session.begin():
+        stored = store_results(session, session.get_one(Job, job_id), chunk_bytes=16)
+        stored_id = stored.id
+    assert chunk_count_of(services, stored_id) == -(-len(data) // 16) > 1
+    assert b"".join(iter_content(services.sessions, stored_id, 10**6)) == data
+
+    # finish() stores it with the job's success, in the same transaction, owned by the owner.
+    finish(services, job_id, "succeeded", attempt=1)
+    with services.sessions() as session:
+        job = session.get_one(Job, job_id)
+        [file_id] = job.result_files
+        row = session.get_one(File, file_id)
+        assert (row.owner, row.purpose, row.status) == (job.owner, "fine-tune-results", "processed")
+        assert row.bytes == len(data)
+    assert b"".join(iter_content(services.sessions, file_id, 10**6)) == data
+
+
+def chunk_count_of(services: Services, file_id: str) -> int:
+    with services.sessions() as session:
+        return chunk_count(session, file_id)
+
+
+@pytest.mark.slow
+def test_a_succeeded_job_lists_its_results_file_for_its_owner_only(
+    pg_api: Api, pg_worker: WorkerProcess
+) -> None:
+    client = openai.OpenAI(base_url=f"{pg_api.url}/v1", api_key=pg_api.key, max_retries=0)
+    train = client.files.create(file=("t.jsonl", chat_rows(16).encode()), purpose="fine-tune")
+    valid = client.files.create(
+        file=("v.jsonl", chat_rows(4, seed=1).encode()), purpose="fine-tune"
+    )
+    job = client.fine_tuning.jobs.create(
+        model="tiny",
+        training_file=train.id,
+        validation_file=valid.id,
+        seed=3,
+        method={
+            "type": "supervised",
+            "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 4}},
+        },
+        extra_body={"adapter": {"type": "lora", "r": 4}, "max_seq_len": 64},
+    )
+    assert job.result_files == []
+    deadline = time.monotonic() + 240
+    while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in (
+        "succeeded",
+        "failed",
+        "cancelled",
+    ):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.25)
+    assert job.status == "succeeded", job.error
+    assert len(job.result_files) == 1
+    file_id = job.result_files[0]
+
+    meta = client.files.retrieve(file_id)
+    assert meta.purpose == "fine-tune-results" and meta.status == "processed"
+    assert meta.filename == f"{job.id}_results.csv"
+    assert file_id in [f.id for f in client.files.list(purpose="fine-tune-results")]
+    content = client.files.content(file_id).read()
+    assert meta.bytes == len(content)
+
+    # The CSV says what GET .../metrics says, one row per step, OpenAI's columns first; the
+    # validation columns say what the checkpoints say, at their steps.
+    metrics = pg_api.http.get(f"fine_tuning/jobs/{job.id}/metrics").json()
+    checkpoints = {
+        c.step_number: c.metrics for c in client.fine_tuning.jobs.checkpoints.list(job.id)
+    }
+    header, *rows = rows_of(content)
+    assert header[:5] == OPENAI_HEADER
+    extra = sorted(set(metrics["keys"]) - {*OPENAI_HEADER, "train_mean_token_accuracy"})
+    assert header[5:] == extra and "learning_rate" in extra
+    assert [int(r[0]) for r in rows] == metrics["step"] == list(range(1, 9))
+    source = {"train_accuracy": "train_mean_token_accuracy"}
+    for column, name in enumerate(header[1:], start=1):
+        cells = [float(r[column]) if r[column] else None for r in rows]
+        if name.startswith("valid_"):
+            at = {s: getattr(checkpoints[s], name) for s in checkpoints}
+            assert cells == [at.get(s) for s in metrics["step"]], name
+        else:
+            assert cells == metrics[source.get(name, name)], name
+    # hand-checked: step 1's loss is the first train_loss, as Python writes that float
+    assert rows[0][1] == repr(metrics["train_loss"][0])
+    # the final checkpoint (step 8) ran the validation pass: the last row has its valid_loss
+    assert 8 in checkpoints and rows[-1][3] == repr(checkpoints[8].valid_loss)
+
+    # Another owner sees neither the file nor its content (404, never 403).
+    other = pg_api.as_owner(f"other-{time.monotonic_ns()}")
+    assert other.get(f"files/{file_id}").status_code == 404
+    assert other.get(f"files/{file_id}/content").status_code == 404
+    assert file_id not in json.dumps(other.get("files").json())
