@@ -142,7 +142,7 @@ def start_sweeper(sender: Any = None, **_kwargs: Any) -> None:
     (worker/recovery.py), from its parent process, beside the pool: recovery never waits for
     a worker to restart, nor for a free pool process."""
     global _sweeper
-    _sweeper = recovery.Sweeper(services(), _consumed_queues(sender)).start()
+    _sweeper = recovery.sweeper(services(), _consumed_queues(sender)).start()
 
 
 _heartbeat: Any = None
@@ -159,7 +159,7 @@ def register_worker(sender: Any = None, **_kwargs: Any) -> None:
     queues = _consumed_queues(sender)
     kind, devices = _devices()
     registry.register(services(), hostname, queues, registry.detect(kind, devices))
-    _heartbeat = registry.Heartbeat(services(), hostname, queues).start()
+    _heartbeat = registry.heartbeat(services(), hostname, queues).start()
     if settings.worker_metrics_port:
         stats = Path(os.environ[metrics.STATS_DIR_ENV])
         collector = metrics.WorkerCollector(

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
 from collections.abc import Collection
+from functools import partial
 
 from sqlalchemy import or_, select, update
 
@@ -31,6 +31,7 @@ from api.job_events import add_event
 from api.models import Job, now
 from api.services import Services
 from api.workers import job_queue
+from worker.periodic import Periodic
 
 log = logging.getLogger("alignd.worker")
 
@@ -183,30 +184,13 @@ def touch_queued(services: Services, job_id: str) -> None:
         )
 
 
-class Sweeper:
-    """A daemon thread in the worker's parent process: ``sweep`` at once, then every
-    ``sweep_interval_s`` times a random 0.75-1.25 (workers started together drift apart)."""
-
-    def __init__(self, services: Services, queues: Collection[str]) -> None:
-        self.services = services
-        self.queues = frozenset(queues)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="alignd-sweep", daemon=True)
-
-    def start(self) -> Sweeper:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        interval = self.services.settings.sweep_interval_s
-        while True:
-            try:
-                sweep(self.services, self.queues)
-            except Exception:  # the database or the broker is away: try again next time
-                log.exception("sweep failed")
-            if self._stop.wait(interval * random.uniform(0.75, 1.25)):
-                return
+def sweeper(services: Services, queues: Collection[str]) -> Periodic:
+    """``sweep`` at once, then every ``sweep_interval_s`` times a random 0.75-1.25 (workers
+    started together drift apart), on a daemon thread of the worker's parent process."""
+    interval = services.settings.sweep_interval_s
+    return Periodic(
+        "sweep",
+        partial(sweep, services, frozenset(queues)),
+        lambda: interval * random.uniform(0.75, 1.25),
+        at_once=True,
+    )

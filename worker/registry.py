@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 from api import workers
 from api.models import Worker
 from api.services import Services
 from worker import slots
+from worker.periodic import Periodic
 
 log = logging.getLogger("alignd.worker")
 
@@ -109,28 +110,10 @@ def touch(services: Services, hostname: str, queues: list[str]) -> None:
         workers.clear_unserved(session, queues)
 
 
-class Heartbeat:
-    """A daemon thread that refreshes this worker's ``last_seen``."""
-
-    def __init__(self, services: Services, hostname: str, queues: list[str]) -> None:
-        self.services = services
-        self.hostname = hostname
-        self.queues = queues
-        self.every_s = services.settings.worker_registry_refresh_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="alignd-registry", daemon=True)
-
-    def start(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
-            try:
-                touch(self.services, self.hostname, self.queues)
-            except Exception:
-                log.exception("worker registry: could not refresh %s", self.hostname)
+def heartbeat(services: Services, hostname: str, queues: list[str]) -> Periodic:
+    """Refresh this worker's ``last_seen`` every ``worker_registry_refresh_s``, on a daemon
+    thread of the worker's parent process."""
+    every_s = services.settings.worker_registry_refresh_s
+    return Periodic(
+        "registry", partial(touch, services, hostname, queues), lambda: every_s, at_once=False
+    )
