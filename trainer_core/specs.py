@@ -7,8 +7,9 @@ loads it and fills in only what is local to the machine that runs it (paths, the
 settings) with ``model_copy``. ``python -m trainer_core run spec.json`` reads the same object.
 
 The hyperparameter classes live in ``trainer_core.hyperparameters`` and the method table in
-``trainer_core.registry``; their public names are re-exported here, where method modules and
-tests have always imported them from.
+``trainer_core.registry``; the resolved classes a ``TrainSpec`` holds (and the registry's
+``METHODS``/``resolve_hyperparameters``) are re-exported here, where method modules and tests
+import them from. The request classes are the API's business: take them from the registry.
 
 This module must stay importable without torch: the API imports it to validate job bodies.
 """
@@ -23,25 +24,15 @@ from trainer_core.hyperparameters import (
     DPO_LOSS_TYPES,
     CommonResolved,
     DpoHyperparameters,
-    DpoHyperparametersRequest,
     GrpoHyperparameters,
-    GrpoHyperparametersRequest,
     KtoHyperparameters,
-    KtoHyperparametersRequest,
     OrpoHyperparameters,
-    OrpoHyperparametersRequest,
     PpoHyperparameters,
-    PpoHyperparametersRequest,
     ReinforcementHyperparameters,
-    ReinforcementHyperparametersRequest,
     RewardModelHyperparameters,
-    RewardModelHyperparametersRequest,
     RlooHyperparameters,
-    RlooHyperparametersRequest,
     SimpoHyperparameters,
-    SimpoHyperparametersRequest,
     SupervisedHyperparameters,
-    SupervisedHyperparametersRequest,
 )
 from trainer_core.registry import (
     METHODS,
@@ -56,29 +47,19 @@ __all__ = [
     "AdapterSpec",
     "AnyHyperparameters",
     "DpoHyperparameters",
-    "DpoHyperparametersRequest",
     "GrpoHyperparameters",
-    "GrpoHyperparametersRequest",
     "KtoHyperparameters",
-    "KtoHyperparametersRequest",
     "MethodType",
     "OrpoHyperparameters",
-    "OrpoHyperparametersRequest",
     "PpoHyperparameters",
-    "PpoHyperparametersRequest",
     "Precision",
     "ReinforcementHyperparameters",
-    "ReinforcementHyperparametersRequest",
     "ResourcesSpec",
     "RewardModelHyperparameters",
-    "RewardModelHyperparametersRequest",
     "RewardModelRef",
     "RlooHyperparameters",
-    "RlooHyperparametersRequest",
     "SimpoHyperparameters",
-    "SimpoHyperparametersRequest",
     "SupervisedHyperparameters",
-    "SupervisedHyperparametersRequest",
     "TrainSpec",
     "resolve_hyperparameters",
 ]
