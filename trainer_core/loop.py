@@ -635,18 +635,6 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def validation_batches(
-    examples: Sequence[E],
-    batch_size: int,
-    collate: Callable[[list[E]], B],
-    where: Placement,
-) -> Iterator[tuple[list[int], B]]:
-    """``examples`` in file order, ``batch_size`` at a time: the indices and their batch on
-    ``where``'s device."""
-    for indices in fixed_batches(len(examples), batch_size):
-        yield indices, where.to(collate([examples[i] for i in indices]))
-
-
 def evaluate(
     model: nn.Module,
     examples: Sequence[E],
@@ -668,7 +656,8 @@ def evaluate(
     where = where or Placement()
     totals = []
     with evaluating(model):
-        for indices, batch in validation_batches(examples, batch_size, collate, where):
+        for indices in fixed_batches(len(examples), batch_size):
+            batch = where.to(collate([examples[i] for i in indices]))
             with where.autocast():
                 _, stats = loss(batch, Share(indices, 1.0, last=True, whole=True))
             totals.append(stats)

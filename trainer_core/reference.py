@@ -31,7 +31,7 @@ from trainer_core import distributed, shared_prompt
 from trainer_core.batching import fixed_batches
 from trainer_core.distributed import Distributed
 from trainer_core.logprobs import completion_token_logps
-from trainer_core.loop import disable_dropout, evaluating  # noqa: F401  (disable_dropout: old import path)
+from trainer_core.loop import evaluating
 from trainer_core.placement import Placement
 from trainer_core.preference_data import PairBatch, PreferenceExample, collate_pairs
 from trainer_core.preference_losses import completion_logps
