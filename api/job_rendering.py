@@ -171,6 +171,15 @@ class FineTuningJob(BaseModel):
     resources: ResourcesSpec = Field(
         description="Ours: processes, ZeRO stage, precision and worker class."
     )
+    attempts: int = Field(
+        description=(
+            "Ours: how many times a worker has started the job's current run (1 once it is "
+            "running; more after its worker was lost and the job resumed; 0 before it starts)."
+        )
+    )
+    last_error: str | None = Field(
+        description="Ours: why the last attempt was lost (a dead worker process, ...); else null."
+    )
 
 
 class FineTuningJobList(ListPage[FineTuningJob]):
@@ -262,6 +271,8 @@ def render_job(job: Job, queue_position: int | None = None) -> FineTuningJob:
         max_seq_len=job.extensions.get("max_seq_len"),
         # Jobs from before resources existed ran with the defaults.
         resources=job.extensions.get("resources") or ResourcesSpec(),
+        attempts=job.attempts or 0,
+        last_error=job.last_error,
     )
 
 

@@ -243,6 +243,8 @@ def test_killed_worker_group_resumes_on_the_other_worker_from_its_checkpoint(
     step = int(resumed_at[0].split()[3])
     assert step % 2 == 0 and 4 <= step <= (saved or 0), (step, saved)
     assert resumed_at[0].endswith("after the worker was lost (attempt 2)")
+    # The job object says so too.
+    assert job["attempts"] == 2 and "heartbeat" in str(job["last_error"]), job
     assert_same_curve(loss_by_step(pg_api, sessions, job_id), reference)
 
 
@@ -260,6 +262,7 @@ def test_killed_training_process_resumes_at_once_from_its_checkpoint(
     job = pg_api.wait_terminal(job_id, timeout_s=300)
     assert job["status"] == "succeeded", (job["error"], workers.logs())
     assert "the worker process died" in str(job_row(sessions, job_id).last_error)
+    assert job["attempts"] == 2 and "the worker process died" in str(job["last_error"]), job
     assert any(m.startswith("Resumed at step") for m in messages(pg_api, job_id))
     assert_same_curve(loss_by_step(pg_api, sessions, job_id), reference)
 
