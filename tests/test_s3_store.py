@@ -316,6 +316,12 @@ def test_job_artifacts_land_in_s3_and_download_through_the_api(stack: Stack) -> 
     assert rows[0].startswith("step,train_loss,train_accuracy,valid_loss")
     assert [row.split(",")[0] for row in rows[1:]] == [str(step) for step in range(1, 9)]
 
+    # Deleting the fine-tuned model deletes its objects from the bucket.
+    deleted = api.http.delete(f"models/{job['fine_tuned_model']}")
+    assert deleted.status_code == 200, deleted.text
+    assert keys_under(client, stack.bucket, f"{stack.prefix}/jobs/{job_id}/") == set()
+    assert api.http.get(f"fine_tuning/jobs/{job_id}/adapter").status_code == 404
+
 
 @pytest.mark.slow
 def test_paused_job_resumes_from_its_checkpoint_in_s3(stack: Stack) -> None:
