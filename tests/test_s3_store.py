@@ -8,7 +8,8 @@ process started here on a free port.
 - The whole job path (slow): the API and a worker process configured with
   ``ALIGND_ARTIFACTS_URL=s3://...`` → checkpoints and the adapter land in the bucket and
   nowhere on disk, the adapter downloads through the API with Range and an ETag that is the
-  sha256 of the bytes in S3; a paused job resumes from the checkpoint it fetches from S3;
+  sha256 of the bytes in S3; a paused job, and a job whose training process was killed,
+  resume from the checkpoint the worker fetches from S3;
   a worker whose bucket does not exist fails its job with ``artifact_store_error`` and
   records no checkpoint.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -38,6 +40,7 @@ from api.migration import upgrade
 from api.s3 import S3ArtifactStore
 from api.settings import Settings
 from tests.conftest import PG_ADMIN, REDIS_HOST, Api, WorkerProcess, chat_rows
+from tests.test_durable_jobs import FAST_RECOVERY, pool_child
 from tests.test_e2e import all_events, job_body
 
 MiB = 1024 * 1024
@@ -388,3 +391,40 @@ def test_worker_whose_bucket_is_missing_fails_the_job_and_records_nothing(
     messages = [event["message"] for event in all_events(api, job["id"])]
     assert not any(m.startswith("Checkpoint saved") for m in messages)
     assert messages[-1].startswith("The job failed: storing jobs/")
+
+
+@pytest.mark.slow
+def test_job_that_lost_its_worker_resumes_from_s3(stack: Stack, tmp_path: Path) -> None:
+    queue = f"s3-lost-{secrets.token_hex(3)}"
+    env = {
+        **worker_env(stack.settings, stack.s3.endpoint, f"s3://{stack.bucket}/{stack.prefix}"),
+        **FAST_RECOVERY,
+    }
+    # One pool process on a slot of its own (test_durable_jobs.py's workers do the same).
+    worker = WorkerProcess(
+        stack.settings, tmp_path / "worker.log", env, args=["--queues", queue, "--gpus", "7"]
+    )
+    try:
+        api = stack.api
+        train = api.upload(chat_rows(8, seed=11))
+        # 8 rows in batches of 4, 8 epochs: 16 steps, a checkpoint every 2.
+        body = {**job_body(train["id"], n_epochs=8), "resources": {"worker_class": queue}}
+        job_id = api.http.post("fine_tuning/jobs", json=body).json()["id"]
+        api.wait_for(
+            job_id,
+            lambda j: j["status"] == "running" and (j["progress"] or {}).get("step", 0) >= 5,
+        )
+        os.kill(pool_child(worker), signal.SIGKILL)  # the training process, for real
+        job = api.wait_terminal(job_id)
+        assert job["status"] == "succeeded", (job, worker.output()[-3000:])
+        resumed = [m for m in (e["message"] for e in all_events(api, job_id)) if "Resumed" in m]
+        assert len(resumed) == 1, resumed
+        step = int(resumed[0].split()[3])
+        assert step >= 4 and step % 2 == 0
+        # The new attempt fetched that checkpoint from the bucket, and went on from it.
+        log = worker.output()
+        assert f"fetched jobs/{job_id}/checkpoints/step-{step}/state.tar" in log, log[-3000:]
+        metrics = api.http.get(f"fine_tuning/jobs/{job_id}/metrics").json()
+        assert metrics["step"] == list(range(1, 17))
+    finally:
+        worker.stop()
