@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -136,12 +137,11 @@ class S3ArtifactStore:
         )
         try:
             return retrying(call)
-        except botocore.exceptions.BotoCoreError as exc:
-            raise ArtifactStoreError(f"{what} failed: {exc}") from exc
         except Exception as exc:
             if missing(exc):
                 raise FileNotFoundError(f"{what}: no such artifact") from exc
-            if isinstance(exc, botocore.exceptions.ClientError) or "boto3" in type(exc).__module__:
+            # boto3's, botocore's and the transfer manager's own errors; ours pass as they are.
+            if type(exc).__module__.split(".")[0] in ("boto3", "botocore", "s3transfer"):
                 raise ArtifactStoreError(f"{what} failed: {exc}") from exc
             raise
 
@@ -200,8 +200,6 @@ class S3ArtifactStore:
         return ArtifactInfo(size=int(head["ContentLength"]), sha256=str(digest))
 
     def _hash(self, key: str, size: int) -> str:
-        import hashlib
-
         digest = hashlib.sha256()
         for chunk in self.read(key, 0, size - 1) if size else ():
             digest.update(chunk)
