@@ -20,7 +20,6 @@ from api.artifacts import ArtifactStore
 from api.errors import APIError, not_found
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
-CHUNK = 1024 * 1024
 # What the ASCII fallback keeps; anything else (quotes, ';', '\\', controls) becomes '_'.
 _UNSAFE_FALLBACK = re.compile(r"[^A-Za-z0-9 ._()+-]")
 
@@ -66,10 +65,11 @@ def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
 
 
 def artifact_response(request: Request, store: ArtifactStore, key: str, filename: str) -> Response:
-    if not store.exists(key):
+    info = store.stat(key)
+    if info is None:
         raise not_found("artifact", key)
-    size = store.size(key)
-    etag = f'"{store.sha256(key)}"'
+    size = info.size
+    etag = f'"{info.sha256}"'
     headers = {
         "accept-ranges": "bytes",
         "etag": etag,
@@ -79,18 +79,11 @@ def artifact_response(request: Request, store: ArtifactStore, key: str, filename
         return Response(status_code=304, headers=headers)
     span = _byte_range(request.headers.get("range"), size)
     start, end = span if span else (0, size - 1)
-
-    def body() -> Iterator[bytes]:
-        with store.open(key) as fh:
-            fh.seek(start)
-            left = end - start + 1
-            while left > 0 and (chunk := fh.read(min(CHUNK, left))):
-                left -= len(chunk)
-                yield chunk
-
     headers["content-length"] = str(end - start + 1)
     if span:
         headers["content-range"] = f"bytes {start}-{end}/{size}"
+    # The store streams the span (an S3 ranged GET, or a file read) in chunks.
+    body: Iterator[bytes] = store.read(key, start, end) if size else iter(())
     return StreamingResponse(
-        body(), status_code=206 if span else 200, media_type="application/x-tar", headers=headers
+        body, status_code=206 if span else 200, media_type="application/x-tar", headers=headers
     )

@@ -19,6 +19,8 @@ from sqlalchemy.exc import DataError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.artifacts import ArtifactStoreError
+
 log = logging.getLogger("alignd.api")
 
 _TYPES = {
@@ -177,6 +179,18 @@ def install_handlers(app: FastAPI) -> None:
         # No connection came free within ALIGND_DB_POOL_TIMEOUT_S: the server is overloaded,
         # which the client should retry, not a bug (a 500) (api/admission.py).
         err = server_busy("no database connection free")
+        return JSONResponse(
+            err.body(), status_code=503, headers={"retry-after": str(RETRY_AFTER_S)}
+        )
+
+    @app.exception_handler(ArtifactStoreError)
+    async def _artifacts(_request: Request, exc: ArtifactStoreError) -> JSONResponse:
+        # The artifact store (S3) stayed unreachable past its retries: the client may try
+        # again later; the full reason goes to the log, not to the client.
+        log.warning("artifact store: %s", exc)
+        err = APIError(
+            503, "The artifact store is unavailable; retry later.", code="artifact_store_error"
+        )
         return JSONResponse(
             err.body(), status_code=503, headers={"retry-after": str(RETRY_AFTER_S)}
         )

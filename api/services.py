@@ -29,5 +29,5 @@ class Services:
             engine=engine,
             sessions=make_sessionmaker(engine),
             queue=JobQueue(settings),
-            artifacts=artifact_store(settings.artifacts_root),
+            artifacts=artifact_store(settings),
         )

@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from trainer_core import outbound
@@ -29,7 +29,9 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(
         None, description="Celery broker; default filesystem in data_dir."
     )
-    artifacts_url: str | None = Field(None, description="Folder path or file:// URL for artifacts.")
+    artifacts_url: str | None = Field(
+        None, description="Folder path, file:// URL, or s3://bucket/prefix for artifacts."
+    )
     models_dir: Path | None = Field(None, description="Base models, one folder each.")
 
     host: str = "127.0.0.1"
@@ -149,6 +151,23 @@ class Settings(BaseSettings):
     upload_chunk_bytes: int = 1024 * 1024
     torch_threads: int | None = None
 
+    # The S3 artifact store (ALIGND_ARTIFACTS_URL=s3://bucket/prefix; docs/operations.md,
+    # "Artifact store"). The endpoint names an S3-compatible server (MinIO, Ceph); unset is
+    # AWS. Keys unset: boto3's own chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
+    # AWS_SESSION_TOKEN, AWS_PROFILE, an instance role), which operators of AWS already use.
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    # Create the bucket at start when it is missing (compose's fresh MinIO). Off by default:
+    # in production a missing bucket is a misconfiguration to report, not to paper over.
+    s3_create_bucket: bool = False
+    # Objects above this size are uploaded in parts of this size (S3's minimum part is 5 MiB).
+    s3_multipart_bytes: int = Field(64 * 1024 * 1024, ge=5 * 1024 * 1024)
+    # How long a transfer that meets a transient failure (connection, 5xx, throttling) is
+    # tried again before the job fails with artifact_store_error.
+    s3_retry_s: float = Field(60.0, ge=0)
+
     @model_validator(mode="after")
     def _stale_after_retries(self) -> Settings:
         if self.db_retry_s + self.heartbeat_s >= self.stale_heartbeat_s:
@@ -158,6 +177,13 @@ class Settings(BaseSettings):
                 "another worker may resume it"
             )
         return self
+
+    @field_validator("artifacts_url", mode="after")
+    @classmethod
+    def _artifacts_url(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith("s3://") and not value[5:].split("/")[0]:
+            raise ValueError("ALIGND_ARTIFACTS_URL: s3:// needs a bucket (s3://bucket/prefix)")
+        return value
 
     @field_validator("webhook_allowed_hosts", mode="after")
     @classmethod
@@ -216,11 +242,17 @@ class Settings(BaseSettings):
         if url is None:
             return self.data_dir / "artifacts"
         if url.startswith("s3://"):
-            raise ValueError(
-                "ALIGND_ARTIFACTS_URL: the S3 store is not implemented yet; use a folder "
-                "(a shared volume between the API and the workers)"
-            )
+            raise ValueError("ALIGND_ARTIFACTS_URL names S3, not a folder (see artifacts_s3)")
         return Path(url.removeprefix("file://")).expanduser().resolve()
+
+    @property
+    def artifacts_s3(self) -> tuple[str, str] | None:
+        """(bucket, prefix) when ``ALIGND_ARTIFACTS_URL`` is ``s3://bucket/prefix``."""
+        url = self.artifacts_url
+        if url is None or not url.startswith("s3://"):
+            return None
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        return bucket, prefix.strip("/")
 
     @property
     def work_dir(self) -> Path:

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from api.settings import Settings
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -33,6 +35,31 @@ def test_compose_has_the_services_and_their_wiring() -> None:
         assert env["ALIGND_BROKER_URL"].startswith("redis://")
     devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
+
+
+def test_compose_stores_artifacts_in_its_minio() -> None:
+    services = compose()["services"]
+    minio = services["minio"]
+    assert "healthcheck" in minio
+    for name in ("api", "worker"):
+        env = services[name]["environment"]
+        assert env["ALIGND_ARTIFACTS_URL"].startswith("s3://")
+        assert env["ALIGND_S3_ENDPOINT_URL"] == "http://minio:9000"
+        assert env["ALIGND_S3_CREATE_BUCKET"] == "true"  # a fresh MinIO has no bucket
+        # The keys the app sends are MinIO's own.
+        assert env["AWS_ACCESS_KEY_ID"] == minio["environment"]["MINIO_ROOT_USER"]
+        assert env["AWS_SECRET_ACCESS_KEY"] == minio["environment"]["MINIO_ROOT_PASSWORD"]
+        assert services[name]["depends_on"]["minio"]["condition"] == "service_healthy"
+        # What compose sets is what the app accepts.
+        settings = Settings(
+            **{
+                k.removeprefix("ALIGND_").lower(): v
+                for k, v in env.items()
+                if k.startswith("ALIGND_")
+            }
+        )
+        assert settings.artifacts_s3 == ("alignd", "artifacts")
+        assert settings.s3_create_bucket is True
 
 
 def test_api_image_has_no_torch_and_worker_image_has_cuda() -> None:

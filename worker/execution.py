@@ -16,6 +16,7 @@ from sqlalchemy import ColumnElement, delete, select, update
 
 import trainer_core
 from api import webhooks
+from api.artifacts import ArtifactStoreError
 from api.catalog import fine_tuned_name, model_path
 from api.files import chunk_count, iter_content
 from api.job_events import add_event
@@ -316,7 +317,13 @@ def execute(
             )
             return None
         log.exception("job %s failed", job_id)
-        code = "file_not_found" if isinstance(exc, FileNotFoundError) else "training_error"
+        code = (
+            "file_not_found"
+            if isinstance(exc, FileNotFoundError)
+            else "artifact_store_error"
+            if isinstance(exc, ArtifactStoreError)
+            else "training_error"
+        )
         message = str(exc) or exc.__class__.__name__
         finish(
             services,

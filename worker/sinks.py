@@ -147,7 +147,10 @@ class ArtifactCheckpointStore:
     """CheckpointStore: tar, store atomically, then record the row (in that order).
 
     A checkpoint row exists only once its files are in the store, so the API never lists a
-    checkpoint it cannot serve.
+    checkpoint it cannot serve. A store that fails (after its own retries) raises
+    ``ArtifactStoreError`` before anything is recorded: the job fails with that error, and
+    what did reach the store (the adapter without its state) is named by no row; the next save
+    of that step overwrites it, deleting the job's model deletes it.
     """
 
     def __init__(self, lease: Lease, artifacts: ArtifactStore, owner: str) -> None:
