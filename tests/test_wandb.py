@@ -21,8 +21,6 @@ import pytest
 from api.settings import Settings
 from tests.conftest import Api, WorkerProcess, chat_rows
 
-pytestmark = pytest.mark.slow
-
 BLOCK = 32 * 1024
 HEADER = b":W&B\xe1\xbe\x00"  # magic, 0xBEE1 little-endian, version 0
 
@@ -114,6 +112,7 @@ def run_job(api: Api, queue: str, integrations: list[dict[str, Any]]) -> dict[st
     return api.wait_terminal(created.json()["id"], timeout_s=300)
 
 
+@pytest.mark.slow
 def test_a_job_logs_its_config_and_metrics_to_wandb(
     pg_api: Api, wandb_worker: tuple[str, Path]
 ) -> None:
@@ -144,6 +143,7 @@ def test_a_job_logs_its_config_and_metrics_to_wandb(
     assert not [e for e in events if e["level"] == "warning" or "wandb" in e["message"]]
 
 
+@pytest.mark.slow
 def test_a_failing_integration_is_a_warning_and_the_job_succeeds(
     pg_api: Api, wandb_worker: tuple[str, Path]
 ) -> None:
@@ -159,3 +159,21 @@ def test_a_failing_integration_is_a_warning_and_the_job_succeeds(
     assert warnings[0]["level"] == "warning"
     assert "init" in warnings[0]["message"] and "64 characters" in warnings[0]["message"]
     assert not list(folder.glob(f"wandb/offline-run-*-{job['id']}"))
+
+
+def test_a_wandb_block_is_checked_when_the_job_is_created(pg_api: Api) -> None:
+    train = pg_api.upload(chat_rows(4))["id"]
+    for wandb, param in (
+        ({"name": "no project"}, "integrations.0.wandb.project"),
+        ({"project": "p", "tags": [1]}, "integrations.0.wandb.tags.0"),
+        ({"project": "p", "team": "x"}, "integrations.0.wandb.team"),
+        ("p", "integrations.0.wandb"),
+    ):
+        body = {
+            "model": "tiny",
+            "training_file": train,
+            "integrations": [{"type": "wandb", "wandb": wandb}],
+        }
+        answer = pg_api.http.post("fine_tuning/jobs", json=body)
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"]["param"] == param
