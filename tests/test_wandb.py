@@ -93,7 +93,12 @@ def wandb_worker(
     worker.stop()
 
 
-def run_job(api: Api, queue: str, integrations: list[dict[str, Any]]) -> dict[str, Any]:
+def run_job(
+    api: Api,
+    queue: str,
+    integrations: list[dict[str, Any]],
+    resources: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     train = api.upload(chat_rows(8, seed=5))["id"]
     body = {
         "model": "tiny",
@@ -105,7 +110,7 @@ def run_job(api: Api, queue: str, integrations: list[dict[str, Any]]) -> dict[st
         },
         "max_seq_len": 64,
         "integrations": integrations,
-        "resources": {"worker_class": queue},
+        "resources": {"worker_class": queue, **(resources or {})},
     }
     created = api.http.post("fine_tuning/jobs", json=body)
     assert created.status_code == 200, created.text
@@ -141,6 +146,25 @@ def test_a_job_logs_its_config_and_metrics_to_wandb(
         assert run["history"][step]["learning_rate"] == pytest.approx(series["learning_rate"][i])
     events = pg_api.http.get(f"fine_tuning/jobs/{job['id']}/events?limit=100").json()["data"]
     assert not [e for e in events if e["level"] == "warning" or "wandb" in e["message"]]
+
+
+@pytest.mark.slow
+def test_a_job_in_two_processes_logs_from_rank_0_only(
+    pg_api: Api, wandb_worker: tuple[str, Path]
+) -> None:
+    """worker.rank: rank 0 makes the one run, with the whole series; the other rank none."""
+    queue, folder = wandb_worker
+    wandb = {"project": "alignd-tests", "name": "two-ranks"}
+    job = run_job(pg_api, queue, [{"type": "wandb", "wandb": wandb}], {"gpus": 2, "zero_stage": 2})
+    assert job["status"] == "succeeded", job
+    assert len(list(folder.glob(f"wandb/offline-run-*-{job['id']}"))) == 1
+    run = offline_run(folder, job["id"])
+    series = pg_api.http.get(f"fine_tuning/jobs/{job['id']}/metrics").json()
+    assert run["name"] == "two-ranks" and run["config"]["resources"]["zero_stage"] == 2
+    assert sorted(run["history"]) == series["step"]
+    assert [run["history"][s]["train_loss"] for s in series["step"]] == pytest.approx(
+        series["train_loss"]
+    )
 
 
 @pytest.mark.slow
