@@ -155,9 +155,10 @@ def store_upload(
     return row
 
 
-def expires_after_seconds(anchor: str | None, seconds: str | None) -> int | None:
-    """OpenAI's ``expires_after`` form fields, checked: None when neither is given. Both
-    together or neither; the anchor is ``created_at``; the seconds an hour to 30 days."""
+def expires_after_seconds(anchor: object, seconds: object) -> int | None:
+    """OpenAI's ``expires_after`` (form fields of a file, or the JSON of an upload), checked:
+    None when neither part is given. Both together or neither; the anchor is ``created_at``;
+    the seconds an integer from an hour to 30 days."""
     if anchor is None and seconds is None:
         return None
     if anchor != "created_at":
@@ -166,10 +167,11 @@ def expires_after_seconds(anchor: str | None, seconds: str | None) -> int | None
             + (f" (got {anchor!r})." if anchor is not None else " (it is missing)."),
             param="expires_after.anchor",
         )
-    try:
-        value = int(seconds) if seconds is not None else None
-    except ValueError:
-        value = None
+    value: int | None = None
+    if isinstance(seconds, int) and not isinstance(seconds, bool):
+        value = seconds
+    elif isinstance(seconds, str) and seconds.strip().isdigit():
+        value = int(seconds)
     if value is None or not EXPIRES_AFTER_MIN_S <= value <= EXPIRES_AFTER_MAX_S:
         raise invalid(
             f"expires_after[seconds] must be an integer from {EXPIRES_AFTER_MIN_S} to "

@@ -299,6 +299,8 @@ class Upload(Base):
     # pending | completed | cancelled ("expired" is derived from expires_at when shown)
     status: Mapped[str] = mapped_column(String(16))
     file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # OpenAI's expires_after of the file the upload becomes (seconds after its creation).
+    file_expires_after_s: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class UploadPart(Base):

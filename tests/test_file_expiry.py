@@ -119,3 +119,28 @@ def test_an_active_job_keeps_its_expired_file_until_it_ends(
     removed = expire_files(services)
     assert train.id in removed and valid.id in removed
     assert stored(services, train.id) == stored(services, valid.id) == (0, 0)
+
+
+def test_a_multipart_upload_passes_expires_after_to_its_file(sdk: openai.OpenAI) -> None:
+    data = chat_rows(4, seed=2).encode()
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.uploads.create(
+            bytes=len(data),
+            filename="d.jsonl",
+            mime_type="application/jsonl",
+            purpose="fine-tune",
+            expires_after={"anchor": "created_at", "seconds": 60},
+        )
+    assert caught.value.param == "expires_after.seconds"
+    upload = sdk.uploads.create(
+        bytes=len(data),
+        filename="d.jsonl",
+        mime_type="application/jsonl",
+        purpose="fine-tune",
+        expires_after={"anchor": "created_at", "seconds": 7200},
+    )
+    part = sdk.uploads.parts.create(upload.id, data=data)
+    done = sdk.uploads.complete(upload.id, part_ids=[part.id])
+    assert done.file is not None
+    assert done.file.expires_at == done.file.created_at + 7200
+    assert sdk.files.retrieve(done.file.id).expires_at == done.file.expires_at

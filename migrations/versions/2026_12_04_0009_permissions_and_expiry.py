@@ -2,7 +2,8 @@
 
 ``checkpoint_permissions``: an owner lets another owner (OpenAI's "project") read and
 download one checkpoint of its job. ``files.expires_at``: OpenAI's ``expires_after`` on an
-upload; null for every existing file (files did not expire before).
+upload; null for every existing file (files did not expire before). ``uploads.
+file_expires_after_s``: the same, asked for when a multi-part upload is created.
 
 Numbered 0009 so that it cannot clash with the S3 store's 0008 being written beside it; it
 follows 0007, the last revision on main when it was written (a merge re-chains it).
@@ -27,6 +28,8 @@ def upgrade() -> None:
     with op.batch_alter_table("files", schema=None) as batch_op:
         batch_op.add_column(sa.Column("expires_at", sa.BigInteger(), nullable=True))
         batch_op.create_index(batch_op.f("ix_files_expires_at"), ["expires_at"], unique=False)
+    with op.batch_alter_table("uploads", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("file_expires_after_s", sa.Integer(), nullable=True))
     op.create_table(
         "checkpoint_permissions",
         sa.Column("id", sa.String(length=64), nullable=False),
@@ -56,6 +59,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("checkpoint_permissions")
+    with op.batch_alter_table("uploads", schema=None) as batch_op:
+        batch_op.drop_column("file_expires_after_s")
     with op.batch_alter_table("files", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_files_expires_at"))
         batch_op.drop_column("expires_at")
