@@ -15,7 +15,7 @@ from api.idempotency import IdempotencyMiddleware
 from api.keys import AuthMiddleware
 from api.metrics import MetricsMiddleware, RouteTemplateMiddleware
 from api.request_id import RequestIdMiddleware
-from api.routes import files, graders, health, jobs, models, uploads
+from api.routes import checkpoints, files, graders, health, jobs, models, uploads
 from api.routes import streams as stream_routes
 from api.routes import webhooks as webhook_routes
 from api.services import Services
@@ -64,7 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)
     # Outermost: every answer counts, a refused one too (api/metrics.py).
     app.add_middleware(MetricsMiddleware)
-    for module in (health, files, uploads, jobs, models, graders):
+    for module in (health, files, uploads, jobs, checkpoints, models, graders):
         app.include_router(module.router)
     app.include_router(stream_routes.router)
     app.include_router(webhook_routes.router)

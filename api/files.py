@@ -8,7 +8,7 @@ from typing import Any, BinaryIO, Literal
 
 from pydantic import BaseModel, Field
 from pydantic.json_schema import SkipJsonSchema
-from sqlalchemy import func, insert, select
+from sqlalchemy import ColumnElement, delete, func, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.errors import APIError, invalid, not_found
@@ -19,6 +19,9 @@ from trainer_core.formats import DatasetValidator
 # Only fine-tuning datasets are served; OpenAI's other purposes belong to other products.
 PURPOSES = ("fine-tune",)
 ACTIVE_JOB_STATUSES = ("validating_files", "queued", "running", "paused")
+# OpenAI's bounds on expires_after.seconds: an hour to 30 days.
+EXPIRES_AFTER_MIN_S = 3600
+EXPIRES_AFTER_MAX_S = 2_592_000
 
 
 def _is_none(value: object) -> bool:
@@ -53,7 +56,10 @@ class FileObject(BaseModel):
     expires_at: int | SkipJsonSchema[None] = Field(
         None,
         exclude_if=_is_none,
-        description="When the file expires (Unix seconds); absent: files do not expire.",
+        description=(
+            "When the file expires (Unix seconds): from then on it is not found, and its "
+            "bytes are deleted (docs/api.md). Absent when it was uploaded without expires_after."
+        ),
     )
     # Ours: what the validator found.
     format: str | None = Field(
@@ -85,7 +91,7 @@ def render_file(row: File) -> FileObject:
         purpose=row.purpose,
         status=row.status,
         status_details=row.status_details,
-        expires_at=None,
+        expires_at=row.expires_at,
         format=row.format,
         num_examples=row.num_examples,
     )
@@ -100,24 +106,28 @@ def store_upload(
     stream: BinaryIO,
     chunk_bytes: int,
     max_bytes: int,
+    expires_after_s: int | None = None,
 ) -> File:
     """Copy ``stream`` into the database chunk by chunk and validate it on the way.
 
     The caller commits; any error rolls the whole upload back, so nothing is half-stored.
+    ``expires_after_s`` (``expires_after_seconds`` checked it) sets ``expires_at``.
     """
     if purpose not in PURPOSES:
         raise invalid(
             f"Unsupported purpose '{purpose}'; this server accepts: {', '.join(PURPOSES)}.",
             param="purpose",
         )
+    created_at = now()
     row = File(
         id=new_id("file"),
         owner=owner,
-        created_at=now(),
+        created_at=created_at,
         filename=os.path.basename(filename or "upload.jsonl")[:512] or "upload.jsonl",
         purpose=purpose,
         bytes=0,
         status="uploaded",
+        expires_at=created_at + expires_after_s if expires_after_s is not None else None,
     )
     session.add(row)
     session.flush()
@@ -145,16 +155,47 @@ def store_upload(
     return row
 
 
+def expires_after_seconds(anchor: object, seconds: object) -> int | None:
+    """OpenAI's ``expires_after`` (form fields of a file, or the JSON of an upload), checked:
+    None when neither part is given. Both together or neither; the anchor is ``created_at``;
+    the seconds an integer from an hour to 30 days."""
+    if anchor is None and seconds is None:
+        return None
+    if anchor != "created_at":
+        raise invalid(
+            "expires_after[anchor] must be 'created_at'"
+            + (f" (got {anchor!r})." if anchor is not None else " (it is missing)."),
+            param="expires_after.anchor",
+        )
+    value: int | None = None
+    if isinstance(seconds, int) and not isinstance(seconds, bool):
+        value = seconds
+    elif isinstance(seconds, str) and seconds.strip().isdigit():
+        value = int(seconds)
+    if value is None or not EXPIRES_AFTER_MIN_S <= value <= EXPIRES_AFTER_MAX_S:
+        raise invalid(
+            f"expires_after[seconds] must be an integer from {EXPIRES_AFTER_MIN_S} to "
+            f"{EXPIRES_AFTER_MAX_S} (got {seconds!r}).",
+            param="expires_after.seconds",
+        )
+    return value
+
+
+def expired(row: File, at: int | None = None) -> bool:
+    return row.expires_at is not None and row.expires_at <= (now() if at is None else at)
+
+
 def get_file(session: Session, owner: str, file_id: str, *, param: str | None = None) -> File:
     row = session.get(File, file_id)
-    # Another owner's file is "not found", never "forbidden": ids must not leak.
-    if row is None or row.owner != owner:
+    # Another owner's file is "not found", never "forbidden": ids must not leak. An expired
+    # file is gone for its owner too, even before the sweep has deleted its bytes.
+    if row is None or row.owner != owner or expired(row):
         raise not_found("file", file_id, param=param)
     return row
 
 
 def list_files(owner: str, *, purpose: str | None, after: str | None, order: str) -> Any:
-    query = select(File).where(File.owner == owner)
+    query = select(File).where(File.owner == owner, live())
     if purpose:
         query = query.where(File.purpose == purpose)
     if order == "asc":
@@ -181,6 +222,37 @@ def delete_file(session: Session, owner: str, file_id: str) -> FileDeleted:
         )
     session.delete(row)
     return FileDeleted(id=file_id, object="file", deleted=True)
+
+
+def live() -> ColumnElement[bool]:
+    """Files that have not expired."""
+    return File.expires_at.is_(None) | (File.expires_at > now())
+
+
+def delete_expired(session: Session) -> list[str]:
+    """Delete the expired files that no active job needs (the worker's sweep calls it); the
+    caller commits. A job created while its file was live keeps it until the job ends, so a
+    queued, running or paused job never loses its data (docs/api.md)."""
+    needed = (
+        select(Job.training_file)
+        .where(Job.status.in_(ACTIVE_JOB_STATUSES))
+        .union(
+            select(Job.validation_file).where(
+                Job.status.in_(ACTIVE_JOB_STATUSES), Job.validation_file.is_not(None)
+            )
+        )
+    )
+    ids = list(
+        session.scalars(
+            select(File.id).where(File.expires_at <= now(), File.id.not_in(needed)).limit(1000)
+        )
+    )
+    if ids:
+        # The chunks by name rather than by the foreign key's cascade: a database opened
+        # without SQLite's foreign_keys pragma would keep them.
+        session.execute(delete(FileChunk).where(FileChunk.file_id.in_(ids)))
+        session.execute(delete(File).where(File.id.in_(ids)))
+    return ids
 
 
 def chunk_count(session: Session, file_id: str) -> int:

@@ -24,8 +24,9 @@ from trainer_core.registry import METHODS, MethodType, required_options
 from trainer_core.specs import AdapterSpec, ResourcesSpec
 
 _SUFFIX = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-# integrations are stored on the job and echoed by every GET and every list page, and we never
-# act on them, so they get a budget of the same order as the largest metadata (16 pairs of
+_WANDB_FIELD = re.compile(r"(integrations\.\d+\.wandb[\w.]*):")
+# integrations are stored on the job and echoed by every GET and every list page (only wandb
+# is acted on, by the worker: worker/integrations.py), so they get a budget of the same order as the largest metadata (16 pairs of
 # 64 + 512 characters, about 9 KB): 10 entries, 8 KiB of compact JSON (docs/api.md).
 MAX_INTEGRATIONS = 10
 MAX_INTEGRATIONS_BYTES = 8 * 1024
@@ -67,6 +68,19 @@ JobMethodRequest = create_model(
 )
 
 
+class WandbIntegration(BaseModel):
+    """OpenAI's ``wandb`` block of an integration. wandb's own rules (tag length, characters
+    of a project name) are wandb's to check when the run starts: a refusal there is a warning
+    event on the job, not a failed request (docs/api.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    project: Annotated[str, Field(min_length=1, max_length=128)]
+    name: Annotated[str, Field(max_length=128)] | None = None
+    entity: Annotated[str, Field(max_length=128)] | None = None
+    tags: Annotated[list[str], Field(max_length=64)] | None = None
+
+
 class JobCreate(BaseModel):
     """The body of ``POST /v1/fine_tuning/jobs``: OpenAI's fields plus our extensions."""
 
@@ -101,7 +115,8 @@ class JobCreate(BaseModel):
         Field(
             None,
             description=(
-                "OpenAI's integrations (e.g. wandb): stored and shown, not acted on. At most "
+                "OpenAI's integrations: a {'type': 'wandb', 'wandb': {project, name, entity, "
+                "tags}} entry logs the job to W&B; others are stored and shown. At most "
                 f"{MAX_INTEGRATIONS} entries and {MAX_INTEGRATIONS_BYTES} bytes of JSON."
             ),
         )
@@ -132,6 +147,17 @@ class JobCreate(BaseModel):
                 raise ValueError(
                     f"at most {MAX_INTEGRATIONS_BYTES} bytes of JSON in all (got {size})"
                 )
+            for index, item in enumerate(value):
+                if item.get("type") == "wandb":
+                    try:
+                        WandbIntegration.model_validate(item.get("wandb"))
+                    except ValidationError as exc:
+                        first = exc.errors()[0]
+                        where = ".".join(str(part) for part in first["loc"])
+                        raise ValueError(
+                            f"integrations.{index}.wandb{'.' + where if where else ''}: "
+                            f"{first['msg']}"
+                        ) from None
         return value
 
     @field_validator("metadata")
@@ -167,6 +193,8 @@ def parse_body(raw: Any) -> JobCreate:
         if error.param == "resources" and "offload_optimizer" in error.message:
             # ResourcesSpec's cross-field rule reports on the whole object; name the field.
             error.param = "resources.offload_optimizer"
+        if error.param == "integrations" and (found := _WANDB_FIELD.search(error.message)):
+            error.param = found.group(1)  # the wandb block's own field, as the message names it
         raise error from None
 
 

@@ -31,7 +31,7 @@ KEY_PREFIX = "sk-alignd-"
 # last_used_at is written at most this often per key, so a busy key costs no write per request.
 LAST_USED_GRANULARITY_S = 60
 # Owners appear in fine-tuned model names ("ft:<base>:<owner>:<suffix>:<job>"), split on ':'.
-_OWNER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+OWNER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _BEARER = re.compile(r"^Bearer[ \t]+(\S+)[ \t]*$", re.IGNORECASE)
 
 
@@ -52,7 +52,7 @@ def hash_key(key: str) -> str:
 
 
 def check_owner(owner: str) -> str:
-    if not _OWNER.match(owner):
+    if not OWNER_NAME.match(owner):
         raise invalid(
             "An owner is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit.",
             param="owner",

@@ -18,6 +18,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -65,6 +66,9 @@ class File(Base):
     format: Mapped[str | None] = mapped_column(String(32), nullable=True)
     num_examples: Mapped[int | None] = mapped_column(Integer, nullable=True)
     validation: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # OpenAI's expires_after: from then on the file is not served, and the sweep deletes it
+    # once no active job needs it (api/files.py).
+    expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True, index=True)
 
 
 class FileChunk(Base):
@@ -167,6 +171,22 @@ class Checkpoint(Base):
     # Where the checkpoint lives in the artifact store: "<key>/adapter.tar", "<key>/state.tar".
     artifact_key: Mapped[str] = mapped_column(String(1024))
     final: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class CheckpointPermission(Base):
+    """OpenAI's checkpoint permission: the owner ``project_id`` may read and download this
+    checkpoint of another owner's job (api/checkpoint_permissions.py)."""
+
+    __tablename__ = "checkpoint_permissions"
+    __table_args__ = (UniqueConstraint("checkpoint_id", "project_id"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    checkpoint_id: Mapped[str] = mapped_column(
+        ForeignKey("checkpoints.id", ondelete="CASCADE"), index=True
+    )
+    owner: Mapped[str] = mapped_column(String(128))  # the checkpoint's owner, who granted it
+    project_id: Mapped[str] = mapped_column(String(128), index=True)  # the grantee (an owner)
+    created_at: Mapped[int] = mapped_column(BigInteger)
 
 
 class ApiKey(Base):
@@ -279,6 +299,8 @@ class Upload(Base):
     # pending | completed | cancelled ("expired" is derived from expires_at when shown)
     status: Mapped[str] = mapped_column(String(16))
     file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # OpenAI's expires_after of the file the upload becomes (seconds after its creation).
+    file_expires_after_s: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class UploadPart(Base):

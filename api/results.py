@@ -6,6 +6,8 @@ logged step, ascending; a step logged twice (a resumed job) keeps its latest val
 ``GET .../metrics`` does. The validation pass runs when a checkpoint is saved, and its
 metrics (``valid_*``) are stored with the checkpoint, not in the step series: they join the
 row of the checkpoint's step, as OpenAI's file has valid_loss only at its evaluation steps.
+The reinforcement eval pass (trainer_core/rollout_validation.py) is the exception: its
+``valid_reward`` is a value of the step's own metric point, so it is a column like any other.
 A cell is empty where the step has no value, or a non-finite one.
 """
 

@@ -15,7 +15,7 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from api.errors import APIError, invalid, not_found
-from api.files import PURPOSES, FileObject, render_file, store_upload
+from api.files import PURPOSES, FileObject, expires_after_seconds, render_file, store_upload
 from api.models import File, Upload, UploadPart, UploadPartChunk, new_id, now
 
 UPLOAD_TTL_S = 3600  # OpenAI: an upload expires an hour after it is created
@@ -112,6 +112,15 @@ def create_upload(session: Session, owner: str, body: Any, max_bytes: int) -> Up
         )
     if not isinstance(body["filename"], str) or not body["filename"]:
         raise invalid("'filename' must be a non-empty string.", param="filename")
+    expires_after = body.get("expires_after")
+    if expires_after is not None and not isinstance(expires_after, dict):
+        raise invalid("'expires_after' must be an object.", param="expires_after")
+    # The file the upload becomes expires this long after it is made (at completion).
+    file_expires_after_s = (
+        expires_after_seconds(expires_after.get("anchor"), expires_after.get("seconds"))
+        if expires_after is not None
+        else None
+    )
     row = Upload(
         id=new_id("upload"),
         owner=owner,
@@ -122,6 +131,7 @@ def create_upload(session: Session, owner: str, body: Any, max_bytes: int) -> Up
         bytes=size,
         mime_type=str(body["mime_type"])[:128],
         status="pending",
+        file_expires_after_s=file_expires_after_s,
     )
     session.add(row)
     return row
@@ -236,6 +246,7 @@ def complete_upload(
         stream=_PartsReader(session, part_ids),  # type: ignore[arg-type]
         chunk_bytes=chunk_bytes,
         max_bytes=row.bytes,
+        expires_after_s=row.file_expires_after_s,
     )
     row.file_id = file.id
     row.status = "completed"

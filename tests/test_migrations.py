@@ -35,6 +35,7 @@ TABLES = {
     "upload_parts",
     "upload_part_chunks",
     "workers",
+    "checkpoint_permissions",
 }
 
 

@@ -154,3 +154,66 @@ def test_a_succeeded_job_lists_its_results_file_for_its_owner_only(
     assert other.get(f"files/{file_id}").status_code == 404
     assert other.get(f"files/{file_id}/content").status_code == 404
     assert file_id not in json.dumps(other.get("files").json())
+
+
+@pytest.mark.slow
+def test_a_reinforcement_job_logs_valid_reward_into_its_metrics_and_results_file(
+    pg_api: Api, pg_worker: WorkerProcess
+) -> None:
+    """The eval pass through the service: a grader that reads only the row's label (1 for
+    "good") gives each pass over 2 good rows of 4 the mean 0.5, at every step (interval 1)."""
+    client = openai.OpenAI(base_url=f"{pg_api.url}/v1", api_key=pg_api.key, max_retries=0)
+
+    def prompts(labels: list[str]) -> bytes:
+        return "".join(
+            json.dumps({"messages": [{"role": "user", "content": f"Say {i}."}], "label": label})
+            + "\n"
+            for i, label in enumerate(labels)
+        ).encode()
+
+    train = client.files.create(file=("t.jsonl", prompts(["good"] * 8)), purpose="fine-tune")
+    valid = client.files.create(
+        file=("v.jsonl", prompts(["good", "bad", "bad", "good"])), purpose="fine-tune"
+    )
+    grader = {
+        "type": "string_check",
+        "name": "label",
+        "input": "{{item.label}}",
+        "reference": "good",
+        "operation": "eq",
+    }
+    hyperparameters = {
+        "n_epochs": 1,
+        "batch_size": 4,
+        "compute_multiplier": 0.25,  # 2 completions a prompt
+        "eval_interval": 1,
+        "eval_samples": 2,
+    }
+    job = client.fine_tuning.jobs.create(
+        model="tiny",
+        training_file=train.id,
+        validation_file=valid.id,
+        seed=3,
+        method={
+            "type": "reinforcement",
+            "reinforcement": {"grader": grader, "hyperparameters": hyperparameters},
+        },
+        extra_body={"max_seq_len": 128},
+    )
+    deadline = time.monotonic() + 300
+    while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in (
+        "succeeded",
+        "failed",
+        "cancelled",
+    ):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.25)
+    assert job.status == "succeeded", job.error
+    assert job.method.reinforcement.hyperparameters.eval_interval == 1
+
+    metrics = pg_api.http.get(f"fine_tuning/jobs/{job.id}/metrics").json()
+    assert metrics["step"] == [1, 2]
+    assert metrics["valid_reward"] == [0.5, 0.5]
+    header, *rows = rows_of(client.files.content(job.result_files[0]).read())
+    column = header.index("valid_reward")
+    assert [r[column] for r in rows] == ["0.5", "0.5"]

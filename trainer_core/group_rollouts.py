@@ -51,7 +51,7 @@ def start_run(
     cpu_only(job.spec.resources, method, job.sink)  # see docs/methods.md
     job = replace(job, dist=replace(job.dist, placement=Placement()))  # the CPU, in fp32
     base, tokenizer = job.load_base()
-    data = training_prompts(job.spec, tokenizer, job.sink)
+    data = training_prompts(job.spec, tokenizer, job.sink, validated=method == "grpo")
     model = job.policy(base)
     reference = ReferenceModel.of(model, job.spec.adapter.type) if hp.beta > 0 else None
     run: loop.Run[dict[str, float]] = job.start(

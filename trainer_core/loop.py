@@ -667,7 +667,10 @@ def evaluate(
 def mean_of_points(points: Sequence[dict[str, float]]) -> dict[str, float]:
     """A ``summarise`` for stats kept as metric dicts (the online methods'): each value's mean
     over the window's steps that have it."""
+    # Every key of the window, not only the last step's: a value some steps have (the eval
+    # pass's valid_reward) reaches the next point when log_every > 1.
+    keys = dict.fromkeys(key for p in points for key in p)
     return {
         key: sum(p[key] for p in points if key in p) / sum(1 for p in points if key in p)
-        for key in points[-1]
+        for key in keys
     }

@@ -44,9 +44,12 @@ class PromptData:
     n_truncated: int  # prompts cut to max_prompt_length (their start dropped)
 
 
-def training_prompts(spec: TrainSpec, tokenizer: Any, sink: MetricSink) -> PromptData:
+def training_prompts(
+    spec: TrainSpec, tokenizer: Any, sink: MetricSink, *, validated: bool = False
+) -> PromptData:
     """The job's training prompts, each cut to its last ``spec.max_seq_len`` tokens, with a
-    warning for the prompts cut and for a validation file (not used by these methods yet).
+    warning for the prompts cut and, unless the method ``validated`` it (GRPO's eval pass,
+    ``rollout_validation``), for a validation file (not used by the other methods yet).
 
     ``max_seq_len`` bounds the prompt only; the completion adds up to
     ``max_completion_length`` on top. OpenAI's reinforcement jobs have no sequence limit, and
@@ -61,7 +64,7 @@ def training_prompts(spec: TrainSpec, tokenizer: Any, sink: MetricSink) -> Promp
             level="warning",
             data={"truncated": data.n_truncated, "max_prompt_length": max_prompt_length},
         )
-    if spec.validation_file is not None:
+    if spec.validation_file is not None and not validated:
         sink.event("The validation file is not used by this method yet", level="warning")
     return data
 

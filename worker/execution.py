@@ -27,7 +27,7 @@ from api.services import Services
 from trainer_core import graders
 from trainer_core.seams import RunResult
 from trainer_core.specs import RewardModelRef, TrainSpec
-from worker import job_logs, launch
+from worker import integrations, job_logs, launch
 from worker import metrics as worker_metrics
 from worker.lease import Abandoned, Beat, Lease, transient
 from worker.sinks import ArtifactCheckpointStore, DatabaseSink, StopFlag
@@ -291,12 +291,18 @@ def execute(
                 device_kind=device_kind,
             )
         else:
-            result = trainer_core.run(
-                spec,
+            with integrations.reporting(
                 DatabaseSink(lease, job.owner, method=job.method["type"]),
-                ArtifactCheckpointStore(lease, services.artifacts, job.owner),
-                StopFlag(lease),
-            )
+                job_id=job_id,
+                integrations=job.extensions.get("integrations", []),
+                config=job.spec or {},
+            ) as sink:
+                result = trainer_core.run(
+                    spec,
+                    sink,
+                    ArtifactCheckpointStore(lease, services.artifacts, job.owner),
+                    StopFlag(lease),
+                )
         beat.stop()
         status = "cancelled" if result is None or result.status == "stopped" else "succeeded"
         finish(services, job_id, status, result=result, attempt=job.attempts)

@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import traceback
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,21 +38,32 @@ def main(argv: list[str]) -> int:
         from trainer_core.specs import TrainSpec
 
         spec = TrainSpec.model_validate_json(Path(spec_path).read_text())
-        sink: MetricSink
+        reporting: AbstractContextManager[MetricSink]
         store: CheckpointStore
         if rank == 0:
+            from api.models import Job
             from api.services import Services
             from api.settings import load_settings
+            from worker import integrations
             from worker.lease import Lease
             from worker.sinks import ArtifactCheckpointStore, DatabaseSink
 
             services = Services.build(load_settings())
             lease = Lease(services.sessions, job_id, int(attempt), services.settings.db_retry_s)
-            sink = DatabaseSink(lease, owner, method=str(spec.method))
+            with services.sessions() as session:
+                job = session.get_one(Job, job_id)
+            reporting = integrations.reporting(
+                DatabaseSink(lease, owner, method=str(spec.method)),
+                job_id=job_id,
+                integrations=job.extensions.get("integrations", []),
+                config=job.spec or {},
+            )
             store = ArtifactCheckpointStore(lease, services.artifacts, owner)
         else:
-            sink, store = NullSink(), FolderCheckpointStore(Path(f"rank-{rank}-unused"))
-        result = trainer_core.run(spec, sink, store, stop.is_set)
+            reporting = nullcontext(NullSink())
+            store = FolderCheckpointStore(Path(f"rank-{rank}-unused"))
+        with reporting as sink:
+            result = trainer_core.run(spec, sink, store, stop.is_set)
     except BaseException as exc:
         traceback.print_exc()
         Path(f"rank-{rank}.error").write_text(f"{type(exc).__name__}: {exc}"[:4000])

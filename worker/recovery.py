@@ -26,7 +26,7 @@ from functools import partial
 
 from sqlalchemy import or_, select, update
 
-from api import webhooks
+from api import files, webhooks
 from api.job_events import add_event
 from api.models import Job, now
 from api.services import Services
@@ -139,7 +139,8 @@ def resend_queued(services: Services, job_id: str, seen: int | None) -> bool:
 def sweep(services: Services, queues: Collection[str]) -> None:
     """One pass: requeue running jobs with a stale heartbeat, re-send forgotten queued ones of
     ``queues`` (the sweeping worker's own: a queue no live worker consumes gets no copies
-    piling up in the broker; its jobs are re-sent once a worker for it sweeps)."""
+    piling up in the broker; its jobs are re-sent once a worker for it sweeps), and delete
+    expired files."""
     settings = services.settings
     stale_before = now() - int(settings.stale_heartbeat_s)
     with services.sessions() as session:
@@ -173,6 +174,17 @@ def sweep(services: Services, queues: Collection[str]) -> None:
             resend_queued(services, job_id, seen)
         except Exception:
             log.exception("sweep: could not re-send job %s", job_id)
+    expire_files(services)
+
+
+def expire_files(services: Services) -> list[str]:
+    """Delete the files whose ``expires_after`` has passed and that no active job needs
+    (``api.files.delete_expired``); the API stopped serving them when they expired."""
+    with services.sessions() as session, session.begin():
+        removed = files.delete_expired(session)
+    if removed:
+        log.info("sweep: deleted %d expired files: %s", len(removed), ", ".join(removed))
+    return removed
 
 
 def touch_queued(services: Services, job_id: str) -> None:

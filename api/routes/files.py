@@ -23,8 +23,21 @@ def create_file(
     owner: OwnerDep,
     purpose: Annotated[str, Form(description="What the file is for: 'fine-tune'.")],
     file: Annotated[UploadFile, File(description="The JSONL dataset, one example a line.")],
+    expires_after_anchor: Annotated[
+        str | None,
+        Form(alias="expires_after[anchor]", description="OpenAI's expires_after: 'created_at'."),
+    ] = None,
+    expires_after_seconds: Annotated[
+        str | None,
+        Form(
+            alias="expires_after[seconds]",
+            description="OpenAI's expires_after: the file expires this long after its upload "
+            f"({files.EXPIRES_AFTER_MIN_S} to {files.EXPIRES_AFTER_MAX_S} s).",
+        ),
+    ] = None,
 ) -> files.FileObject:
     settings = services.settings
+    expires_after_s = files.expires_after_seconds(expires_after_anchor, expires_after_seconds)
     with session.begin():
         row = files.store_upload(
             session,
@@ -34,6 +47,7 @@ def create_file(
             stream=file.file,
             chunk_bytes=settings.upload_chunk_bytes,
             max_bytes=settings.max_upload_bytes,
+            expires_after_s=expires_after_s,
         )
     return files.render_file(row)
 

@@ -34,16 +34,17 @@ run and saved in checkpoints, so a resumed run samples what the uninterrupted on
 
 Deliberately left out: vLLM, GSPO's sequence-level ratio, entropy bonuses and masks, the
 cispo/sapo/vespo/luspo losses, multi-objective "normalize_then_sum", reward weights, tools and
-multi-turn rollouts, syncing the reference, a validation pass (reinforcement's eval_interval /
-eval_samples are accepted and not used yet), and the device, mixed precision and gradient
-checkpointing: it runs on the CPU in fp32 (``placement.cpu_only``).
+multi-turn rollouts, syncing the reference, and the device, mixed precision and gradient
+checkpointing: it runs on the CPU in fp32 (``placement.cpu_only``). With a validation file,
+every ``eval_interval`` steps the graders' mean over sampled validation completions is logged
+as ``valid_reward`` (``rollout_validation``; OpenAI's eval pass).
 """
 
 from __future__ import annotations
 
 import torch
 
-from trainer_core import group_rollouts, loop, rollout_report
+from trainer_core import group_rollouts, loop, rollout_report, rollout_validation
 from trainer_core.generation import rollout_logps
 from trainer_core.rl_losses import RlStats, add_rl_stats, group_advantages, grpo_loss
 from trainer_core.seams import RunResult
@@ -55,6 +56,7 @@ def train(job: loop.Job, hp: GrpoHyperparameters) -> RunResult:
     # The policy, its reference (β > 0) and the run: one rollout is μ optimizer steps.
     run, data, reference = group_rollouts.start_run(job, hp, "grpo")
     model, mu = run.model, hp.num_iterations
+    valid_reward = rollout_validation.RolloutValidation.of(run, hp)  # None: no validation file
 
     # -- each rollout: G completions of each prompt, and their rewards ---------------------
     for scored in group_rollouts.scored_rollouts(run, data, hp):
@@ -128,6 +130,7 @@ def train(job: loop.Job, hp: GrpoHyperparameters) -> RunResult:
                 **({"kl": means["kl"]} if hp.beta > 0 else {}),
                 "clip_ratio": means["clip_ratio"],
                 "entropy": entropy_sum / max(1.0, float(total.num_tokens)),
+                **(valid_reward(run) if valid_reward is not None else {}),
             }
             run.record(step_metrics, grad_norm=grad_norm, learning_rate=learning_rate)
             if run.step == 1 or run.step % rollout_report.SAMPLES_EVERY == 0:
