@@ -5,10 +5,7 @@ download one checkpoint of its job. ``files.expires_at``: OpenAI's ``expires_aft
 upload; null for every existing file (files did not expire before). ``uploads.
 file_expires_after_s``: the same, asked for when a multi-part upload is created.
 
-Numbered 0009 so that it cannot clash with the S3 store's 0008 being written beside it; it
-follows 0007, the last revision on main when it was written (a merge re-chains it).
-
-Revision ID: 0009
+Revision ID: 0008
 Revises: 0007
 Create Date: 2026-12-04
 """
@@ -18,7 +15,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0009"
+revision: str = "0008"
 down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
