@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 from typing import Any
 
@@ -39,12 +40,23 @@ def now() -> int:
     return int(time.time())
 
 
+_id_lock = threading.Lock()
+_last = 0
+
+
 def new_id(prefix: str) -> str:
     """A public id that sorts by creation time: prefix, 12 hex digits of ms, 12 random.
 
     Lists are ordered by id, so this gives the stable newest-first order OpenAI's lists use.
+    Within a process the millisecond part never repeats (it moves on by one when two ids fall
+    in the same millisecond), so rows made one after another in one request (several grants
+    of one POST, say) list in the order they were made rather than by their random part.
     """
-    return f"{prefix}-{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
+    global _last
+    with _id_lock:
+        _last = max(int(time.time() * 1000), _last + 1)
+        ms = _last
+    return f"{prefix}-{ms:012x}{secrets.token_hex(6)}"
 
 
 class Base(DeclarativeBase):
