@@ -1,0 +1,67 @@
+// The jobs page: the signed-in owner's jobs, newest first, filtered by status, paged with the
+// API's `after` cursor (#/jobs?status=running&after=ftjob-...).
+
+import { api } from "./client.js";
+import { errorBox, h, table, time } from "./dom.js";
+
+export const STATUSES = ["validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled"];
+const PAGE = 20;
+
+function progress(job) {
+  const p = job.progress;
+  if (!p) return "—";
+  return `${p.step}/${p.total_steps} (${Math.round(p.percent)}%)`;
+}
+
+function jobsHash(params) {
+  const query = new URLSearchParams(Object.entries(params).filter(([, v]) => v)).toString();
+  return `#/jobs${query ? `?${query}` : ""}`;
+}
+
+export async function jobsPage(view, params) {
+  const status = params.get("status") || "";
+  const after = params.get("after") || "";
+  const filter = h(
+    "select",
+    {
+      id: "status-filter",
+      "aria-label": "Status",
+      onchange: (e) => (location.hash = jobsHash({ status: e.target.value })),
+    },
+    h("option", { value: "" }, "all statuses"),
+    STATUSES.map((s) => h("option", { value: s, selected: s === status }, s)),
+  );
+  view.append(h("h1", {}, "Jobs"), h("p", { class: "toolbar" }, filter, " ", h("a", { href: "#/new" }, "New job")));
+
+  const query = new URLSearchParams({ limit: String(PAGE) });
+  if (status) query.set("status", status);
+  if (after) query.set("after", after);
+  let page;
+  try {
+    page = await api(`fine_tuning/jobs?${query}`);
+  } catch (error) {
+    view.append(errorBox(error));
+    return;
+  }
+  const columns = [
+    ["Job", (job) => h("a", { href: `#/jobs/${job.id}` }, job.id)],
+    ["Status", (job) => h("span", { class: `status ${job.status}` }, job.substatus ? `${job.status} (${job.substatus})` : job.status)],
+    ["Method", (job) => job.method?.type ?? "—"],
+    ["Model", (job) => job.model],
+    ["Progress", progress],
+    ["Created", (job) => time(job.created_at)],
+    ["Finished", (job) => time(job.finished_at)],
+  ];
+  view.append(
+    page.data.length ? table(columns, page.data, { id: "jobs" }) : h("p", { id: "jobs-empty" }, "No jobs."),
+    h(
+      "p",
+      { class: "pager" },
+      after ? h("a", { href: jobsHash({ status }), id: "first-page" }, "« First page") : null,
+      " ",
+      page.has_more
+        ? h("a", { href: jobsHash({ status, after: page.data.at(-1).id }), id: "next-page" }, "Next page »")
+        : null,
+    ),
+  );
+}
