@@ -1,9 +1,9 @@
 // Live metric curves: one small uPlot chart per group of metrics, fed point by point from the
 // metrics stream and redrawn at most once per animation frame.
 //
-// Groups: every "*loss" metric shares the loss chart (train and validation together), the
-// learning rate has its own, and every other metric the method logs (reward, accuracies,
-// margins, KL, ...) gets one each, in the order they first appear.
+// Groups: every "*loss" metric shares the loss chart (train and validation together), and
+// every other metric the method logs (learning rate, reward, accuracies, margins, KL, ...)
+// gets one each, with its validation twin, in the order they first appear.
 
 import uPlot from "./vendor/uplot/uPlot.esm.js";
 import { h } from "./dom.js";
@@ -12,9 +12,10 @@ const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2"
 // Bookkeeping values that are not curves worth a chart.
 const SKIP = new Set(["object", "step", "created_at", "epoch", "num_tokens"]);
 
+// A validation metric shares its training twin's chart: valid_loss with train_loss, ...
 function groupOf(key) {
   if (key.endsWith("loss")) return "loss";
-  return key;
+  return key.replace(/^(train|valid)_/, "");
 }
 
 export class MetricCharts {

@@ -120,6 +120,12 @@ export async function jobPage(view, jobId, signal) {
       ["Adapter", (c) => h("button", { class: "download-checkpoint", onclick: () => save(`fine_tuning/jobs/${job.id}/checkpoints/${c.id}/adapter`, `${c.id}-adapter.tar`) }, "Download")],
     ];
     clear(checkpoints).append(page.data.length ? table(columns, page.data) : h("p", {}, "No checkpoints yet."));
+    // Validation runs only where a checkpoint is saved, so its metrics live on the checkpoints,
+    // not in the metrics stream: they join the curves as points at those steps.
+    for (const c of page.data) {
+      const valid = Object.entries(c.metrics).filter(([k]) => k.startsWith("valid_"));
+      if (valid.length) curves.add({ step: c.step_number, ...Object.fromEntries(valid) });
+    }
   }
 
   function addEvent(event) {
