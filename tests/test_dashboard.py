@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from api.db import make_engine, make_sessionmaker
-from tests.conftest import Api, WorkerProcess, chat_rows, insert_job
+from tests.conftest import Api, WorkerProcess, chat_rows, create_api_key, insert_job
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 
@@ -266,3 +266,65 @@ def test_a_wrong_key_is_refused(page: Any, pg_api: Api) -> None:
     page.wait_for_selector("#sign-in-error:not(:empty)")
     assert "Incorrect API key" in page.text_content("#sign-in-error")
     assert page.evaluate("sessionStorage.getItem('alignd.key')") is None
+
+
+@pytest.mark.slow
+def test_jobs_pages_with_the_after_cursor_and_filters(
+    page: Any, pg_api: Api, sessions: Any
+) -> None:
+    # An owner of its own, so that the counts are exactly these jobs (20 to a page).
+    owner = f"pager-{time.monotonic_ns()}"
+    key = create_api_key(pg_api.settings, owner)
+    done = [insert_job(sessions, owner=owner, status="succeeded") for _ in range(22)]
+    failed = insert_job(sessions, owner=owner, status="failed")
+    newest_first = [failed, *reversed(done)]
+    sign_in(page, pg_api, key)
+
+    def shown() -> list[str]:
+        page.wait_for_selector("#jobs")
+        return [row.get_attribute("data-id") for row in page.locator("#jobs tbody tr").all()]
+
+    assert shown() == newest_first[:20]
+    page.click("#next-page")
+    page.wait_for_selector("#first-page")
+    assert shown() == newest_first[20:]
+    assert page.locator("#next-page").count() == 0
+    page.click("#first-page")
+    page.wait_for_selector("#next-page")
+    assert shown() == newest_first[:20]
+
+    page.select_option("#status-filter", "failed")
+    page.wait_for_url("**/#/jobs?status=failed")
+    playwright_sync.expect(page.locator("#jobs tbody tr")).to_have_count(1)
+    assert shown() == [failed]
+    page.select_option("#status-filter", "running")
+    page.wait_for_selector("#jobs-empty")
+
+
+@pytest.mark.slow
+def test_new_job_form_creates_a_job_that_the_page_cancels(
+    page: Any, pg_api: Api, pg_worker: WorkerProcess
+) -> None:
+    train = pg_api.upload(chat_rows(40, seed=9), filename="form.jsonl")
+    sign_in(page, pg_api, hash="#/new")
+    page.wait_for_selector("#new-job")
+    page.select_option("#model", "tiny")
+    page.select_option("#training_file", train["id"])
+    page.select_option("#method", "supervised")
+    page.fill("#n_epochs", "5")
+    page.fill("#batch_size", "1")
+    page.fill("#suffix", "form")
+    page.click("#new-job button[type=submit]")
+    page.wait_for_url("**/#/jobs/ftjob-*")
+    job_id = page.url.rsplit("/", 1)[1]
+    job = pg_api.http.get(f"fine_tuning/jobs/{job_id}").json()
+    assert job["training_file"] == train["id"] and job["suffix"] == "form"
+    hyper = job["method"]["supervised"]["hyperparameters"]
+    assert (hyper["n_epochs"], hyper["batch_size"]) == (5, 1)
+    assert '"learning_rate_multiplier"' in page.text_content("#spec")  # resolved from "auto"
+
+    page.wait_for_selector("#cancel-job:not([disabled])")
+    page.click("#cancel-job")
+    pg_api.wait_for(job_id, lambda j: j["status"] == "cancelled", 120)
+    page.wait_for_selector("#job-status.cancelled")
+    assert page.locator("#pause-job").is_disabled()
