@@ -227,8 +227,9 @@ def test_bad_upload_shows_its_line_numbers_and_files_delete(page: Any, pg_api: A
     assert "line 3" in page.text_content("#status-details")
 
     # The list holds it; delete it from the page (after the confirm dialog) and it is gone.
-    file_id = page.locator("#files tbody tr").first.get_attribute("data-id")
+    file_id = page.get_attribute("#upload-status", "data-file")
     assert file_id and pg_api.http.get(f"files/{file_id}").json()["filename"] == "bad.jsonl"
+    page.wait_for_selector(f'#files tr[data-id="{file_id}"]')
     page.once("dialog", lambda dialog: dialog.accept())
     page.locator(f'#files tr[data-id="{file_id}"] button.delete-file').click()
     page.wait_for_selector(f'#files tr[data-id="{file_id}"]', state="detached")
@@ -244,7 +245,7 @@ def test_another_owners_job_is_not_reachable(page: Any, pg_api: Api, sessions: A
     page.wait_for_selector(f'#jobs a[href="#/jobs/{ours}"]')
     for status in ("", "succeeded"):
         page.goto(f"{pg_api.url}/#/jobs?status={status}")
-        page.wait_for_selector("#jobs")
+        page.wait_for_selector(f'#jobs[data-status="{status}"]')
         assert theirs not in page.text_content("#jobs")
     page.goto(f"{pg_api.url}/#/jobs/{theirs}")
     page.wait_for_selector("#not-found")

@@ -51,7 +51,7 @@ export async function filesPage(view) {
   function showReport(file, checked) {
     const ok = file.status === "processed" && checked.ok;
     clear(report).append(
-      h("p", { id: "upload-status", class: ok ? "ok" : "error" },
+      h("p", { id: "upload-status", class: ok ? "ok" : "error", dataset: { file: file.id } },
         `${file.filename} (${file.id}): ${file.status}`,
         checked.format ? `, ${checked.format} format` : "",
         `, ${checked.num_examples} valid rows`,

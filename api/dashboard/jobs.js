@@ -53,7 +53,10 @@ export async function jobsPage(view, params) {
     ["Finished", (job) => time(job.finished_at)],
   ];
   view.append(
-    page.data.length ? table(columns, page.data, { id: "jobs" }) : h("p", { id: "jobs-empty" }, "No jobs."),
+    // data-status: which filter the rows answer (tests wait for it after a navigation).
+    page.data.length
+      ? table(columns, page.data, { id: "jobs", "data-status": status })
+      : h("p", { id: "jobs-empty", "data-status": status }, "No jobs."),
     h(
       "p",
       { class: "pager" },
