@@ -163,8 +163,9 @@ def test_jobs_list_filters_by_status(pg_api: Api, sessions: Any) -> None:
 
 @pytest.mark.slow
 def test_watch_pause_resume_and_download(page: Any, pg_api: Api, pg_worker: WorkerProcess) -> None:
-    # 200 steps (40 rows, batch 1, 5 epochs): long enough to watch the curve grow and pause.
-    job_id = create_job(pg_api, rows=40, n_epochs=5)
+    # 768 steps (128 rows, batch 1, 6 epochs): long enough, on a fast idle machine too, to
+    # watch the curve grow, pause mid-run, and watch the list follow the resumed run.
+    job_id = create_job(pg_api, rows=128, n_epochs=6)
     sign_in(page, pg_api)
     page.click(f'#jobs a[href="#/jobs/{job_id}"]')
     page.wait_for_selector("#job-header h1")
@@ -199,10 +200,17 @@ def test_watch_pause_resume_and_download(page: Any, pg_api: Api, pg_worker: Work
     pg_api.wait_for(job_id, lambda job: job["status"] in ("queued", "running", "succeeded"), 30)
     wait_until(lambda: points(page, "loss") > paused_at, 120, "the curve to continue")
 
+    # The list follows a live job without a reload: its progress cell moves on.
+    page.click('#nav a[data-page="jobs"]')
+    progress = page.locator(f'#jobs tr[data-id="{job_id}"] td:nth-child(5)')
+    before = progress.text_content()
+    wait_until(lambda: progress.text_content() != before, 30, "the list to follow the job")
+    page.click(f'#jobs a[href="#/jobs/{job_id}"]')
+
     job = pg_api.wait_terminal(job_id, 300)
     assert job["status"] == "succeeded", pg_worker.output()[-3000:]
     page.wait_for_selector("#job-status.succeeded")
-    wait_until(lambda: points(page, "loss") == 200, 30, "every step drawn")
+    wait_until(lambda: points(page, "loss") == 768, 30, "every step drawn")
     with page.expect_download() as saved:
         page.click("#download-adapter")
     expected = pg_api.http.get(f"fine_tuning/jobs/{job_id}/adapter")
@@ -312,7 +320,7 @@ def test_new_job_form_creates_a_job_that_the_page_cancels(
     page.select_option("#model", "tiny")
     page.select_option("#training_file", train["id"])
     page.select_option("#method", "supervised")
-    page.fill("#n_epochs", "5")
+    page.fill("#n_epochs", "20")  # 800 steps: it is still running when the page cancels it
     page.fill("#batch_size", "1")
     page.fill("#suffix", "form")
     page.click("#new-job button[type=submit]")
@@ -321,7 +329,7 @@ def test_new_job_form_creates_a_job_that_the_page_cancels(
     job = pg_api.http.get(f"fine_tuning/jobs/{job_id}").json()
     assert job["training_file"] == train["id"] and job["suffix"] == "form"
     hyper = job["method"]["supervised"]["hyperparameters"]
-    assert (hyper["n_epochs"], hyper["batch_size"]) == (5, 1)
+    assert (hyper["n_epochs"], hyper["batch_size"]) == (20, 1)
     assert '"learning_rate_multiplier"' in page.text_content("#spec")  # resolved from "auto"
 
     page.wait_for_selector("#cancel-job:not([disabled])")

@@ -1,11 +1,14 @@
 // The jobs page: the signed-in owner's jobs, newest first, filtered by status, paged with the
-// API's `after` cursor (#/jobs?status=running&after=ftjob-...).
+// API's `after` cursor (#/jobs?status=running&after=ftjob-...). While a job shown can still
+// change, the page re-reads itself every few seconds.
 
 import { api } from "./client.js";
 import { errorBox, h, table, time } from "./dom.js";
 
 export const STATUSES = ["validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled"];
+const LIVE = new Set(["validating_files", "queued", "running", "paused"]);
 const PAGE = 20;
+const REFRESH_MS = 5000;
 
 function progress(job) {
   const p = job.progress;
@@ -18,7 +21,17 @@ function jobsHash(params) {
   return `#/jobs${query ? `?${query}` : ""}`;
 }
 
-export async function jobsPage(view, params) {
+const COLUMNS = [
+  ["Job", (job) => h("a", { href: `#/jobs/${job.id}` }, job.id)],
+  ["Status", (job) => h("span", { class: `status ${job.status}` }, job.substatus ? `${job.status} (${job.substatus})` : job.status)],
+  ["Method", (job) => job.method?.type ?? "—"],
+  ["Model", (job) => job.model],
+  ["Progress", progress],
+  ["Created", (job) => time(job.created_at)],
+  ["Finished", (job) => time(job.finished_at)],
+];
+
+export async function jobsPage(view, params, signal) {
   const status = params.get("status") || "";
   const after = params.get("after") || "";
   const filter = h(
@@ -38,25 +51,19 @@ export async function jobsPage(view, params) {
   if (after) query.set("after", after);
   let page;
   try {
-    page = await api(`fine_tuning/jobs?${query}`);
+    page = await api(`fine_tuning/jobs?${query}`, { signal });
   } catch (error) {
-    view.append(errorBox(error));
+    if (!signal.aborted) view.append(errorBox(error));
     return;
   }
-  const columns = [
-    ["Job", (job) => h("a", { href: `#/jobs/${job.id}` }, job.id)],
-    ["Status", (job) => h("span", { class: `status ${job.status}` }, job.substatus ? `${job.status} (${job.substatus})` : job.status)],
-    ["Method", (job) => job.method?.type ?? "—"],
-    ["Model", (job) => job.model],
-    ["Progress", progress],
-    ["Created", (job) => time(job.created_at)],
-    ["Finished", (job) => time(job.finished_at)],
-  ];
-  view.append(
-    // data-status: which filter the rows answer (tests wait for it after a navigation).
+  // data-status: which filter the rows answer (tests wait for it after a navigation).
+  const rows = () =>
     page.data.length
-      ? table(columns, page.data, { id: "jobs", "data-status": status })
-      : h("p", { id: "jobs-empty", "data-status": status }, "No jobs."),
+      ? table(COLUMNS, page.data, { id: "jobs", "data-status": status })
+      : h("p", { id: "jobs-empty", "data-status": status }, "No jobs.");
+  let shown = rows();
+  view.append(
+    shown,
     h(
       "p",
       { class: "pager" },
@@ -67,4 +74,18 @@ export async function jobsPage(view, params) {
         : null,
     ),
   );
+
+  // The same query again, so the rows stay the same page; only their state moves.
+  while (!signal.aborted && page.data.some((job) => LIVE.has(job.status))) {
+    await new Promise((resolve) => setTimeout(resolve, REFRESH_MS));
+    if (signal.aborted) return;
+    try {
+      page = await api(`fine_tuning/jobs?${query}`, { signal });
+    } catch {
+      continue; // a dropped request: the next tick tries again
+    }
+    const next = rows();
+    shown.replaceWith(next);
+    shown = next;
+  }
 }

@@ -68,7 +68,7 @@ async function route() {
   if (parts[0] === "jobs" && parts[1]) await jobPage(view, decodeURIComponent(parts[1]), leave.signal);
   else if (parts[0] === "files") await filesPage(view);
   else if (parts[0] === "new") await newJobPage(view);
-  else if (parts[0] === "jobs") await jobsPage(view, params);
+  else if (parts[0] === "jobs") await jobsPage(view, params, leave.signal);
   else location.hash = "#/jobs";
 }
 
