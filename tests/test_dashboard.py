@@ -337,3 +337,46 @@ def test_new_job_form_creates_a_job_that_the_page_cancels(
     pg_api.wait_for(job_id, lambda j: j["status"] == "cancelled", 120)
     page.wait_for_selector("#job-status.cancelled")
     assert page.locator("#pause-job").is_disabled()
+
+
+@pytest.mark.slow
+def test_every_metric_of_a_dpo_job_is_drawn(
+    page: Any, pg_api: Api, pg_worker: WorkerProcess
+) -> None:
+    from tests.test_e2e_methods import preference_rows
+
+    train = pg_api.upload(preference_rows(16, seed=3, openai_format=True))
+    valid = pg_api.upload(preference_rows(4, seed=4, openai_format=True))
+    created = pg_api.http.post(
+        "fine_tuning/jobs",
+        json={
+            "model": "tiny",
+            "training_file": train["id"],
+            "validation_file": valid["id"],
+            "method": {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 1, "batch_size": 2}}},
+            "adapter": {"type": "lora", "r": 4},
+            "max_seq_len": 64,
+        },
+    )
+    assert created.status_code == 200, created.text
+    job_id = created.json()["id"]
+    assert pg_api.wait_terminal(job_id)["status"] == "succeeded", pg_worker.output()[-3000:]
+    columns = pg_api.http.get(f"fine_tuning/jobs/{job_id}/metrics").json()
+    steps = len(columns["step"])
+    assert steps == 8  # 16 pairs, 2 a step
+
+    sign_in(page, pg_api, hash=f"#/jobs/{job_id}")
+    page.wait_for_selector("#job-status.succeeded")
+    charts = page.locator("figure.chart")
+    playwright_sync.expect(charts.last).to_have_attribute("data-points", str(steps))
+    drawn = {c.get_attribute("data-metric") for c in charts.all()}
+    # Every metric of the stream has its chart (the *loss ones share one), the method's own
+    # (rewards/margins, rewards/accuracies, ...) included, each with a point per step.
+    expected = {"loss" if k.endswith("loss") else k.removeprefix("train_") for k in columns["keys"]}
+    assert drawn == expected - {"epoch", "num_tokens"}
+    assert any("margins" in name for name in drawn)
+    for chart in charts.all():
+        assert chart.get_attribute("data-points") == str(steps), chart.get_attribute("data-metric")
+    # The validation pass (with the final checkpoint) joins the loss chart as a point.
+    legend = page.text_content('figure.chart[data-metric="loss"]')
+    assert "valid_loss" in legend
