@@ -68,6 +68,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     app.include_router(stream_routes.router)
     app.include_router(webhook_routes.router)
-    # The web dashboard at / (open, as /healthz is: the page holds no data; it signs in with a key).
+    # The web dashboard at /: open, as /healthz is (it holds no data; it signs in with a key).
     app.include_router(dashboard.router)
     return app

@@ -16,11 +16,10 @@ from typing import Any
 
 import httpx
 import pytest
+from playwright.sync_api import expect, sync_playwright
 
 from api.db import make_engine, make_sessionmaker
 from tests.conftest import Api, WorkerProcess, chat_rows, create_api_key, insert_job
-
-playwright_sync = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Nothing of the browser's own may reach the network, and no sandbox as root in a container.
@@ -41,7 +40,7 @@ WAIT_MS = 60_000
 def browser() -> Iterator[Any]:
     if not CHROMIUM.exists():
         pytest.fail("no /usr/bin/chromium: run `make install` (apt-get install chromium)")
-    with playwright_sync.sync_playwright() as p:
+    with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield browser
         browser.close()
@@ -304,7 +303,7 @@ def test_jobs_pages_with_the_after_cursor_and_filters(
 
     page.select_option("#status-filter", "failed")
     page.wait_for_url("**/#/jobs?status=failed")
-    playwright_sync.expect(page.locator("#jobs tbody tr")).to_have_count(1)
+    expect(page.locator("#jobs tbody tr")).to_have_count(1)
     assert shown() == [failed]
     page.select_option("#status-filter", "running")
     page.wait_for_selector("#jobs-empty")
@@ -368,7 +367,7 @@ def test_every_metric_of_a_dpo_job_is_drawn(
     sign_in(page, pg_api, hash=f"#/jobs/{job_id}")
     page.wait_for_selector("#job-status.succeeded")
     charts = page.locator("figure.chart")
-    playwright_sync.expect(charts.last).to_have_attribute("data-points", str(steps))
+    expect(charts.last).to_have_attribute("data-points", str(steps))
     drawn = {c.get_attribute("data-metric") for c in charts.all()}
     # Every metric of the stream has its chart (the *loss ones share one), the method's own
     # (rewards/margins, rewards/accuracies, ...) included, each with a point per step.
