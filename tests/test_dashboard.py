@@ -74,6 +74,13 @@ def points(page: Any, metric: str) -> int:
     return int(value or 0)
 
 
+def shows_absent_values(page: Any, selector: str) -> bool:
+    """Whether the area shows a null or undefined written out as text (the page leaves an
+    absent value out). The area must hold no data that says "null" itself."""
+    text = page.text_content(selector)
+    return "null" in text or "undefined" in text
+
+
 def wait_until(check: Callable[[], bool], timeout_s: float = 60, what: str = "") -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
@@ -169,6 +176,7 @@ def test_watch_pause_resume_and_download(page: Any, pg_api: Api, pg_worker: Work
     page.click(f'#jobs a[href="#/jobs/{job_id}"]')
     page.wait_for_selector("#job-header h1")
     assert page.text_content("#job-header h1") == job_id
+    assert not shows_absent_values(page, "#controls")
 
     # The loss curve grows from the metrics stream, without a reload.
     page.wait_for_selector('figure.chart[data-metric="loss"]')
@@ -232,6 +240,7 @@ def test_bad_upload_shows_its_line_numbers_and_files_delete(page: Any, pg_api: A
     lines = page.locator("#validation-errors tbody tr td:first-child").all_text_contents()
     assert lines == ["3", "4"]
     assert "line 3" in page.text_content("#status-details")
+    assert not shows_absent_values(page, "#upload-report")
 
     # The list holds it; delete it from the page (after the confirm dialog) and it is gone.
     file_id = page.get_attribute("#upload-status", "data-file")
@@ -316,6 +325,7 @@ def test_new_job_form_creates_a_job_that_the_page_cancels(
     train = pg_api.upload(chat_rows(40, seed=9), filename="form.jsonl")
     sign_in(page, pg_api, hash="#/new")
     page.wait_for_selector("#new-job")
+    assert not shows_absent_values(page, "#view")
     page.select_option("#model", "tiny")
     page.select_option("#training_file", train["id"])
     page.select_option("#method", "supervised")

@@ -29,6 +29,12 @@ export function clear(el) {
   return el;
 }
 
+// Replace el's children; like h(), it skips null, undefined and false (the DOM's own append
+// would write them out as text).
+export function fill(el, ...children) {
+  return append(clear(el), children);
+}
+
 export function time(seconds) {
   if (!seconds) return "—";
   return new Date(seconds * 1000).toISOString().replace("T", " ").slice(0, 19);

@@ -2,7 +2,7 @@
 // owner's files, delete one.
 
 import { api } from "./client.js";
-import { clear, errorBox, h, table, time } from "./dom.js";
+import { errorBox, fill, h, table, time } from "./dom.js";
 
 export const METHODS = ["supervised", "dpo", "reinforcement", "reward_model", "kto", "orpo", "simpo", "grpo", "rloo", "ppo"];
 
@@ -33,7 +33,7 @@ export async function filesPage(view) {
     const body = new FormData();
     body.append("purpose", "fine-tune"); // purpose first, as OpenAI's clients send it
     body.append("file", file, file.name);
-    clear(report).append(h("p", {}, `Uploading ${file.name}…`));
+    fill(report, h("p", {}, `Uploading ${file.name}…`));
     try {
       const uploaded = await api("files", { method: "POST", form: body });
       const checked = await api(`files/${uploaded.id}/validate`, {
@@ -43,14 +43,14 @@ export async function filesPage(view) {
       showReport(uploaded, checked);
       form.reset();
     } catch (error) {
-      clear(report).append(errorBox(error));
+      fill(report, errorBox(error));
     }
     await refresh();
   }
 
   function showReport(file, checked) {
     const ok = file.status === "processed" && checked.ok;
-    clear(report).append(
+    fill(report,
       h("p", { id: "upload-status", class: ok ? "ok" : "error", dataset: { file: file.id } },
         `${file.filename} (${file.id}): ${file.status}`,
         checked.format ? `, ${checked.format} format` : "",
@@ -88,7 +88,7 @@ export async function filesPage(view) {
     try {
       page = await api("files?limit=200");
     } catch (error) {
-      clear(list).append(errorBox(error));
+      fill(list, errorBox(error));
       return;
     }
     const columns = [
@@ -101,7 +101,7 @@ export async function filesPage(view) {
       ["Uploaded", (f) => time(f.created_at)],
       ["", (f) => h("button", { class: "delete-file", onclick: () => remove(f) }, "Delete")],
     ];
-    clear(list).append(page.data.length ? table(columns, page.data, { id: "files" }) : h("p", {}, "No files."));
+    fill(list, page.data.length ? table(columns, page.data, { id: "files" }) : h("p", {}, "No files."));
   }
 
   await refresh();

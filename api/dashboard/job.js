@@ -4,7 +4,7 @@
 
 import { MetricCharts } from "./charts.js";
 import { ApiError, api, download, stream } from "./client.js";
-import { clear, errorBox, h, number, table, time } from "./dom.js";
+import { errorBox, fill, h, number, table, time } from "./dom.js";
 
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const POLL_MS = 2000;
@@ -51,7 +51,7 @@ export async function jobPage(view, jobId, signal) {
   function show(next) {
     job = next;
     spec.textContent = JSON.stringify(Object.fromEntries(SPEC_FIELDS.filter((f) => f in job).map((f) => [f, job[f]])), null, 2);
-    clear(header).append(
+    fill(header,
       h("h1", {}, job.id),
       h("dl", { class: "facts" },
         fact("Status", h("span", { id: "job-status", class: `status ${job.status}` }, job.status)),
@@ -70,7 +70,7 @@ export async function jobPage(view, jobId, signal) {
     if (state === controls.dataset.state) return;
     controls.dataset.state = state;
     const running = ["running", "queued", "validating_files"].includes(job.status);
-    clear(controls).append(
+    fill(controls,
       action("Pause", "pause", running && job.substatus !== "pausing"),
       action("Resume", "resume", job.status === "paused" || job.status === "failed"),
       action("Cancel", "cancel", !TERMINAL.has(job.status) && job.substatus !== "cancelling"),
@@ -119,7 +119,7 @@ export async function jobPage(view, jobId, signal) {
       ["Saved", (c) => time(c.created_at)],
       ["Adapter", (c) => h("button", { class: "download-checkpoint", onclick: () => save(`fine_tuning/jobs/${job.id}/checkpoints/${c.id}/adapter`, `${c.id}-adapter.tar`) }, "Download")],
     ];
-    clear(checkpoints).append(page.data.length ? table(columns, page.data) : h("p", {}, "No checkpoints yet."));
+    fill(checkpoints, page.data.length ? table(columns, page.data) : h("p", {}, "No checkpoints yet."));
     // Validation runs only where a checkpoint is saved, so its metrics live on the checkpoints,
     // not in the metrics stream: they join the curves as points at those steps.
     for (const c of page.data) {

@@ -3,7 +3,7 @@
 // resources) goes through the API, whose error, if any, is shown as it comes.
 
 import { api } from "./client.js";
-import { errorBox, h } from "./dom.js";
+import { append, errorBox, h } from "./dom.js";
 import { METHODS } from "./files.js";
 
 const HYPERPARAMETERS = [
@@ -41,7 +41,7 @@ export async function newJobPage(view) {
     h("label", {}, "Suffix ", h("input", { type: "text", name: "suffix", id: "suffix", maxlength: "64" })),
     h("button", { type: "submit" }, "Create job"),
   );
-  view.append(h("h1", {}, "New job"), usable.length ? null : h("p", {}, "Upload a valid training file first (Files)."), form, message);
+  append(view, [h("h1", {}, "New job"), usable.length ? null : h("p", {}, "Upload a valid training file first (Files)."), form, message]);
 
   async function submit(formEl) {
     const data = new FormData(formEl);
