@@ -62,7 +62,7 @@ export async function jobPage(view, jobId, signal) {
         fact("Progress", job.progress ? `${job.progress.step}/${job.progress.total_steps} (${job.progress.percent}%)` : "—"),
         fact("Created", time(job.created_at)),
         fact("Finished", time(job.finished_at)),
-        job.error ? fact("Error", `${job.error.code}: ${job.error.message}`) : null,
+        job.error ? fact("Error", [job.error.code, job.error.message].filter(Boolean).join(": ")) : null,
       ),
     );
     // Rebuilt only when they change, so that a poll never swaps a button under the pointer.
