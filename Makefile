@@ -5,7 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/pip --disable-pip-version-check
 
-.PHONY: install demo test test-fast check lint format typecheck serve worker services clean
+.PHONY: install demo test test-fast check lint format typecheck serve worker services screenshot clean
+
+# The dashboard's browser tests drive Debian's Chromium (tests/test_dashboard.py); as root.
+CHROMIUM := /usr/bin/chromium
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -16,7 +19,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt --no-build-isolation deepspeed
 	touch $(STAMP)
 
-install: $(STAMP)
+$(CHROMIUM):
+	DEBIAN_FRONTEND=noninteractive apt-get install -y chromium || \
+		(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
+
+install: $(STAMP) $(CHROMIUM)
 
 demo: install
 	$(BIN)/alignd demo
@@ -49,6 +56,10 @@ worker: install
 
 services:
 	bash .ci/services
+
+# docs/dashboard.png, the README's picture of a job page (a real job on a tiny model).
+screenshot: install
+	$(BIN)/python docs/screenshot.py docs/dashboard.png
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

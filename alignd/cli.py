@@ -46,6 +46,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ensure_local_key(settings, make_sessionmaker(engine))
         engine.dispose()
         print(f"API key for owner 'local': {settings.api_key_file}", file=sys.stderr)
+    print(
+        f"dashboard: http://{args.host or settings.host}:{args.port or settings.port}/ "
+        "(sign in with an API key)",
+        file=sys.stderr,
+    )
     worker: subprocess.Popen[bytes] | None = None
     if settings.embedded_broker and not args.no_worker:
         worker = start_worker_process(settings.data_dir)

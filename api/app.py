@@ -15,7 +15,7 @@ from api.idempotency import IdempotencyMiddleware
 from api.keys import AuthMiddleware
 from api.metrics import MetricsMiddleware, RouteTemplateMiddleware
 from api.request_id import RequestIdMiddleware
-from api.routes import checkpoints, files, graders, health, jobs, models, uploads
+from api.routes import checkpoints, dashboard, files, graders, health, jobs, models, uploads
 from api.routes import streams as stream_routes
 from api.routes import webhooks as webhook_routes
 from api.services import Services
@@ -68,4 +68,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     app.include_router(stream_routes.router)
     app.include_router(webhook_routes.router)
+    # The web dashboard at /: open, as /healthz is (it holds no data; it signs in with a key).
+    app.include_router(dashboard.router)
     return app

@@ -36,11 +36,17 @@ def succeeded_job_named(session: Session, owner: str, fine_tuned_model: str) -> 
 
 
 def list_jobs_query(
-    owner: str, after: str | None, metadata: dict[str, str] | None = None
+    owner: str,
+    after: str | None,
+    metadata: dict[str, str] | None = None,
+    status: str | None = None,
 ) -> Select[Any]:
     """Newest first. ``metadata``: OpenAI's ``metadata[k]=v`` filter (all pairs must match);
-    an empty dict selects jobs without metadata (the SDK's ``metadata=null``)."""
+    an empty dict selects jobs without metadata (the SDK's ``metadata=null``). ``status``:
+    ours, jobs in that status only (the dashboard's filter)."""
     query = select(Job).where(Job.owner == owner)
+    if status is not None:
+        query = query.where(Job.status == status)
     if metadata == {}:
         query = query.where(Job.user_metadata.is_(None) | (Job.user_metadata.as_string() == "null"))
     for key, value in (metadata or {}).items():

@@ -16,6 +16,7 @@ from api.job_rendering import (
     FineTuningJobCheckpointList,
     FineTuningJobEventList,
     FineTuningJobList,
+    JobStatus,
     render_checkpoint,
     render_event,
     render_job,
@@ -60,9 +61,12 @@ def list_jobs(
     owner: OwnerDep,
     after: str | None = None,
     limit: Annotated[int, Query()] = 20,
+    status: Annotated[
+        JobStatus | None, Query(description="Ours: only the jobs in this status.")
+    ] = None,
 ) -> FineTuningJobList:
     positions = job_queries.queue_positions(session)
-    query = job_queries.list_jobs_query(owner, after, _metadata_filter(request))
+    query = job_queries.list_jobs_query(owner, after, _metadata_filter(request), status)
     return page(
         session, query, limit, lambda job: render_job(job, positions.get(job.id)), FineTuningJobList
     )
