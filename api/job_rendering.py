@@ -224,6 +224,23 @@ class FineTuningJobCheckpointList(ListPage[FineTuningJobCheckpoint]):
     """A page of a job's checkpoints, newest first."""
 
 
+class FineTuningJobSpec(BaseModel):
+    """Ours: a job's spec as submitted and as the API resolved it (``GET .../jobs/{id}/spec``)."""
+
+    object: Literal["fine_tuning.job.spec"] = Field(description="Always 'fine_tuning.job.spec'.")
+    fine_tuning_job_id: str = Field(description="The job.")
+    submitted: dict[str, Any] | None = Field(
+        description="The request body as its owner sent it; null for jobs older than this field."
+    )
+    resolved: dict[str, Any] | None = Field(
+        description=(
+            "What the worker trains from: the method with every hyperparameter resolved (no "
+            "'auto'), the base model, adapter, resources, seed (docs/operations.md, 'The job "
+            "spec'); null for jobs made outside the API."
+        )
+    )
+
+
 def render_job(job: Job, queue_position: int | None = None) -> FineTuningJob:
     method_type = job.method["type"]
     hyperparameters = job.method[method_type]["hyperparameters"]

@@ -183,6 +183,7 @@ def plan_job(services: Services, session: Session, owner: str, raw: Any) -> Job:
 
 def create_job(services: Services, session: Session, owner: str, raw: Any) -> Job:
     job = plan_job(services, session, owner, raw)
+    job.request = raw  # valid, since plan_job accepted it: a JSON object
     session.add(job)
     session.flush()
     add_event(session, job, f"Created fine-tuning job: {job.id}")

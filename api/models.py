@@ -119,6 +119,9 @@ class Job(Base):
     # the worker trains from, filling in only local paths and settings. Null only for rows
     # made outside the API (tests' fixtures); jobs from before the column were migrated.
     spec: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # The body as submitted (after validation; null for jobs from before revision 0009).
+    # Deferred: only GET .../jobs/{id}/spec reads it, never a list of jobs.
+    request: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True, deferred=True)
     seed: Mapped[int] = mapped_column(BigInteger)
     suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
     user_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)

@@ -35,19 +35,17 @@ def error_of(response: Any, status: int = 400) -> dict[str, Any]:
 
 
 def test_create_resolves_auto_and_stores_everything(pg_api: Api, train_file: str) -> None:
-    response = create(
-        pg_api,
-        {
-            "model": "tiny",
-            "training_file": train_file,
-            "suffix": "my-model",
-            "seed": 11,
-            "metadata": {"team": "a"},
-            "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
-            "adapter": {"type": "lora", "r": 4},
-            "max_seq_len": 256,
-        },
-    )
+    body = {
+        "model": "tiny",
+        "training_file": train_file,
+        "suffix": "my-model",
+        "seed": 11,
+        "metadata": {"team": "a"},
+        "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
+        "adapter": {"type": "lora", "r": 4},
+        "max_seq_len": 256,
+    }
+    response = create(pg_api, body)
     assert response.status_code == 200, response.text
     job = response.json()
     assert job["object"] == "fine_tuning.job"
@@ -71,6 +69,21 @@ def test_create_resolves_auto_and_stores_everything(pg_api: Api, train_file: str
     assert job["adapter"]["r"] == 4 and job["adapter"]["type"] == "lora"
     assert job["max_seq_len"] == 256
     assert pg_api.http.get(f"fine_tuning/jobs/{job['id']}").json()["method"] == job["method"]
+
+    # The spec as submitted (the body, untouched) beside the spec the worker trains from.
+    spec = pg_api.http.get(f"fine_tuning/jobs/{job['id']}/spec")
+    assert spec.status_code == 200, spec.text
+    assert spec.json()["object"] == "fine_tuning.job.spec"
+    assert spec.json()["fine_tuning_job_id"] == job["id"]
+    assert spec.json()["submitted"] == body
+    resolved = spec.json()["resolved"]
+    assert (resolved["method"], resolved["seed"], resolved["max_seq_len"]) == (
+        "supervised",
+        11,
+        256,
+    )
+    assert resolved["hyperparameters"]["batch_size"] == 8  # "auto" resolved
+    assert "spec" not in job and "request" not in job  # not in the job object, nor its lists
 
 
 def test_legacy_top_level_hyperparameters(pg_api: Api, train_file: str) -> None:
@@ -213,7 +226,7 @@ def test_cancel_queued_job_at_once_then_400(pg_api: Api, train_file: str) -> Non
 
 
 def test_unknown_job_is_404_everywhere(pg_api: Api) -> None:
-    for path in ("", "/events", "/checkpoints", "/adapter", "/cancel"):
+    for path in ("", "/events", "/checkpoints", "/adapter", "/spec", "/cancel"):
         method = pg_api.http.post if path == "/cancel" else pg_api.http.get
         error = error_of(method(f"fine_tuning/jobs/ftjob-nope{path}"), status=404)
         assert error["code"] == "not_found"

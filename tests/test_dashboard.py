@@ -9,6 +9,7 @@ upload's line numbers, and never shows another owner's job.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -340,6 +341,11 @@ def test_new_job_form_creates_a_job_that_the_page_cancels(
     hyper = job["method"]["supervised"]["hyperparameters"]
     assert (hyper["n_epochs"], hyper["batch_size"]) == (20, 1)
     assert '"learning_rate_multiplier"' in page.text_content("#spec")  # resolved from "auto"
+    # ... beside the body the form sent, exactly as the API kept it.
+    expect(page.locator("#spec-submitted")).to_contain_text('"suffix": "form"')
+    kept = pg_api.http.get(f"fine_tuning/jobs/{job_id}/spec").json()["submitted"]
+    assert json.loads(page.text_content("#spec-submitted") or "") == kept
+    assert kept["suffix"] == "form" and kept["training_file"] == train["id"]
 
     page.wait_for_selector("#cancel-job:not([disabled])")
     page.click("#cancel-job")

@@ -36,13 +36,20 @@ export async function jobPage(view, jobId, signal) {
   const events = h("ol", { id: "events", class: "events" });
   const checkpoints = h("div", { id: "checkpoints" });
   const spec = h("pre", { id: "spec" });
+  const submitted = h("pre", { id: "spec-submitted" }, "…");
   view.append(
     header, controls, message,
     h("h2", {}, "Metrics"), charts,
     h("div", { class: "columns" },
       h("section", {}, h("h2", {}, "Events"), events),
-      h("section", {}, h("h2", {}, "Checkpoints"), checkpoints, h("h2", {}, "Spec (as resolved by the API)"), spec),
+      h("section", {}, h("h2", {}, "Checkpoints"), checkpoints, h("h2", {}, "Spec (as submitted)"), submitted, h("h2", {}, "Spec (as resolved by the API)"), spec),
     ),
+  );
+
+  // The body as its owner sent it never changes: read once (null for jobs older than it).
+  api(`fine_tuning/jobs/${encodeURIComponent(jobId)}/spec`, { signal }).then(
+    (body) => { submitted.textContent = body.submitted ? JSON.stringify(body.submitted, null, 2) : "(not kept for this job)"; },
+    (error) => { if (!signal.aborted) submitted.textContent = `(could not be read: ${error.message})`; },
   );
 
   const curves = new MetricCharts(charts);

@@ -16,6 +16,7 @@ from api.job_rendering import (
     FineTuningJobCheckpointList,
     FineTuningJobEventList,
     FineTuningJobList,
+    FineTuningJobSpec,
     JobStatus,
     render_checkpoint,
     render_event,
@@ -89,6 +90,18 @@ def retrieve_job(session: SessionDep, owner: OwnerDep, job_id: str) -> FineTunin
     job = job_queries.get_job(session, owner, job_id)
     position = job_queries.queue_positions(session).get(job.id) if job.status == "queued" else None
     return render_job(job, position)
+
+
+@router.get("/{job_id}/spec")
+def job_spec(session: SessionDep, owner: OwnerDep, job_id: str) -> FineTuningJobSpec:
+    """Ours: the body as submitted beside the spec as resolved (the dashboard shows both)."""
+    job = job_queries.get_job(session, owner, job_id)
+    return FineTuningJobSpec(
+        object="fine_tuning.job.spec",
+        fine_tuning_job_id=job.id,
+        submitted=job.request,
+        resolved=job.spec,
+    )
 
 
 @router.post("/{job_id}/cancel")
