@@ -1,0 +1,70 @@
+"""``resources.compile`` trains as the eager model does; ``resources.liger`` is refused, with
+the field named, where it cannot run (this CPU machine: no CUDA)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.trainer_core.conftest import run
+from trainer_core.kernels import COMPILE_BACKEND_ENV, compile_layers, decoder_layers
+from trainer_core.models import load_model
+from trainer_core.placement import place
+from trainer_core.specs import ResourcesSpec
+
+
+def test_decoder_layers_are_found_through_a_peft_model(tiny_model: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model = load_model(str(tiny_model))
+    layers = decoder_layers(model)
+    assert len(layers) == model.config.num_hidden_layers >= 2
+    assert all(type(layer).__name__.endswith("DecoderLayer") for layer in layers)
+    wrapped = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    assert decoder_layers(wrapped) == layers
+
+
+def test_no_decoder_layer_is_an_error_naming_the_field() -> None:
+    with pytest.raises(ValueError, match=r"resources\.compile: no decoder layer"):
+        compile_layers(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.slow
+def test_compiled_layers_train_as_eager_ones(
+    make_spec: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # aot_eager: dynamo's graphs and AOTAutograd's joint forward/backward, without inductor's
+    # C++ code generation, which takes minutes on the 2 cores of CI (a GPU run uses inductor).
+    monkeypatch.setenv(COMPILE_BACKEND_ENV, "aot_eager")
+    torch._dynamo.reset()
+    spec = make_spec(batch_size=4, n_epochs=1, adapter={"type": "lora", "r": 8, "alpha": 16})
+    _, eager, _ = run(spec, tmp_path / "eager")
+    compiled_spec = spec.model_copy(update={"resources": ResourcesSpec(compile=True)})
+    compiles_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    _, compiled, _ = run(compiled_spec, tmp_path / "compiled")
+
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > compiles_before
+    assert len(eager.points) == len(compiled.points) == 2
+    for (step, a), (_, b) in zip(eager.points, compiled.points, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-5), step
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), step
+    # The second step's loss is after an update: the compiled backward did train.
+    assert eager.points[1][1]["train_loss"] != pytest.approx(eager.points[0][1]["train_loss"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a machine without CUDA")
+def test_liger_without_cuda_is_refused_naming_the_field() -> None:
+    with pytest.raises(ValueError, match=r"resources\.liger needs a CUDA GPU"):
+        place(ResourcesSpec(liger=True))
+    place(ResourcesSpec())  # the default asks for nothing
+
+
+def test_liger_refused_before_the_model_loads(make_spec: Any, tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine could run Liger")
+    spec = make_spec(resources=ResourcesSpec(liger=True))
+    with pytest.raises(ValueError, match=r"resources\.liger"):
+        run(spec, tmp_path)
