@@ -120,6 +120,15 @@ def check_resources(
             param="resources.precision",
             code="unsupported_resources",
         )
+    if resources.liger and not any(w.device_kind == "cuda" for w in fit):
+        # Whether a GPU worker has liger-kernel installed it does not register: that one the
+        # trainer refuses at the job's start (trainer_core.kernels.check_liger).
+        raise invalid(
+            f"resources.liger needs a CUDA worker; class '{queue}'{_with_slots(resources.gpus)} "
+            "has none.",
+            param="resources.liger",
+            code="unsupported_resources",
+        )
     return None
 
 
