@@ -77,8 +77,15 @@ def pack_examples(examples: Sequence[SupervisedExample], max_seq_len: int) -> li
     return [PackedRow(tuple(examples[i] for i in indices)) for indices in bins]
 
 
-def collate_packed(rows: Sequence[PackedRow], pad_token_id: int) -> Batch:
-    """Right-pad packed rows into a batch with ``position_ids`` and ``sequence_ids``."""
+def collate_packed(
+    rows: Sequence[PackedRow], pad_token_id: int, *, padding_free: bool = False
+) -> Batch:
+    """Right-pad packed rows into a batch with ``position_ids`` and ``sequence_ids``.
+
+    ``padding_free``: ``rows`` is one row, for a forward that passes ``use_cache=False``
+    (``attention_inputs`` then gives the model the position ids alone)."""
+    if padding_free and len(rows) != 1:
+        raise ValueError("a padding-free batch is one row")
     longest = max(sum(len(e.input_ids) for e in row.examples) for row in rows)
     shape = (len(rows), longest)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
@@ -97,7 +104,6 @@ def collate_packed(rows: Sequence[PackedRow], pad_token_id: int) -> Batch:
             sequence_ids[r, start:end] = k
             start = end
     attention_mask = (sequence_ids > 0).long()
-    padding_free = len(rows) == 1  # one row is as long as its sequences: no padding
     return Batch(
         input_ids, attention_mask, completion_mask, position_ids, sequence_ids, padding_free
     )

@@ -121,7 +121,7 @@ def make_batch(
         sequences = [
             e for row in rows for e in (row.examples if isinstance(row, PackedRow) else [row])
         ]
-        return collate_packed([PackedRow(tuple(sequences))], pad_token_id)
+        return collate_packed([PackedRow(tuple(sequences))], pad_token_id, padding_free=True)
     if isinstance(rows[0], PackedRow):
         return collate_packed(rows, pad_token_id)  # type: ignore[arg-type]
     return collate(rows, pad_token_id)  # type: ignore[arg-type]
