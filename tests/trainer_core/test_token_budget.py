@@ -68,6 +68,11 @@ def test_the_budget_is_a_resource_and_only_where_it_is_exact(tiny_model: Path) -
     budget = ResourcesSpec(max_tokens_per_batch=64)
     with pytest.raises(ValueError, match="max_tokens_per_batch applies to supervised"):
         method_spec("kto", tiny_model, tiny_model, KtoHyperparameters, hp, resources=budget)
+    dpo = method_spec("dpo", tiny_model, tiny_model, DpoHyperparameters, {**COMMON, **DPO})
+    accepted = TrainSpec.model_validate({**dpo.model_dump(), "resources": budget.model_dump()})
+    assert accepted.resources.max_tokens_per_batch == 64
+    with pytest.raises(ValueError, match="padding_free applies to supervised"):
+        TrainSpec.model_validate({**dpo.model_dump(), "resources": {"padding_free": True}})
 
 
 # -- real runs: with a budget = without -----------------------------------------------------------
