@@ -24,7 +24,12 @@ from api.errors import invalid
 from api.models import Job, Worker
 from api.settings import Settings
 from trainer_core.registry import DISTRIBUTED_METHODS
-from trainer_core.specs import PRECISIONS, ResourcesSpec
+from trainer_core.specs import (
+    PADDING_FREE_METHODS,
+    PRECISIONS,
+    TOKEN_BUDGET_METHODS,
+    ResourcesSpec,
+)
 
 # Precisions a worker of each kind can offer (a GPU offers bf16 only if it supports it);
 # fp16 is GPU-only, since its loss scaling needs CUDA (trainer_core/placement.py).
@@ -75,6 +80,16 @@ def check_resources(
             param=param,
             code="unsupported_resources",
         )
+    for field, asked, methods in (
+        ("max_tokens_per_batch", resources.max_tokens_per_batch is not None, TOKEN_BUDGET_METHODS),
+        ("padding_free", resources.padding_free, PADDING_FREE_METHODS),
+    ):
+        if asked and method_type not in methods:
+            raise invalid(
+                f"resources.{field} applies to {', '.join(methods)}, not '{method_type}'.",
+                param=f"resources.{field}",
+                code="unsupported_resources",
+            )
     queue = resources.worker_class or settings.default_queue
     workers = known_workers(session, settings, queue)
     if not workers:
@@ -103,6 +118,15 @@ def check_resources(
             f"Precision '{resources.precision}' is not offered by any worker of class "
             f"'{queue}'{_with_slots(resources.gpus)} (offered: {', '.join(offered) or 'none'}).",
             param="resources.precision",
+            code="unsupported_resources",
+        )
+    if resources.liger and not any(w.device_kind == "cuda" for w in fit):
+        # Whether a GPU worker has liger-kernel installed it does not register: that one the
+        # trainer refuses at the job's start (trainer_core.kernels.check_liger).
+        raise invalid(
+            f"resources.liger needs a CUDA worker; class '{queue}'{_with_slots(resources.gpus)} "
+            "has none.",
+            param="resources.liger",
             code="unsupported_resources",
         )
     return None

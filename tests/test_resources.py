@@ -31,6 +31,10 @@ DEFAULTS = {
     "gradient_checkpointing": False,
     "precision": "fp32",
     "worker_class": None,
+    "max_tokens_per_batch": None,
+    "padding_free": False,
+    "compile": False,
+    "liger": False,
 }
 
 
@@ -134,6 +138,8 @@ def test_defaults_are_stored_and_rendered(api: Api, db: Any, train_id: str) -> N
         ({"precision": "int8"}, "resources.precision", "invalid_value"),
         ({"offload_optimizer": True}, "resources.offload_optimizer", "invalid_value"),
         ({"worker_class": "no spaces"}, "resources.worker_class", "invalid_value"),
+        ({"max_tokens_per_batch": 4}, "resources.max_tokens_per_batch", "invalid_value"),
+        ({"padding_free": "yes please"}, "resources.padding_free", "invalid_value"),
         ("two gpus", "resources", "invalid_value"),
     ],
 )
@@ -275,3 +281,59 @@ def test_default_queue_unserved_and_resume_notes_it_again(api: Api, train_id: st
     resumed = api.http.post(f"fine_tuning/jobs/{job['id']}/resume").json()
     assert resumed["status"] == "queued"
     assert resumed["substatus"] == f"no worker serves queue '{QUIET_QUEUE}'"
+
+
+def test_speed_levers_are_echoed_and_refused_where_they_would_change_the_math(
+    api: Api, train_id: str
+) -> None:
+    levers = {"max_tokens_per_batch": 4096, "padding_free": True, "compile": True}
+    status, job = create(api, body(train_id, levers))
+    assert status == 200, job
+    assert job["resources"] == {**DEFAULTS, **levers}
+    assert api.http.get(f"fine_tuning/jobs/{job['id']}").json()["resources"] == job["resources"]
+
+    pairs = api.upload(
+        json.dumps(
+            {
+                "input": {"messages": [{"role": "user", "content": "Name one?"}]},
+                "preferred_output": [{"role": "assistant", "content": "One."}],
+                "non_preferred_output": [{"role": "assistant", "content": "No."}],
+            }
+        )
+        + "\n"
+    )
+    # KTO's baseline is a mean over a micro-batch of batch_size rows; padding-free is SFT's.
+    for method, resources, param in (
+        ("kto", {"max_tokens_per_batch": 4096}, "resources.max_tokens_per_batch"),
+        ("dpo", {"padding_free": True}, "resources.padding_free"),
+    ):
+        payload = {
+            "model": "tiny",
+            "training_file": pairs["id"],
+            "method": {"type": method},
+            "resources": resources,
+        }
+        status, answer = create(api, payload)
+        assert status == 400, answer
+        assert answer["error"]["param"] == param, answer
+        assert answer["error"]["code"] == "unsupported_resources", answer
+    status, job = create(
+        api,
+        {
+            "model": "tiny",
+            "training_file": pairs["id"],
+            "method": {"type": "dpo"},
+            "resources": {"max_tokens_per_batch": 2048},
+        },
+    )
+    assert status == 200, job
+
+
+def test_liger_needs_a_cuda_worker_of_the_class(api: Api, workers: None, train_id: str) -> None:
+    status, answer = create(api, body(train_id, {"liger": True, "worker_class": "res-cpu"}))
+    assert status == 400, answer
+    assert answer["error"]["param"] == "resources.liger", answer
+    assert "res-cpu" in answer["error"]["message"]
+    status, job = create(api, body(train_id, {"liger": True, "worker_class": "res-gpu"}))
+    assert status == 200, job
+    assert job["resources"]["liger"] is True

@@ -42,6 +42,9 @@ class Batch:
     # and sequence_ids number the sequences of a row 1, 2, ... (0 on padding).
     position_ids: torch.Tensor | None = None  # (B, T) long
     sequence_ids: torch.Tensor | None = None  # (B, T) long
+    # One packed row and no padding (packing.collate_packed of one row): the model finds the
+    # sequences from the position ids alone (packing.attention_inputs).
+    padding_free: bool = False
 
     @property
     def num_loss_tokens(self) -> int:
@@ -120,3 +123,48 @@ def fixed_batches(n_examples: int, batch_size: int) -> list[list[int]]:
     return [
         list(range(i, min(i + batch_size, n_examples))) for i in range(0, n_examples, batch_size)
     ]
+
+
+def split_by_tokens(
+    step: Step,
+    lengths: Sequence[int],
+    budget: int,
+    *,
+    padding_free: bool = False,
+    rows_per_item: int = 1,
+    ranks: int = 1,
+) -> Step:
+    """A step's rows, in their order, re-cut into micro-batches of at most ``budget`` tokens.
+
+    The optimizer step keeps its rows and the method its normalisers (of the whole step), so
+    the loss and the gradients are those of the step cut by rows; only how many rows a
+    forward holds changes (TRL's ``max_tokens``/padding-free batching, with our accumulation).
+
+    A micro-batch's tokens are those of the largest share a process computes (``ranks``
+    processes take rows ``rank::ranks``, as ``distributed.share``): its rows times its
+    longest row (padded), or the sum of its rows (``padding_free``), times ``rows_per_item``
+    (2: a preference pair run as a chosen and a rejected row). A row over the budget alone
+    runs alone: a row is never cut.
+
+    Example: lengths [4, 3, 3, 2], budget 8, padded → [[0, 1], [2, 3]] (2 × 4 = 8, then
+    2 × 3 = 6; [0, 1, 2] would pad to 3 × 4 = 12).
+    """
+
+    def tokens(rows: list[int]) -> int:
+        shares = [rows[r::ranks] for r in range(ranks)]
+        if padding_free:
+            cost = max(sum(lengths[i] for i in share) for share in shares)
+        else:
+            cost = max(len(share) * max((lengths[i] for i in share), default=0) for share in shares)
+        return cost * rows_per_item
+
+    micro_batches: Step = []
+    current: list[int] = []
+    for i in (i for micro_batch in step for i in micro_batch):
+        if current and tokens([*current, i]) > budget:
+            micro_batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        micro_batches.append(current)
+    return micro_batches

@@ -53,7 +53,13 @@ from torch import nn
 
 from trainer_core import distributed
 from trainer_core.adapters import apply_adapter
-from trainer_core.batching import Step, epoch_steps, fixed_batches, steps_per_epoch
+from trainer_core.batching import (
+    Step,
+    epoch_steps,
+    fixed_batches,
+    split_by_tokens,
+    steps_per_epoch,
+)
 from trainer_core.checkpoint import (
     TrainerState,
     already_done,
@@ -62,6 +68,7 @@ from trainer_core.checkpoint import (
     save_checkpoint,
 )
 from trainer_core.distributed import Distributed
+from trainer_core.kernels import apply_liger, compile_layers
 from trainer_core.models import load_model_and_tokenizer
 from trainer_core.optim import build_optimizer, build_scheduler
 from trainer_core.placement import Placement, enable_gradient_checkpointing
@@ -221,6 +228,8 @@ def load_base(spec: TrainSpec) -> tuple[nn.Module, Any]:
         spec.model, allow_hub=spec.allow_hub, trust_remote_code=spec.trust_remote_code
     )
     enable_gradient_checkpointing(base, spec.resources.gradient_checkpointing)
+    if spec.resources.liger:
+        apply_liger(base)  # checked at ``setup`` (placement.place): a CUDA GPU and the package
     return base, tokenizer
 
 
@@ -350,11 +359,21 @@ class Run(Generic[S]):
 
     # -- the steps ---------------------------------------------------------------------------
 
-    def steps(self, *, lengths: Sequence[int] | None = None) -> Iterator[Step]:
+    def steps(
+        self,
+        *,
+        lengths: Sequence[int] | None = None,
+        rows_per_item: int = 1,
+        padding_free: bool = False,
+    ) -> Iterator[Step]:
         """Each optimizer step's micro-batches (lists of row indices) of every epoch left.
 
         The plan of an epoch is ``batching.epoch_steps`` over the run's ``rows`` (seeded by
-        the run's seed and the epoch, length-grouped by ``lengths``). Before each step: skip
+        the run's seed and the epoch, length-grouped by ``lengths``). With the job's
+        ``resources.max_tokens_per_batch`` (and ``lengths``), each step's rows
+        are re-cut into micro-batches of that many tokens (``batching.split_by_tokens``, with
+        ``rows_per_item`` rows run per length and ``padding_free`` counting real tokens): the
+        step keeps its rows, so the method's normalisers and the update stay. Before each step: skip
         it if a resumed run took it already, and stop, keeping a checkpoint, if any rank was
         asked to. After it: a checkpoint every ``checkpoint_every`` steps, or at the end of
         every epoch without one.
@@ -367,6 +386,7 @@ class Run(Generic[S]):
         every = self.spec.checkpoint_every
         n_rows, steps_per_item = self.rows, self.steps_per_item
         accumulation = self.accumulation or hp.gradient_accumulation_steps
+        budget = self.spec.resources.max_tokens_per_batch
         for epoch in range(self.start.epoch if self.start else 0, hp.n_epochs):
             plan = epoch_steps(
                 n_rows,
@@ -377,6 +397,18 @@ class Run(Generic[S]):
                 # Rows of similar length share a batch: far less padding to run through.
                 lengths=lengths,
             )
+            if budget is not None and lengths is not None:
+                plan = [
+                    split_by_tokens(
+                        step,
+                        lengths,
+                        budget,
+                        padding_free=padding_free,
+                        rows_per_item=rows_per_item,
+                        ranks=self.dist.world_size,
+                    )
+                    for step in plan
+                ]
             for index, micro_batches in enumerate(plan):
                 position = index * steps_per_item  # optimizer steps of this epoch before it
                 if already_done(self.start, epoch, position):
@@ -580,6 +612,10 @@ def start_run(
         optimizer, kind=hp.lr_scheduler, total_steps=total_steps, warmup_ratio=hp.warmup_ratio
     )
     sink.start(total_steps)
+    if spec.resources.compile:
+        # Here, once everything copied from the model (a frozen reference) is built: the
+        # copies stay eager, and the policy compiles at its first forward.
+        compile_layers(model)
     # Pick up where a checkpoint left off (pause/resume, a restarted failed job), or start.
     start = resume(spec.resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
     distributed.wrap(

@@ -77,8 +77,15 @@ def pack_examples(examples: Sequence[SupervisedExample], max_seq_len: int) -> li
     return [PackedRow(tuple(examples[i] for i in indices)) for indices in bins]
 
 
-def collate_packed(rows: Sequence[PackedRow], pad_token_id: int) -> Batch:
-    """Right-pad packed rows into a batch with ``position_ids`` and ``sequence_ids``."""
+def collate_packed(
+    rows: Sequence[PackedRow], pad_token_id: int, *, padding_free: bool = False
+) -> Batch:
+    """Right-pad packed rows into a batch with ``position_ids`` and ``sequence_ids``.
+
+    ``padding_free``: ``rows`` is one row, for a forward that passes ``use_cache=False``
+    (``attention_inputs`` then gives the model the position ids alone)."""
+    if padding_free and len(rows) != 1:
+        raise ValueError("a padding-free batch is one row")
     longest = max(sum(len(e.input_ids) for e in row.examples) for row in rows)
     shape = (len(rows), longest)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
@@ -97,7 +104,9 @@ def collate_packed(rows: Sequence[PackedRow], pad_token_id: int) -> Batch:
             sequence_ids[r, start:end] = k
             start = end
     attention_mask = (sequence_ids > 0).long()
-    return Batch(input_ids, attention_mask, completion_mask, position_ids, sequence_ids)
+    return Batch(
+        input_ids, attention_mask, completion_mask, position_ids, sequence_ids, padding_free
+    )
 
 
 def block_causal_mask(sequence_ids: torch.Tensor) -> torch.Tensor:
@@ -118,13 +127,20 @@ def attention_inputs(batch: Batch, model: nn.Module) -> dict[str, torch.Tensor |
     """The ``attention_mask`` (and ``position_ids``) keyword arguments of the model's forward.
 
     An unpacked batch passes its 2D padding mask and the model builds the causal mask. A
-    packed one passes a 4D block-diagonal mask, which transformers uses as is: bool for
-    SDPA, additive float for eager attention. FlashAttention takes no 4D mask; it finds the
-    sequences from where the position ids restart.
+    padding-free one (one packed row, no padding) passes no mask, only the position ids:
+    transformers then finds the sequences from where the positions restart, for every
+    attention (``masking_utils.find_packed_sequence_indices``: FlashAttention-2 varlen, a
+    document mask for flex_attention, a block-diagonal mask for SDPA and eager), which is
+    TRL's padding-free path (``DataCollatorWithFlattening``). transformers looks for the
+    sequences only in a forward without a cache: call the model with ``use_cache=False``, as
+    every training forward here does. Other packed batches pass a
+    4D block-diagonal mask, which transformers uses as is: bool for SDPA, additive float
+    for eager attention. FlashAttention takes no 4D mask; it finds the sequences from where
+    the position ids restart.
     """
     if batch.sequence_ids is None:
         return {"attention_mask": batch.attention_mask}
-    if "flash" in attention_implementation(model):
+    if batch.padding_free or "flash" in attention_implementation(model):
         return {"attention_mask": None, "position_ids": batch.position_ids}
     mask = block_causal_mask(batch.sequence_ids).to(batch.input_ids.device)
     return {"attention_mask": model_mask(mask, model), "position_ids": batch.position_ids}

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from trainer_core.kernels import check_liger
 from trainer_core.seams import MetricSink
 from trainer_core.specs import ResourcesSpec
 
@@ -87,6 +88,8 @@ def place(resources: ResourcesSpec) -> Placement:
             "precision fp16 needs a CUDA GPU (loss scaling of fp16 autocast); this worker has "
             "none: use bf16 or fp32 on a CPU worker"
         )
+    if resources.liger:
+        check_liger(device)
     return Placement(device, resources.precision)
 
 

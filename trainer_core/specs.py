@@ -43,7 +43,9 @@ from trainer_core.registry import (
 __all__ = [
     "DPO_LOSS_TYPES",
     "METHODS",
+    "PADDING_FREE_METHODS",
     "PRECISIONS",
+    "TOKEN_BUDGET_METHODS",
     "AdapterSpec",
     "AnyHyperparameters",
     "DpoHyperparameters",
@@ -96,6 +98,14 @@ Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
+# The methods a token budget applies to: the offline ones whose micro-batches only split the
+# work of a step. KTO is not among them: its KL baseline is a mean over a micro-batch of
+# batch_size rows, which a budget would change (preference_losses.kto_loss).
+TOKEN_BUDGET_METHODS: tuple[str, ...] = ("supervised", "dpo", "reward_model", "orpo", "simpo")
+# Padding-free micro-batches: supervised rows only (pairs keep their chosen/rejected layout).
+PADDING_FREE_METHODS: tuple[str, ...] = ("supervised",)
+
+
 class ResourcesSpec(_Strict):
     """What a job needs of a worker (the ``resources`` extension field).
 
@@ -123,6 +133,33 @@ class ResourcesSpec(_Strict):
     worker_class: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")] | None = Field(
         None,
         description="The queue of a class of workers (alignd worker --queues); null: the default.",
+    )
+    # The levers below change how fast a step runs, never what it computes (docs/methods.md,
+    # "Speed levers"): the same rows make an optimizer step, with the same normalisers.
+    max_tokens_per_batch: Annotated[int, Field(ge=8, le=16_777_216)] | None = Field(
+        None,
+        description=(
+            "Cut each optimizer step's rows into micro-batches of at most this many tokens "
+            "(padded tokens; real tokens with padding_free) per process; null: micro-batches of "
+            "batch_size rows. Methods: " + ", ".join(TOKEN_BUDGET_METHODS) + "."
+        ),
+    )
+    padding_free: bool = Field(
+        False,
+        description=(
+            "Supervised: run each micro-batch as one row of its sequences back to back, no "
+            "padding, attention kept within each sequence (FlashAttention-2 varlen when "
+            "installed, else a block-diagonal mask)."
+        ),
+    )
+    compile: bool = Field(
+        False, description="torch.compile each decoder layer of the model (regional compilation)."
+    )
+    liger: bool = Field(
+        False,
+        description=(
+            "Liger kernels (fused RMSNorm, SwiGLU, RoPE); needs a CUDA worker with liger-kernel."
+        ),
     )
 
     @property
@@ -215,6 +252,19 @@ class TrainSpec(_Strict):
             resolved_cls = METHODS[data.get("method", "supervised")].resolved
             data = {**data, "hyperparameters": resolved_cls.model_validate(data["hyperparameters"])}
         return data
+
+    @model_validator(mode="after")
+    def _levers_of_the_method(self) -> TrainSpec:
+        # The API refuses these at creation, naming the field (api/workers.check_resources);
+        # this keeps a spec run from the command line as honest.
+        r = self.resources
+        if r.max_tokens_per_batch is not None and self.method not in TOKEN_BUDGET_METHODS:
+            raise ValueError(
+                f"resources.max_tokens_per_batch applies to {', '.join(TOKEN_BUDGET_METHODS)}"
+            )
+        if r.padding_free and self.method not in PADDING_FREE_METHODS:
+            raise ValueError(f"resources.padding_free applies to {', '.join(PADDING_FREE_METHODS)}")
+        return self
 
     def stored(self) -> dict[str, Any]:
         """The JSON the API stores on the job: everything but the worker's fields."""

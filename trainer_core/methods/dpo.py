@@ -87,7 +87,11 @@ def train(job: loop.Job, hp: DpoHyperparameters) -> RunResult:
 
     # -- one optimizer step: policy logps → reference logps → the loss of the step's pairs --
     shared = shared_prompt.supported(model)  # pairs run as one row each (shared_prompt.py)
-    for micro_batches in run.steps(lengths=pair_lengths(examples, one_row=shared)):
+    for micro_batches in run.steps(
+        # A token budget counts both rows of a pair unless it runs as one row.
+        lengths=pair_lengths(examples, one_row=shared),
+        rows_per_item=1 if shared else 2,
+    ):
         batches = [collate(indices) for indices in micro_batches]
         # The loss is a mean over the pairs (and, for "sft", the chosen tokens) of the
         # whole step, so accumulating micro-batches gives the gradient of one big batch,

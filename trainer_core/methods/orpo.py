@@ -70,7 +70,11 @@ def train(job: loop.Job, hp: OrpoHyperparameters) -> RunResult:
     )
 
     # -- one optimizer step: one forward of both answers → NLL + odds-ratio term ------------
-    for micro_batches in run.steps(lengths=[example.padded_length for example in examples]):
+    for micro_batches in run.steps(
+        # Chosen and rejected run as two rows: a token budget counts both.
+        lengths=[example.padded_length for example in examples],
+        rows_per_item=2,
+    ):
         batches = [collate(indices) for indices in micro_batches]
         # The odds-ratio term is a mean over the pairs of the whole step and the NLL a
         # mean over its chosen tokens, so accumulating micro-batches gives the gradient

@@ -85,7 +85,11 @@ def train(job: loop.Job, hp: RewardModelHyperparameters) -> RunResult:
 
     # -- one optimizer step: rewards of both answers → the loss of the step's pairs ----------
     shared = uses_shared_prompt(model)
-    for micro_batches in run.steps(lengths=pair_lengths(examples, one_row=shared)):
+    for micro_batches in run.steps(
+        # A token budget counts both rows of a pair unless it runs as one row.
+        lengths=pair_lengths(examples, one_row=shared),
+        rows_per_item=1 if shared else 2,
+    ):
         # Normalise by the pairs of the whole step, so accumulating micro-batches gives
         # the same gradient as one big batch, and the ranks' shares add up to it.
         pairs_in_step = sum(len(indices) for indices in micro_batches)

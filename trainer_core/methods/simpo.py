@@ -61,7 +61,11 @@ def train(job: loop.Job, hp: SimpoHyperparameters) -> RunResult:
 
     # -- one optimizer step: length-averaged logps of both answers → the margin loss --------
     shared = shared_prompt.supported(model)  # pairs run as one row each (shared_prompt.py)
-    for micro_batches in run.steps(lengths=pair_lengths(examples, one_row=shared)):
+    for micro_batches in run.steps(
+        # A token budget counts both rows of a pair unless it runs as one row.
+        lengths=pair_lengths(examples, one_row=shared),
+        rows_per_item=1 if shared else 2,
+    ):
         # The loss is a mean over the pairs of the whole step, so accumulating micro-batches
         # gives the gradient of one big batch, and the ranks' shares add up to it.
         num_pairs = sum(len(indices) for indices in micro_batches)

@@ -8,7 +8,9 @@ One optimizer step, top to bottom: micro-batches → per-token logps → loss no
 tokens of the whole step → backward → clip → AdamW step → schedule → metrics → checkpoint.
 
 Rows are batched by similar length (``batching``), or with ``packing`` several rows share one
-``max_seq_len`` row (``packing``); either way the loss is the same token mean.
+``max_seq_len`` row (``packing``), or with ``resources.padding_free`` a micro-batch is one row
+of its sequences back to back (no padding at all, attention kept within each sequence, cut by
+``resources.max_tokens_per_batch``); every way the loss is the same token mean.
 
 A run resumes from a checkpoint (``spec.resume_from``) exactly where it left off: weights,
 optimizer, scheduler, RNG and position in the epoch (``checkpoint.resume``).
@@ -73,11 +75,14 @@ def train(job: loop.Job, hp: SupervisedHyperparameters) -> RunResult:
         ),
     )
 
+    padding_free = job.spec.resources.padding_free
+
     def collate_rows(indices: list[int]) -> Batch:
-        return make_batch([rows[i] for i in indices], pad_token_id)
+        return make_batch([rows[i] for i in indices], pad_token_id, padding_free=padding_free)
 
     # -- one optimizer step: per-token logps → the NLL of the whole step's tokens -----------
-    for micro_batches in run.steps(lengths=[len(row.input_ids) for row in rows]):
+    lengths = [len(row.input_ids) for row in rows]
+    for micro_batches in run.steps(lengths=lengths, padding_free=padding_free):
         batches = [collate_rows(indices) for indices in micro_batches]
         # Normalise by the counted tokens of the whole step, so accumulating micro-batches
         # gives the same gradient as one big batch (see sft_loss.sft_loss), and the ranks'
@@ -107,7 +112,16 @@ def sft_metrics(stats: Sequence[SftStats], prefix: str) -> dict[str, float]:
     }
 
 
-def make_batch(rows: Sequence[SupervisedExample | PackedRow], pad_token_id: int) -> Batch:
+def make_batch(
+    rows: Sequence[SupervisedExample | PackedRow], pad_token_id: int, *, padding_free: bool = False
+) -> Batch:
+    """The rows right-padded into a batch, or (``padding_free``) their sequences back to back
+    in one row of no padding: (1, total tokens), positions restarting per sequence."""
+    if padding_free:
+        sequences = [
+            e for row in rows for e in (row.examples if isinstance(row, PackedRow) else [row])
+        ]
+        return collate_packed([PackedRow(tuple(sequences))], pad_token_id, padding_free=True)
     if isinstance(rows[0], PackedRow):
         return collate_packed(rows, pad_token_id)  # type: ignore[arg-type]
     return collate(rows, pad_token_id)  # type: ignore[arg-type]
