@@ -196,7 +196,7 @@ def test_metadata_and_integrations_limits(pg_api: Api, patch: dict[str, Any], pa
 def test_metadata_at_the_limits_is_accepted(pg_api: Api) -> None:
     # Validation passes, so the next error is the missing file, not the metadata.
     metadata = {f"{i:02d}" + "k" * 62: "v" * 512 for i in range(16)}
-    integrations = [{"type": "wandb", "wandb": {"project": "p" * 7000}}]
+    integrations = [{"type": "wandb", "wandb": {"project": "p", "tags": ["t" * 100] * 64}}]
     body = {
         "model": "tiny",
         "training_file": "file-x",
