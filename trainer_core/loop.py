@@ -42,6 +42,7 @@ pieces in its own order.
 from __future__ import annotations
 
 import functools
+import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -64,7 +65,11 @@ from trainer_core.checkpoint import (
 from trainer_core.distributed import Distributed
 from trainer_core.models import load_model_and_tokenizer
 from trainer_core.optim import build_optimizer, build_scheduler
-from trainer_core.placement import Placement, enable_gradient_checkpointing
+from trainer_core.placement import (
+    Placement,
+    deterministic_algorithms,
+    enable_gradient_checkpointing,
+)
 from trainer_core.reporting import TruncationCounts, report_truncation
 from trainer_core.seams import CheckpointStore, MetricSink, RunResult, ShouldStop
 from trainer_core.specs import TrainSpec
@@ -76,12 +81,17 @@ H = TypeVar("H")
 E_co = TypeVar("E_co", covariant=True)
 
 
-def seed_everything(seed: int, num_threads: int | None) -> None:
+def seed_everything(seed: int, num_threads: int | None, *, deterministic: bool = True) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-    # warn_only: on CUDA some kernels have no deterministic version; better a warning in
-    # the log than a failed job. On CPU every op used here is deterministic.
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    if deterministic:
+        # cuBLAS is deterministic only with a fixed workspace; read when cuBLAS starts, so
+        # before the first matmul (an operator's own setting wins).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # Set either way: a worker process runs many jobs, and one job's choice must not leak
+    # into the next. warn_only: on CUDA some kernels have no deterministic version; better
+    # a warning in the log than a failed job.
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
     if num_threads is not None:
         torch.set_num_threads(num_threads)
 
@@ -91,7 +101,8 @@ def setup(spec: TrainSpec) -> Distributed:
 
     First thing in a method: ZeRO-3 needs the group before the model is built.
     """
-    seed_everything(spec.seed, spec.num_threads)
+    deterministic = deterministic_algorithms(spec.resources)
+    seed_everything(spec.seed, spec.num_threads, deterministic=deterministic)
     return distributed.setup(spec.resources)
 
 
