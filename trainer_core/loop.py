@@ -103,7 +103,11 @@ def setup(spec: TrainSpec) -> Distributed:
     """
     deterministic = deterministic_algorithms(spec.resources)
     seed_everything(spec.seed, spec.num_threads, deterministic=deterministic)
-    return distributed.setup(spec.resources)
+    dist = distributed.setup(spec.resources)
+    if dist.placement.device.type == "cuda":
+        # The run's own peak (``peak_gpu_memory_gib``), not an earlier run's in this process.
+        torch.cuda.reset_peak_memory_stats(dist.placement.device)
+    return dist
 
 
 @dataclass(frozen=True)
@@ -507,8 +511,17 @@ class Run(Generic[S]):
                     # TRL's num_tokens: every non-padding token trained on so far.
                     "num_tokens": float(self.trained_tokens),
                     "epoch": self.step / self.per_epoch,
+                    **self.device_metrics(),
                 },
             )
+
+    def device_metrics(self) -> dict[str, float]:
+        """On a GPU, ``peak_gpu_memory_gib``: the most this rank's tensors have held since
+        the run started (what decides whether a batch size fits). Nothing on the CPU."""
+        device = self.dist.placement.device
+        if device.type != "cuda":
+            return {}
+        return {"peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
 
     def checkpoint(self, epoch: int, steps_in_epoch: int, *, final: bool) -> None:
         """Save a checkpoint of the current step (every rank calls it under ZeRO), with the
