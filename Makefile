@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/pip --disable-pip-version-check
 
-.PHONY: install demo test test-fast check lint format typecheck serve worker services clean
+.PHONY: install demo test test-fast test-gpu check lint format typecheck serve worker services clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -27,6 +27,10 @@ test: install
 
 test-fast: install
 	$(BIN)/pytest -q -m "not slow"
+
+# The CUDA checks alone (tests/gpu); `make test` collects them too and skips them without CUDA.
+test-gpu: install
+	$(BIN)/pytest -q -m gpu tests/gpu
 
 lint: install
 	$(BIN)/ruff format --check .
