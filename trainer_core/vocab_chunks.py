@@ -5,18 +5,20 @@ logits at once (issue #12, item 2).
 A causal LM's head turns hidden states (N, H) into logits (N, V); V is 32k-256k on real
 models, so for a step of a few thousand tokens the fp32 logits, their softmax and their
 gradient are the largest tensors of the step (Qwen2.5-0.5B: 151,936 × 3,840 × 4 bytes =
-2.3 GB each). Here ``HeadLogps`` takes the hidden states and the head's weight instead, and
-per chunk of rows computes the logits, reduces them to what the loss reads (the log-prob of
+2.3 GB each). Here ``head_logps`` takes the hidden states and the head's weight instead, and
+per chunk of rows (``CHUNK_BYTES`` of fp32 logits) computes the logits, reduces them to what the loss reads (the log-prob of
 the target, its argmax-correctness, optionally the entropy) and drops them. It saves only the
 hidden states, the weight (a reference to the parameter), the targets and one logsumexp per
 row; the backward recomputes each chunk's logits (one more head matmul, the price of the
 memory) and accumulates the gradients of the hidden states and, when the head is trainable
-(full fine-tuning; a LoRA head is frozen), of the weight and bias.
+(full fine-tuning; a LoRA head is frozen), of the weight and bias. When all rows fit in one
+chunk (small vocabularies, short batches: the CPU benchmarks) the forward keeps that chunk's
+softmax for the backward instead, which is within the budget anyway and saves the recompute.
 
 Numbers: in fp32 the same as ``log_softmax`` + ``gather`` up to rounding (the CPU tests hold
 them to 1e-5 relative, values and gradients). Under autocast the head matmul runs in the
 autocast dtype, exactly as the model's own ``lm_head`` would, and the softmax statistics in
-fp32 (what ``logprobs.kept_logps`` did chunk-wise in the forward only).
+fp32 (what the ``logits_to_keep`` path did chunk-wise, in the forward only).
 
 Learnt from TRL's ``trl/kernels/chunked_logprob.py`` and liger-kernel's fused linear
 cross-entropy; unlike Liger's we keep no gradient buffer from the forward (it would be an
@@ -122,6 +124,11 @@ class _HeadLogps(torch.autograd.Function):
         lse = hidden.new_empty(n, dtype=stats)
         correct = torch.empty(n, dtype=torch.bool, device=hidden.device)
         entropy = hidden.new_zeros(n if with_entropy else 0, dtype=stats)
+        # When every row fits in one chunk, keep its probabilities for the backward instead
+        # of recomputing them: they are within the chunk budget by construction, and the
+        # recompute (one more head matmul) would buy no memory.
+        single = n <= rows
+        saved_probs: torch.Tensor | None = None
         # Casts are explicit (autocast off inside): the weight is cast once per call, not per
         # chunk, as autocast's own cast cache would.
         with torch.autocast(hidden.device.type, enabled=False):
@@ -135,11 +142,13 @@ class _HeadLogps(torch.autograd.Function):
                 lse[start:end] = chunk_lse
                 logps[start:end] = logits.gather(-1, target[:, None]).squeeze(-1) - chunk_lse
                 correct[start:end] = logits.argmax(dim=-1) == target
-                if with_entropy:
-                    # H = lse - Σ p·s, with p = exp(s - lse).
-                    probs = torch.exp(logits - chunk_lse[:, None])
-                    entropy[start:end] = chunk_lse - (probs * logits).sum(-1)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+                if with_entropy or single:
+                    probs = torch.exp(logits - chunk_lse[:, None])  # (rows, V) softmax
+                    if with_entropy:  # H = lse - Σ p·s
+                        entropy[start:end] = chunk_lse - (probs * logits).sum(-1)
+                    if single:
+                        saved_probs = probs
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, saved_probs)
         ctx.temperature, ctx.rows, ctx.dtype = temperature, rows, dtype
         ctx.mark_non_differentiable(correct, entropy)
         return logps, correct, entropy
@@ -148,7 +157,7 @@ class _HeadLogps(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: Any, grad_logps: torch.Tensor, *_: Any
     ) -> tuple[torch.Tensor | None, ...]:
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, saved_probs = ctx.saved_tensors
         temperature, rows, dtype = ctx.temperature, ctx.rows, ctx.dtype
         want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
@@ -162,10 +171,13 @@ class _HeadLogps(torch.autograd.Function):
             for start in range(0, hidden.size(0), rows):
                 end = min(hidden.size(0), start + rows)
                 h = hidden[start:end].to(dtype)
-                logits = _chunk_logits(h, w, b, temperature)  # (rows, V)
                 g = grad_logps[start:end].to(stats)  # (rows,)
                 # d logp_t / d s = onehot(t) - softmax(s); chain through s = z / temperature.
-                grad_logits = torch.exp(logits - lse[start:end, None]).mul_(-g[:, None])
+                if saved_probs is not None:  # the one chunk, kept by the forward
+                    grad_logits = saved_probs * -g[:, None]  # (rows, V), a new tensor
+                else:
+                    logits = _chunk_logits(h, w, b, temperature)  # (rows, V)
+                    grad_logits = torch.exp(logits - lse[start:end, None]).mul_(-g[:, None])
                 grad_logits.scatter_add_(-1, targets[start:end, None], g[:, None])
                 if temperature != 1.0:
                     grad_logits.div_(temperature)

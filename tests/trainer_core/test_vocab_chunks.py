@@ -93,10 +93,14 @@ def test_gradcheck_in_float64() -> None:
     weight.requires_grad_()
     bias.requires_grad_()
 
-    def logps(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return head_logps(h, w, b, targets, temperature=0.8, rows=4).logps
+    for rows in (4, 6):  # recomputed chunks; one chunk whose softmax the forward keeps
 
-    assert torch.autograd.gradcheck(logps, (hidden, weight, bias))
+        def logps(
+            h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, rows: int = rows
+        ) -> torch.Tensor:
+            return head_logps(h, w, b, targets, temperature=0.8, rows=rows).logps
+
+        assert torch.autograd.gradcheck(logps, (hidden, weight, bias))
 
 
 def test_no_vocabulary_sized_tensor_is_kept_for_the_backward() -> None:
@@ -113,6 +117,7 @@ def test_no_vocabulary_sized_tensor_is_kept_for_the_backward() -> None:
         logits_token_logps(F.linear(hidden, weight, bias), targets).logps.sum()
 
     assert (N, V) not in saved[:materialised]
+    assert (4, V) not in saved[:materialised]  # no chunk's either: they are recomputed
     assert (N, V) in saved[materialised:]  # the check can fail: the naive path keeps one
 
 
