@@ -11,8 +11,9 @@ logit and subtracting ``logsumexp`` keeps only (B, T) results (the trick TRL cal
 ``selective_log_softmax``). Better still is not to compute the logits nobody reads: a model
 asked with ``logits_to_keep=keep_positions(mask)`` (transformers 5) projects only the
 positions whose next token counts, giving (N, V) logits whose results
-``completion_logps_and_correct`` scatters back into (B, T-1). Prompts, template headers and padding then cost no LM-head
-work, which on small models with large vocabularies is a good part of the step.
+``completion_logps_and_correct`` scatters back into (B, T-1). Prompts, template headers and
+padding then cost no LM-head work, which on small models with large vocabularies is a good
+part of the step.
 
 Best of all is never to hold the (N, V) logits at all: ``kept_token_logps`` asks the decoder
 for the hidden states of the kept positions and runs the head fused with the log-softmax a
@@ -96,9 +97,9 @@ def kept_token_logps(
 ) -> TokenLogps:
     """Log-probs (N,) of ``targets`` predicted by the True positions of ``keep`` (B, T), in
     row-major order, under ``model`` called with ``inputs`` (``input_ids``, masks, position
-    ids as keyword arguments). ``pick`` (N,) maps each target to the kept position (row-major rank) that predicts
-    it, where a position predicts several (``shared_prompt``); by default the k-th target
-    belongs to the k-th kept position.
+    ids as keyword arguments). ``pick`` (N,) maps each target to the kept position
+    (row-major rank) that predicts it, where a position predicts several
+    (``shared_prompt``); by default the k-th target belongs to the k-th kept position.
 
     Chunked over the vocabulary when the model allows (``vocab_chunks``), else through
     ``logits_to_keep`` and ``logits_token_logps``: the same numbers either way.

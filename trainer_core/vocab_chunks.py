@@ -5,11 +5,11 @@ logits at once (issue #12, item 2).
 A causal LM's head turns hidden states (N, H) into logits (N, V); V is 32k-256k on real
 models, so for a step of a few thousand tokens the fp32 logits, their softmax and their
 gradient are the largest tensors of the step (Qwen2.5-0.5B: 151,936 × 3,840 × 4 bytes =
-2.3 GB each). Here ``head_logps`` takes the hidden states and the head's weight instead, and
-per chunk of rows (``CHUNK_BYTES`` of fp32 logits) computes the logits, reduces them to what the loss reads (the log-prob of
-the target, its argmax-correctness, optionally the entropy) and drops them. It saves only the
-hidden states, the weight (a reference to the parameter), the targets and one logsumexp per
-row; the backward recomputes each chunk's logits (one more head matmul, the price of the
+2.3 GB each). Here ``head_logps`` takes the hidden states and the head's weight instead,
+and per chunk of rows (``CHUNK_BYTES`` of fp32 logits) computes the logits, reduces them to
+what the loss reads (the log-prob of the target, its argmax-correctness, optionally the
+entropy) and drops them. It saves only the hidden states, the weight (a reference to the
+parameter), the targets and one logsumexp per row; the backward recomputes each chunk's logits (one more head matmul, the price of the
 memory) and accumulates the gradients of the hidden states and, when the head is trainable
 (full fine-tuning; a LoRA head is frozen), of the weight and bias. When all rows fit in one
 chunk (small vocabularies, short batches: the CPU benchmarks) the forward keeps that chunk's
