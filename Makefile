@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/pip --disable-pip-version-check
 
-.PHONY: install demo test test-fast check lint format typecheck serve worker services screenshot clean
+.PHONY: install demo test test-fast test-gpu check lint format typecheck serve worker services screenshot clean
 
 # The dashboard's browser tests drive Debian's Chromium (tests/test_dashboard.py); as root.
 CHROMIUM := /usr/bin/chromium
@@ -34,6 +34,10 @@ test: install
 
 test-fast: install
 	$(BIN)/pytest -q -m "not slow"
+
+# The CUDA checks alone (tests/gpu); `make test` collects them too and skips them without CUDA.
+test-gpu: install
+	$(BIN)/pytest -q -m gpu tests/gpu
 
 lint: install
 	$(BIN)/ruff format --check .

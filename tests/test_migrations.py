@@ -228,7 +228,8 @@ def test_old_jobs_get_the_spec_their_worker_built(
     assert (supervised.train_file, supervised.validation_file) == ("file-train", "file-valid")
     assert supervised.hyperparameters.model_dump() == SUPERVISED_HP
     assert supervised.adapter.model_dump() == ADAPTER and supervised.max_seq_len == 256
-    assert supervised.resources.model_dump() == RESOURCES
+    # Stored before resources.deterministic existed: the default (the device decides).
+    assert supervised.resources.model_dump() == {**RESOURCES, "deterministic": None}
     assert supervised.resume_from is None  # the worker's: it unpacks the checkpoint itself
     assert grpo.method == "grpo" and grpo.reward_functions == [REWARD]
     assert grpo.hyperparameters.model_dump() == GRPO_HP

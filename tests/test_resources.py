@@ -30,6 +30,7 @@ DEFAULTS = {
     "offload_optimizer": False,
     "gradient_checkpointing": False,
     "precision": "fp32",
+    "deterministic": None,
     "worker_class": None,
     "max_tokens_per_batch": None,
     "padding_free": False,
@@ -129,6 +130,18 @@ def test_defaults_are_stored_and_rendered(api: Api, db: Any, train_id: str) -> N
     assert fetched["resources"] == job["resources"]
 
 
+def test_deterministic_is_accepted_and_echoed(api: Api, db: Any, train_id: str) -> None:
+    # null (the default: the worker's device decides) is echoed as null, an explicit value
+    # as itself, stored with the job for the worker to read.
+    for asked in (True, False):
+        status, job = create(api, body(train_id, {"deterministic": asked}))
+        assert status == 200, job
+        assert job["resources"] == {**DEFAULTS, "deterministic": asked}
+        with db() as session:
+            stored = session.get_one(Job, job["id"]).extensions["resources"]
+        assert stored["deterministic"] is asked
+
+
 @pytest.mark.parametrize(
     ("resources", "param", "code"),
     [
@@ -136,6 +149,7 @@ def test_defaults_are_stored_and_rendered(api: Api, db: Any, train_id: str) -> N
         ({"zero_stage": 4}, "resources.zero_stage", "invalid_value"),
         ({"gpus": 0}, "resources.gpus", "invalid_value"),
         ({"precision": "int8"}, "resources.precision", "invalid_value"),
+        ({"deterministic": "sometimes"}, "resources.deterministic", "invalid_value"),
         ({"offload_optimizer": True}, "resources.offload_optimizer", "invalid_value"),
         ({"worker_class": "no spaces"}, "resources.worker_class", "invalid_value"),
         ({"max_tokens_per_batch": 4}, "resources.max_tokens_per_batch", "invalid_value"),

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from trainer_core.logprobs import next_token_logps
+from trainer_core.vocab_chunks import CausalLmParts, causal_lm_parts, head_logps
 
 
 @dataclass
@@ -368,10 +369,29 @@ def rollout_logps(
     run on top of it. The logits are those of running every row whole (causal attention
     makes a prompt's keys and values independent of what follows), gradients flow into the
     prompt's keys and values through the gather, and the G − 1 copies of every prompt cost
-    nothing, forward or backward. Only completion positions reach the LM head.
+    nothing, forward or backward. Only completion positions reach the LM head, which runs
+    chunked over the vocabulary where the model allows (``vocab_chunks``): the (N, C, V)
+    logits are never held at once.
     """
     prompt_rows = torch.cat([rollout.prompt_ids, rollout.prompt_mask], dim=1)  # (N, 2P)
     unique, inverse = torch.unique(prompt_rows, dim=0, return_inverse=True)  # (U, 2P), (N,)
+    parts = causal_lm_parts(model)
+    if parts is not None:
+        if unique.size(0) == prompt_rows.size(0):
+            hidden = _whole_rows_hidden(parts, rollout)  # (N, C, H)
+        else:
+            hidden = _shared_prompt_hidden(parts, rollout, unique, inverse)  # (N, C, H)
+        n, c = rollout.completion_ids.shape
+        scored = head_logps(
+            hidden.reshape(n * c, -1),
+            parts.head.weight,
+            parts.head.bias,
+            rollout.completion_ids.reshape(-1),
+            temperature=temperature,
+            with_entropy=with_entropy,
+        )
+        entropy = scored.entropy.view(n, c) if scored.entropy is not None else None
+        return scored.logps.view(n, c), entropy
     if unique.size(0) == prompt_rows.size(0):  # nothing shared: one forward of whole rows
         logits = _whole_rows_logits(model, rollout)  # (N, C + 1, V)
     else:
@@ -386,6 +406,48 @@ def rollout_logps(
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (N, C, V)
             entropies = -(logp.exp() * logp).sum(-1)  # (N, C)
     return per_token_logps, entropies
+
+
+def _whole_rows_hidden(parts: CausalLmParts, rollout: Rollout) -> torch.Tensor:
+    """(N, C, H): the final hidden states of the positions that predict the completion
+    tokens (the last prompt position and every completion one but the last)."""
+    attention_mask = rollout.attention_mask  # (N, P + C)
+    c = rollout.completion_ids.size(1)
+    hidden = parts.hidden_states(
+        input_ids=rollout.input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        use_cache=False,
+    )  # (N, P + C, H)
+    return hidden[:, -(c + 1) : -1]
+
+
+def _shared_prompt_hidden(
+    parts: CausalLmParts, rollout: Rollout, unique: torch.Tensor, inverse: torch.Tensor
+) -> torch.Tensor:
+    """As ``_whole_rows_hidden``, running each of the U distinct prompts once (see
+    ``_shared_prompt_logits``)."""
+    p = rollout.prompt_ids.size(1)
+    unique_ids, unique_mask = unique[:, :p], unique[:, p:]  # (U, P) each
+    out = parts.decoder(
+        input_ids=unique_ids,
+        attention_mask=unique_mask,
+        position_ids=position_ids(unique_mask),
+        use_cache=True,
+    )
+    cache = out.past_key_values
+    cache.batch_select_indices(inverse)  # (U, ...) -> (N, ...), differentiable
+    last_prompt = out.last_hidden_state[:, -1:][inverse]  # (N, 1, H)
+    attention_mask = rollout.attention_mask  # (N, P + C)
+    completion = parts.decoder(
+        input_ids=rollout.completion_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask)[:, p:],
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state  # (N, C, H)
+    # The last completion token predicts nothing (ran all the same: C may be 1).
+    return torch.cat([last_prompt, completion[:, :-1]], dim=1)
 
 
 def _whole_rows_logits(model: nn.Module, rollout: Rollout) -> torch.Tensor:

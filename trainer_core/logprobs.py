@@ -10,15 +10,27 @@ Memory: the logits are the largest tensor of a step (V is 32k-256k on real model
 logit and subtracting ``logsumexp`` keeps only (B, T) results (the trick TRL calls
 ``selective_log_softmax``). Better still is not to compute the logits nobody reads: a model
 asked with ``logits_to_keep=keep_positions(mask)`` (transformers 5) projects only the
-positions whose next token counts, giving (N, V) logits that ``kept_next_token_logps``
-scatters back into (B, T-1). Prompts, template headers and padding then cost no LM-head
-work, which on small models with large vocabularies is a good part of the step.
+positions whose next token counts, giving (N, V) logits whose results
+``completion_logps_and_correct`` scatters back into (B, T-1). Prompts, template headers and
+padding then cost no LM-head work, which on small models with large vocabularies is a good
+part of the step.
+
+Best of all is never to hold the (N, V) logits at all: ``kept_token_logps`` asks the decoder
+for the hidden states of the kept positions and runs the head fused with the log-softmax a
+chunk of rows at a time (``vocab_chunks.py``), forward and backward. Where that does not
+apply (``vocab_chunks.causal_lm_parts`` says when: ZeRO-3, a LoRA'd head, soft-capped
+logits) it falls back to ``logits_to_keep`` and the functions on logits below.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
+
+from trainer_core.vocab_chunks import TokenLogps, causal_lm_parts, head_logps
 
 
 def next_token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -47,29 +59,66 @@ def keep_positions(completion_mask: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def kept_logps(
-    kept_logits: torch.Tensor, input_ids: torch.Tensor, keep: torch.Tensor
-) -> torch.Tensor:
-    """``per_token_logps`` (B, T-1) from the logits of kept positions.
+def logits_token_logps(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> TokenLogps:
+    """``head_logps``'s results from materialised logits (N, V): the fallback path, and the
+    reference the chunked one is tested against. Statistics in fp32 a chunk of rows at a
+    time (one (1024, V) fp32 copy at once under half precision)."""
+    logps, correct, entropy = [], [], []
+    for chunk, target in zip(logits.split(1024), targets.split(1024), strict=True):
+        scaled = chunk.float() / temperature if temperature != 1.0 else chunk.float()
+        logp = torch.log_softmax(scaled, dim=-1)  # (rows, V)
+        logps.append(logp.gather(-1, target.unsqueeze(-1)).squeeze(-1))
+        with torch.no_grad():
+            correct.append(chunk.argmax(dim=-1) == target)
+            if with_entropy:
+                entropy.append(-(logp.exp() * logp).sum(-1))
+    return TokenLogps(
+        logps=torch.cat(logps),
+        correct=torch.cat(correct),
+        entropy=torch.cat(entropy) if with_entropy else None,
+    )
 
-    ``kept_logits`` (N, V) are the logits at the N True positions of ``keep`` (B, T), in
-    row-major order (what ``logits_to_keep=keep`` returns). Positions not kept get logp 0;
-    masks must exclude them anyway.
+
+def kept_token_logps(
+    model: nn.Module,
+    inputs: Mapping[str, Any],
+    keep: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    pick: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> TokenLogps:
+    """Log-probs (N,) of ``targets`` predicted by the True positions of ``keep`` (B, T), in
+    row-major order, under ``model`` called with ``inputs`` (``input_ids``, masks, position
+    ids as keyword arguments). ``pick`` (N,) maps each target to the kept position
+    (row-major rank) that predicts it, where a position predicts several
+    (``shared_prompt``); by default the k-th target belongs to the k-th kept position.
+
+    Chunked over the vocabulary when the model allows (``vocab_chunks``), else through
+    ``logits_to_keep`` and ``logits_token_logps``: the same numbers either way.
     """
-    predicts = keep[:, :-1]  # (B, T-1): position t is kept, so token t+1 is scored
-    targets = input_ids[:, 1:][predicts]  # (N,)
-    if kept_logits.dtype in (torch.float32, torch.float64):
-        picked = kept_logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N,)
-        logps = picked - torch.logsumexp(kept_logits, dim=-1)  # (N,)
-    else:
-        # As in next_token_logps: fp32 one chunk of rows at a time.
-        logps = torch.cat(
-            [
-                torch.log_softmax(chunk.float(), dim=-1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
-                for chunk, t in zip(kept_logits.split(1024), targets.split(1024), strict=True)
-            ]
-        )
-    return logps.new_zeros(predicts.shape).masked_scatter(predicts, logps)
+    parts = causal_lm_parts(model)
+    if parts is None:
+        kept = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (K, V)
+        kept = kept if pick is None else kept[pick]  # (N, V)
+        return logits_token_logps(kept, targets, temperature=temperature, with_entropy=with_entropy)
+    hidden = parts.hidden_states(**inputs, use_cache=False)[keep]  # (K, H)
+    hidden = hidden if pick is None else hidden[pick]  # (N, H)
+    return head_logps(
+        hidden,
+        parts.head.weight,
+        parts.head.bias,
+        targets,
+        temperature=temperature,
+        with_entropy=with_entropy,
+    )
 
 
 def completion_token_logps(
@@ -80,27 +129,25 @@ def completion_token_logps(
 ) -> torch.Tensor:
     """``per_token_logps`` (B, T-1) of the completion tokens of right-padded rows under
     ``model``, 0 elsewhere. Only positions whose next token is a completion token go through
-    the LM head (``logits_to_keep``): prompts and padding cost no vocabulary projection."""
-    keep = keep_positions(completion_mask)  # (B, T) bool
-    kept_logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        logits_to_keep=keep,
-        use_cache=False,
-    ).logits  # (N, V), N = keep.sum()
-    return kept_logps(kept_logits, input_ids, keep)
+    the LM head: prompts and padding cost no vocabulary projection."""
+    per_token_logps, _ = completion_logps_and_correct(
+        model, completion_mask, input_ids=input_ids, attention_mask=attention_mask
+    )
+    return per_token_logps
 
 
-def kept_next_token_logps(
-    kept_logits: torch.Tensor, input_ids: torch.Tensor, keep: torch.Tensor
+def completion_logps_and_correct(
+    model: nn.Module, completion_mask: torch.Tensor, **inputs: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(per_token_logps, token_correct)``, both (B, T-1), from the logits of kept positions
-    (see ``kept_logps``); ``token_correct`` is False where a position was not kept."""
-    predicts = keep[:, :-1]
-    per_token_logps = kept_logps(kept_logits, input_ids, keep)
-    with torch.no_grad():
-        correct = kept_logits.argmax(dim=-1) == input_ids[:, 1:][predicts]  # (N,)
-        token_correct = torch.zeros_like(predicts).masked_scatter(predicts, correct)
+    """``(per_token_logps, token_correct)``, both (B, T-1), of the tokens ``completion_mask``
+    (B, T) counts, under ``model`` called with ``inputs`` (``input_ids`` among them); 0 /
+    False elsewhere. ``token_correct``: the argmax prediction is the token (no grad)."""
+    input_ids = inputs["input_ids"]
+    keep = keep_positions(completion_mask)  # (B, T) bool
+    predicts = keep[:, :-1]  # (B, T-1): position t is kept, so token t+1 is scored
+    scored = kept_token_logps(model, inputs, keep, input_ids[:, 1:][predicts])  # (N,)
+    per_token_logps = scored.logps.new_zeros(predicts.shape).masked_scatter(predicts, scored.logps)
+    token_correct = torch.zeros_like(predicts).masked_scatter(predicts, scored.correct)
     return per_token_logps, token_correct
 
 

@@ -42,6 +42,7 @@ pieces in its own order.
 from __future__ import annotations
 
 import functools
+import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -71,7 +72,11 @@ from trainer_core.distributed import Distributed
 from trainer_core.kernels import apply_liger, compile_layers
 from trainer_core.models import load_model_and_tokenizer
 from trainer_core.optim import build_optimizer, build_scheduler
-from trainer_core.placement import Placement, enable_gradient_checkpointing
+from trainer_core.placement import (
+    Placement,
+    deterministic_algorithms,
+    enable_gradient_checkpointing,
+)
 from trainer_core.reporting import TruncationCounts, report_truncation
 from trainer_core.seams import CheckpointStore, MetricSink, RunResult, ShouldStop
 from trainer_core.specs import TrainSpec
@@ -83,12 +88,17 @@ H = TypeVar("H")
 E_co = TypeVar("E_co", covariant=True)
 
 
-def seed_everything(seed: int, num_threads: int | None) -> None:
+def seed_everything(seed: int, num_threads: int | None, *, deterministic: bool = True) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-    # warn_only: on CUDA some kernels have no deterministic version; better a warning in
-    # the log than a failed job. On CPU every op used here is deterministic.
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    if deterministic:
+        # cuBLAS is deterministic only with a fixed workspace; read when cuBLAS starts, so
+        # before the first matmul (an operator's own setting wins).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # Set either way: a worker process runs many jobs, and one job's choice must not leak
+    # into the next. warn_only: on CUDA some kernels have no deterministic version; better
+    # a warning in the log than a failed job.
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
     if num_threads is not None:
         torch.set_num_threads(num_threads)
 
@@ -98,8 +108,13 @@ def setup(spec: TrainSpec) -> Distributed:
 
     First thing in a method: ZeRO-3 needs the group before the model is built.
     """
-    seed_everything(spec.seed, spec.num_threads)
-    return distributed.setup(spec.resources)
+    deterministic = deterministic_algorithms(spec.resources)
+    seed_everything(spec.seed, spec.num_threads, deterministic=deterministic)
+    dist = distributed.setup(spec.resources)
+    if dist.placement.device.type == "cuda":
+        # The run's own peak (``peak_gpu_memory_gib``), not an earlier run's in this process.
+        torch.cuda.reset_peak_memory_stats(dist.placement.device)
+    return dist
 
 
 @dataclass(frozen=True)
@@ -528,8 +543,17 @@ class Run(Generic[S]):
                     # TRL's num_tokens: every non-padding token trained on so far.
                     "num_tokens": float(self.trained_tokens),
                     "epoch": self.step / self.per_epoch,
+                    **self.device_metrics(),
                 },
             )
+
+    def device_metrics(self) -> dict[str, float]:
+        """On a GPU, ``peak_gpu_memory_gib``: the most this rank's tensors have held since
+        the run started (what decides whether a batch size fits). Nothing on the CPU."""
+        device = self.dist.placement.device
+        if device.type != "cuda":
+            return {}
+        return {"peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
 
     def checkpoint(self, epoch: int, steps_in_epoch: int, *, final: bool) -> None:
         """Save a checkpoint of the current step (every rank calls it under ZeRO), with the

@@ -93,6 +93,16 @@ def place(resources: ResourcesSpec) -> Placement:
     return Placement(device, resources.precision)
 
 
+def deterministic_algorithms(resources: ResourcesSpec, device: torch.device | None = None) -> bool:
+    """Whether the job runs torch's deterministic algorithms on ``device`` (this process's,
+    by default): ``resources.deterministic`` when the job says, else on on the CPU (every op
+    we use there is deterministic anyway: free) and off on CUDA, where they cost ~17% of a
+    step (issue #12: supervised LoRA on an H200, 7.9k vs 12.8k tok/s with them off)."""
+    if resources.deterministic is not None:
+        return resources.deterministic
+    return (device or local_device()).type == "cpu"
+
+
 def to_device(value: T, device: torch.device) -> T:
     """``value`` with its tensors moved to ``device`` (see ``Placement.to``)."""
     if isinstance(value, torch.Tensor):

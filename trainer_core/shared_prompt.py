@@ -25,6 +25,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from trainer_core.logprobs import kept_token_logps
 from trainer_core.packing import attention_implementation, model_mask
 
 PAD, PROMPT, CHOSEN, REJECTED = 0, 1, 2, 3
@@ -137,14 +138,11 @@ def model_inputs(rows: SharedPromptRows, model: nn.Module) -> dict[str, torch.Te
 
 def scored_logps(model: nn.Module, rows: SharedPromptRows) -> torch.Tensor:
     """(N,) log-probabilities of the scored tokens (order of ``rows.pick``); only the kept
-    positions go through the LM head."""
-    kept = model(**model_inputs(rows, model), logits_to_keep=rows.keep, use_cache=False).logits
-    if kept.dtype in (torch.float32, torch.float64):
-        normaliser = torch.logsumexp(kept, dim=-1)  # (K,)
-        return kept[rows.pick, rows.targets] - normaliser[rows.pick]
-    # Half precision: logsumexp in fp32, a chunk of rows at a time.
-    normaliser = torch.cat([torch.logsumexp(c.float(), dim=-1) for c in kept.split(1024)])
-    return kept[rows.pick, rows.targets].float() - normaliser[rows.pick]
+    positions go through the LM head, chunked over the vocabulary (``logprobs``)."""
+    scored = kept_token_logps(
+        model, model_inputs(rows, model), rows.keep, rows.targets, pick=rows.pick
+    )
+    return scored.logps
 
 
 def classifier_parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:

@@ -24,9 +24,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from trainer_core.generation import Rollout, _accepts_logits_to_keep, position_ids
+from trainer_core.generation import (
+    Rollout,
+    _accepts_logits_to_keep,
+    _whole_rows_hidden,
+    position_ids,
+)
 from trainer_core.logprobs import next_token_logps
 from trainer_core.seams import CheckpointStore
+from trainer_core.vocab_chunks import causal_lm_parts, head_logps
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -87,7 +93,18 @@ def completion_forward(
     reference (scored by that) and the policy agree to the bit while they are the same model.
     """
     input_ids, attention_mask = rollout.input_ids, rollout.attention_mask  # (N, P + C)
-    c = rollout.completion_ids.size(1)
+    n, c = rollout.completion_ids.shape
+    parts = causal_lm_parts(model)
+    if parts is not None:  # the head chunked over the vocabulary (vocab_chunks)
+        states = _whole_rows_hidden(parts, rollout)  # (N, C, H): the states before tokens
+        scored = head_logps(
+            states.reshape(n * c, -1),
+            parts.head.weight,
+            parts.head.bias,
+            rollout.completion_ids.reshape(-1),
+            temperature=temperature,
+        )
+        return scored.logps.view(n, c), value_head(states)  # (N, C), (N, C)
     keep = {"logits_to_keep": c + 1} if _accepts_logits_to_keep(model) else {}
     outputs = model(
         input_ids=input_ids,

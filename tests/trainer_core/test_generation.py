@@ -148,8 +148,12 @@ def test_rollout_logps_are_the_sampling_distribution(
             prompt = prompts[row // 2]
             ids = torch.tensor([prompt + rollout.completion_ids[row, :length].tolist()])
             logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1] / 0.7  # (length, V)
-            alone = torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt) :, None])[:, 0]
+            logp = torch.log_softmax(logits, -1)  # (length, V)
+            alone = logp.gather(-1, ids[0, len(prompt) :, None])[:, 0]
             torch.testing.assert_close(batched[row, :length], alone, atol=1e-5, rtol=1e-5)
+            assert entropies is not None
+            entropy = -(logp.exp() * logp).sum(-1)  # (length,)
+            torch.testing.assert_close(entropies[row, :length], entropy, atol=1e-5, rtol=1e-5)
     assert entropies is not None and entropies.shape == batched.shape
     assert (entropies[rollout.completion_mask.bool()] > 0).all()
 

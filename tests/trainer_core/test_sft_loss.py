@@ -11,8 +11,9 @@ import torch
 
 from trainer_core.batching import collate
 from trainer_core.logprobs import (
+    completion_logps_and_correct,
     keep_positions,
-    kept_next_token_logps,
+    logits_token_logps,
     next_token_correct,
     next_token_logps,
 )
@@ -112,7 +113,9 @@ def test_low_precision_logits_take_the_row_path(real_batch: Any) -> None:
     torch.testing.assert_close(per_token_logps.double(), naive, atol=1e-5, rtol=0)
 
 
-def test_kept_logits_give_the_same_logps_as_full_logits(tiny_model: Path, real_batch: Any) -> None:
+def test_kept_positions_give_the_same_logps_as_full_logits(
+    tiny_model: Path, real_batch: Any
+) -> None:
     model = load_model(str(tiny_model))
     keep = keep_positions(real_batch.completion_mask)  # (B, T)
     mask = real_batch.completion_mask[:, 1:].bool()  # (B, T-1)
@@ -120,10 +123,9 @@ def test_kept_logits_give_the_same_logps_as_full_logits(tiny_model: Path, real_b
     inputs = {"input_ids": real_batch.input_ids, "attention_mask": real_batch.attention_mask}
     with torch.no_grad():
         full = model(**inputs).logits  # (B, T, V)
-        kept = model(**inputs, logits_to_keep=keep).logits  # (N, V)
-    assert kept.shape == (int(mask.sum()), full.shape[-1])
-
-    per_token_logps, token_correct = kept_next_token_logps(kept, real_batch.input_ids, keep)
+        per_token_logps, token_correct = completion_logps_and_correct(
+            model, real_batch.completion_mask, **inputs
+        )
 
     expected = next_token_logps(full, real_batch.input_ids)
     torch.testing.assert_close(per_token_logps[mask], expected[mask], atol=1e-5, rtol=0)
@@ -131,18 +133,23 @@ def test_kept_logits_give_the_same_logps_as_full_logits(tiny_model: Path, real_b
     assert token_correct.equal(next_token_correct(full, real_batch.input_ids) & mask)
 
 
-def test_kept_logps_by_hand_and_in_low_precision() -> None:
-    # Row 0 keeps positions 0 and 2, row 1 keeps position 1: N = 3 logit rows over V = 2.
-    keep = torch.tensor([[True, False, True, False], [False, True, False, False]])
-    input_ids = torch.tensor([[0, 1, 0, 0], [0, 0, 1, 0]])
-    kept = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0], [0.0, math.log(3.0)]])
-    # Targets: row 0 tokens 1 and 0 (predicted at 0 and 2), row 1 token 1 (at 1).
+def test_logits_token_logps_by_hand_and_in_low_precision() -> None:
+    # N = 3 logit rows over V = 2, targets 1, 0, 1:
     # log p = log ½, log ¾, log ¾; argmax 0, 0, 1 against 1, 0, 1.
-    per_token_logps, token_correct = kept_next_token_logps(kept, input_ids, keep)
+    # Entropies: −(½ log ½ · 2) = log 2, and −(¾ log ¾ + ¼ log ¼) for the other two.
+    kept = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0], [0.0, math.log(3.0)]])
+    targets = torch.tensor([1, 0, 1])
+    got = logits_token_logps(kept, targets, with_entropy=True)
 
-    expected = [[math.log(0.5), 0.0, math.log(0.75)], [0.0, math.log(0.75), 0.0]]
-    torch.testing.assert_close(per_token_logps, torch.tensor(expected))
-    assert token_correct.tolist() == [[False, False, True], [False, True, False]]
-    low, _ = kept_next_token_logps(kept.to(torch.bfloat16), input_ids, keep)
+    expected = torch.tensor([math.log(0.5), math.log(0.75), math.log(0.75)])
+    torch.testing.assert_close(got.logps, expected)
+    assert got.correct.tolist() == [False, True, True]
+    h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert got.entropy is not None
+    torch.testing.assert_close(got.entropy, torch.tensor([math.log(2.0), h, h]))
+    low = logits_token_logps(kept.to(torch.bfloat16), targets).logps
     assert low.dtype == torch.float32
-    torch.testing.assert_close(low, torch.tensor(expected), atol=1e-2, rtol=0)
+    torch.testing.assert_close(low, expected, atol=1e-2, rtol=0)
+    # Temperature 2 halves the logits: row 1 becomes softmax(½ log 3, 0), p(0) = √3/(√3+1).
+    hot = logits_token_logps(kept, targets, temperature=2.0).logps
+    assert hot[1].item() == pytest.approx(math.log(math.sqrt(3) / (math.sqrt(3) + 1)), abs=1e-6)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from trainer_core import loop
-from trainer_core.logprobs import next_token_logps
+from trainer_core.logprobs import completion_logps_and_correct
 from trainer_core.preference_data import PairBatch, collate_pairs, load_preference
 from trainer_core.preference_losses import (
     OrpoStats,
@@ -103,10 +103,13 @@ def step_loss(
 ) -> tuple[torch.Tensor, OrpoStep]:
     """A micro-batch's (or a rank's share of it) part of the step's loss, against the whole
     step's normalisers, from one forward pass over its 2B rows."""
-    logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-    ).logits  # (2B, T, V)
-    per_token_logps = next_token_logps(logits, batch.input_ids)  # (2B, T-1)
+    # Score the tokens either term reads: every completion token, and the chosen rows' NLL
+    # targets; only their positions go through the (vocabulary-chunked) head.
+    scored = batch.completion_mask.clone()  # (2B, T)
+    scored[: len(scored) // 2, 1:] |= nll_mask(batch).to(scored.dtype)
+    per_token_logps, _ = completion_logps_and_correct(
+        model, scored, input_ids=batch.input_ids, attention_mask=batch.attention_mask
+    )  # (2B, T-1), 0 where neither term reads
     logps = completion_logps(per_token_logps, batch.completion_mask[:, 1:], average=True)
     policy_chosen_logps, policy_rejected_logps = logps.chunk(2)  # (B,) each
     loss, pairs, orpo = orpo_loss(

@@ -32,7 +32,7 @@ from torch import nn
 from trainer_core import loop
 from trainer_core.adapters import load_trained
 from trainer_core.batching import Batch, collate
-from trainer_core.logprobs import keep_positions, kept_next_token_logps
+from trainer_core.logprobs import completion_logps_and_correct
 from trainer_core.models import load_tokenizer
 from trainer_core.packing import PackedRow, attention_inputs, collate_packed, pack_examples
 from trainer_core.seams import RunResult
@@ -130,17 +130,13 @@ def make_batch(
 def forward(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """``(per_token_logps, token_correct)``, both (B, T-1), of the batch's counted tokens.
 
-    Only the positions whose next token counts go through the LM head (``logits_to_keep``);
-    elsewhere both are 0 / False, which the completion mask drops.
+    Only the positions whose next token counts go through the LM head, chunked over the
+    vocabulary (``logprobs.kept_token_logps``); elsewhere both are 0 / False, which the
+    completion mask drops.
     """
-    keep = keep_positions(batch.completion_mask)  # (B, T) bool
-    kept_logits = model(
-        input_ids=batch.input_ids,
-        **attention_inputs(batch, model),
-        logits_to_keep=keep,
-        use_cache=False,
-    ).logits  # (N, V), N = keep.sum()
-    return kept_next_token_logps(kept_logits, batch.input_ids, keep)
+    return completion_logps_and_correct(
+        model, batch.completion_mask, input_ids=batch.input_ids, **attention_inputs(batch, model)
+    )
 
 
 def add_stats(stats: Sequence[SftStats]) -> SftStats:
