@@ -29,8 +29,8 @@ completions this runs on that costs more than it saves).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -82,6 +82,22 @@ class Rollout:
         return chunks, [self.select(rows) for rows in chunks]
 
 
+@dataclass(frozen=True)
+class RolloutShard:
+    """This rank's part of a rollout sampled by several ranks (each its own prompts).
+
+    The N = B·G rows of the whole rollout are numbered prompt-major; ``rows`` are this rank's
+    (its prompts' G rows each, in order). Every rank draws the sampling noise of all N rows
+    from the same seeded RNG and keeps its own rows', so a row samples the tokens it would
+    in one process. ``longest`` agrees the number of decoding steps over the ranks (the max,
+    a collective): a rank whose rows all ended early draws the noise of the steps the others
+    still take, so that every rank's RNG stays where one process's would be."""
+
+    rows: torch.Tensor  # (n,) long: this rank's rows among the whole rollout's
+    total: int  # N, rows of the whole rollout
+    longest: Callable[[int], int]  # decoding steps taken here -> the most any rank took
+
+
 def eos_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
     """Every id that ends a completion: the generation config's EOS (often a list, e.g. a chat
     model's end-of-turn and end-of-text) and the tokenizer's."""
@@ -124,8 +140,10 @@ def sample_next(
     top_p: float,
     top_k: int,
     generator: torch.Generator | None,
+    shard: RolloutShard | None = None,
 ) -> torch.Tensor:
-    """(B,) one token per row from ``logits`` (B, V), warped as HF's sampling does."""
+    """(B,) one token per row from ``logits`` (B, V), warped as HF's sampling does; under a
+    ``shard``, the B rows are its rows of the whole rollout's."""
     logits = logits.float() / temperature
     if 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
@@ -137,7 +155,15 @@ def sample_next(
         drop[:, -1] = False  # keep at least the most likely token
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     probs = logits.softmax(-1)  # (B, V)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+    # torch.multinomial's own draw for one sample, written out (argmax of p / q, q ~ Exp(1);
+    # the same numbers from the same generator on CPU) so that a rank of a sharded rollout
+    # can draw the noise of every row and keep its own (``RolloutShard``).
+    total = probs.size(0) if shard is None else shard.total
+    noise = torch.empty((total, probs.size(-1)), dtype=probs.dtype, device=probs.device)
+    noise.exponential_(1, generator=generator)  # (N_total, V)
+    if shard is not None:
+        noise = noise[shard.rows.to(probs.device)]  # (B, V)
+    return (probs / noise).argmax(-1)  # (B,)
 
 
 def _prefill(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> Any:
@@ -172,11 +198,16 @@ def generate(
     top_p: float,
     top_k: int,
     generator: torch.Generator | None = None,
+    shard: RolloutShard | None = None,
+    merge_lora: bool = True,
 ) -> Rollout:
     """Sample ``num_generations`` completions of every prompt (see the module docstring).
 
     Rows are prompt-major: prompt i's completions are rows ``i*G .. i*G+G-1``. The model is
-    put in eval mode for the rollout and given back in the mode it came in.
+    put in eval mode for the rollout and given back in the mode it came in (gradient
+    checkpointing, a training-mode feature, is then off and the KV cache works). ``shard``:
+    these prompts are one rank's of a rollout sampled by several (``RolloutShard``).
+    ``merge_lora=False`` samples through peft's unmerged adapter layers (to compare with).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -187,7 +218,7 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        with merged_lora(model) as sampler:
+        with merged_lora(model) if merge_lora else nullcontext(model) as sampler:
             return _sample(
                 sampler,
                 tokenizer,
@@ -200,6 +231,7 @@ def generate(
                 top_p=top_p,
                 top_k=top_k,
                 generator=generator,
+                shard=shard,
             )
     finally:
         model.train(was_training)
@@ -225,6 +257,7 @@ def sample(
     sampling: Sampling,
     *,
     num_generations: int,
+    shard: RolloutShard | None = None,
 ) -> Rollout:
     """``generate`` with a job's ``sampling`` settings: N = B·G rows, prompt-major."""
     return generate(
@@ -236,6 +269,7 @@ def sample(
         temperature=sampling.temperature,
         top_p=sampling.top_p,
         top_k=sampling.top_k,
+        shard=shard,
     )
 
 
@@ -252,6 +286,7 @@ def _sample(
     top_p: float,
     top_k: int,
     generator: torch.Generator | None,
+    shard: RolloutShard | None,
 ) -> Rollout:
     """``generate``'s loop."""
     device = next(model.parameters()).device
@@ -275,7 +310,12 @@ def _sample(
     masks: list[torch.Tensor] = []
     for step in range(max_completion_length):
         token = sample_next(
-            next_logits, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator
+            next_logits,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            generator=generator,
+            shard=shard,
         ).to(device)  # (N,)
         token = token.masked_fill(done, pad_id)
         tokens.append(token)
@@ -296,6 +336,10 @@ def _sample(
         )
         cache = out.past_key_values
         next_logits = out.logits[:, -1]  # (N, V)
+    if shard is not None:  # the noise of the steps other ranks still took (``RolloutShard``)
+        for _ in range(shard.longest(len(tokens)) - len(tokens)):
+            noise = torch.empty((shard.total, next_logits.size(-1)), device=device)
+            noise.exponential_(1, generator=generator)
 
     completion_ids = torch.stack(tokens, dim=1)  # (N, C)
     completion_mask = torch.stack(masks, dim=1)  # (N, C)
@@ -368,11 +412,12 @@ def rollout_logps(
     run on top of it. The logits are those of running every row whole (causal attention
     makes a prompt's keys and values independent of what follows), gradients flow into the
     prompt's keys and values through the gather, and the G − 1 copies of every prompt cost
-    nothing, forward or backward. Only completion positions reach the LM head.
+    nothing, forward or backward. Only completion positions reach the LM head. Under gradient
+    checkpointing (in training mode) transformers drops the KV cache, so rows run whole.
     """
     prompt_rows = torch.cat([rollout.prompt_ids, rollout.prompt_mask], dim=1)  # (N, 2P)
     unique, inverse = torch.unique(prompt_rows, dim=0, return_inverse=True)  # (U, 2P), (N,)
-    if unique.size(0) == prompt_rows.size(0):  # nothing shared: one forward of whole rows
+    if unique.size(0) == prompt_rows.size(0) or checkpointing(model):
         logits = _whole_rows_logits(model, rollout)  # (N, C + 1, V)
     else:
         logits = _shared_prompt_logits(model, rollout, unique, inverse)  # (N, C + 1, V)
@@ -386,6 +431,14 @@ def rollout_logps(
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (N, C, V)
             entropies = -(logp.exp() * logp).sum(-1)  # (N, C)
     return per_token_logps, entropies
+
+
+def checkpointing(model: nn.Module) -> bool:
+    """Whether a forward of ``model`` now recomputes its layers in backward (transformers'
+    gradient checkpointing, which applies in training mode only and drops any KV cache)."""
+    return model.training and any(
+        getattr(module, "gradient_checkpointing", False) is True for module in model.modules()
+    )
 
 
 def _whole_rows_logits(model: nn.Module, rollout: Rollout) -> torch.Tensor:

@@ -251,3 +251,72 @@ def test_lora_sampling_merges_for_the_rollout_only(
     assert torch.equal(rollout.completion_ids[:1], expected)
     for name, param in policy.named_parameters():
         assert param is before[name][0] and torch.equal(param, before[name][1]), name
+
+
+def test_merged_lora_sampling_equals_unmerged_and_leaves_the_weights(
+    tiny_model: Path, tokenizer: Any, prompts: Any
+) -> None:
+    """Sampled (temperature 1), not greedy: the merged rollout draws the same tokens as peft's
+    unmerged layers from the same generator, their log-probs agree within 1e-5, and every
+    parameter afterwards is the same object with the same bits (training is unchanged)."""
+    from trainer_core.adapters import apply_adapter
+    from trainer_core.generation import merged_lora
+    from trainer_core.specs import AdapterSpec
+
+    policy = apply_adapter(load_model(str(tiny_model)), AdapterSpec(r=4, alpha=8))
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
+    before = {name: (param, param.detach().clone()) for name, param in policy.named_parameters()}
+    merged = sample(policy, tokenizer, prompts, num_generations=3)
+    unmerged = sample(policy, tokenizer, prompts, num_generations=3, merge_lora=False)
+    assert merged.completion_ids.size(1) > 4  # completions long enough to mean something
+    assert torch.equal(merged.completion_ids, unmerged.completion_ids)
+    assert torch.equal(merged.completion_mask, unmerged.completion_mask)
+    with torch.no_grad():
+        unmerged_logps, _ = rollout_logps(policy, merged, temperature=1.0)
+        with merged_lora(policy) as sampler:
+            merged_logps, _ = rollout_logps(sampler, merged, temperature=1.0)
+    mask = merged.completion_mask.bool()
+    torch.testing.assert_close(merged_logps[mask], unmerged_logps[mask], atol=1e-5, rtol=1e-5)
+    # The adapter is on: these are not the base model's log-probs.
+    with torch.no_grad(), policy.disable_adapter():
+        base_logps, _ = rollout_logps(policy, merged, temperature=1.0)
+    assert (base_logps[mask] - unmerged_logps[mask]).abs().max() > 1e-2
+    for name, param in policy.named_parameters():
+        assert param is before[name][0] and torch.equal(param, before[name][1]), name
+
+
+def test_sharded_sampling_draws_what_one_process_draws(
+    model: Any, tokenizer: Any, prompts: Any
+) -> None:
+    """Two "ranks" each sampling their prompts of a rollout (``RolloutShard``: the noise of
+    every row drawn, their own kept, decoding steps agreed) draw the rows one process draws,
+    and leave the RNG where one process leaves it. Run here one after the other, each from
+    the seed; ``longest`` is the agreement the collective would reach."""
+    from trainer_core.generation import RolloutShard
+
+    g, total = 2, 2 * len(prompts)
+    torch.manual_seed(3)
+    whole = sample(model, tokenizer, prompts, num_generations=g, generator=None)
+    after_whole = torch.rand(4)
+    steps = whole.completion_ids.size(1)
+    shares = {0: [0, 2], 1: [1]}  # prompt positions rank::2
+    for rank, positions in shares.items():
+        rows = torch.tensor([k * g + j for k in positions for j in range(g)])
+        torch.manual_seed(3)
+        part = sample(
+            model,
+            tokenizer,
+            [prompts[k] for k in positions],
+            num_generations=g,
+            generator=None,
+            shard=RolloutShard(rows, total, longest=lambda _mine: steps),
+        )
+        c = part.completion_ids.size(1)
+        assert torch.equal(part.completion_ids, whole.completion_ids[rows][:, :c]), rank
+        assert torch.equal(part.completion_mask, whole.completion_mask[rows][:, :c]), rank
+        assert not whole.completion_mask[rows][:, c:].any()  # nothing cut off but padding
+        assert part.texts == [whole.texts[i] for i in rows.tolist()]
+        assert torch.equal(torch.rand(4), after_whole), rank
