@@ -34,9 +34,15 @@ run and saved in checkpoints, so a resumed run samples what the uninterrupted on
 
 Deliberately left out: vLLM, GSPO's sequence-level ratio, entropy bonuses and masks, the
 cispo/sapo/vespo/luspo losses, multi-objective "normalize_then_sum", reward weights, tools and
-multi-turn rollouts, syncing the reference, a validation pass (reinforcement's eval_interval /
-eval_samples are accepted and not used yet), and the device, mixed precision and gradient
-checkpointing: it runs on the CPU in fp32 (``placement.cpu_only``).
+multi-turn rollouts, syncing the reference, and a validation pass (reinforcement's
+eval_interval / eval_samples are accepted and not used yet).
+
+Where it runs: the job's device, every forward (sampling, old and reference log-probs, the
+training one) and the loss under the run's autocast, backward through the loop's fp16 scaler;
+gradient checkpointing is on in the training forwards, off while sampling (eval mode). Under
+several processes each rank samples, scores and trains whole prompt groups of each rollout,
+with the normalisers of the whole micro-batch, so N ranks compute one process's steps
+(``group_rollouts``).
 """
 
 from __future__ import annotations

@@ -34,8 +34,13 @@ losses are token means over the whole rollout, so accumulation is exact.
 
 Deliberately left out: the k3 KL estimator and an adaptive KL controller, several mini-batches
 per PPO epoch (TRL's ``num_mini_batches``), more than one completion per prompt, entropy
-metrics, a validation pass, tools, and the device, mixed precision and gradient checkpointing:
-it runs on the CPU in fp32 (``placement.cpu_only``).
+metrics, a validation pass, tools, and several processes (the value head trains beside the
+model, which DeepSpeed is not given).
+
+Where it runs: the policy, reference, value head and reward model on the job's device; the
+rollout, the reward model's scores, the old/reference forwards and the training forwards under
+the run's autocast (the value head itself in fp32), backward through the loop's fp16 scaler;
+gradient checkpointing in the training forwards only (sampling is in eval mode).
 """
 
 from __future__ import annotations

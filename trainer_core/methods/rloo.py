@@ -23,9 +23,12 @@ stops on rollout boundaries), the same reference (``reference.ReferenceModel``) 
 metrics (``rollout_report``). With β = 0 and μ = 1 the old log-probs are π_θ.detach() and
 their forward is skipped.
 
+Where it runs, and how several processes share a rollout: as GRPO (``group_rollouts``); the
+KL of every row is gathered before the advantages, so normalised advantages are the whole
+rollout's.
+
 Deliberately left out: reward clipping (``reward_clip_range``), ε_high ≠ ε, vLLM, tools,
-syncing the reference, a validation pass, and the device, mixed precision and gradient
-checkpointing: it runs on the CPU in fp32 (``placement.cpu_only``).
+syncing the reference, and a validation pass.
 """
 
 from __future__ import annotations
