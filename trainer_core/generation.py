@@ -362,8 +362,8 @@ def merged_lora(model: nn.Module) -> Iterator[nn.Module]:
     runs three matmuls and peft's bookkeeping where a merged one runs one. The merged weights
     are new tensors, swapped in for the base layers' parameter objects and swapped back
     after (the parameters' values are never written, so the base stays bit-identical).
-    Anything but plain LoRA linear layers (other peft tuners, LoRA on embeddings) falls back
-    to the model as it is.
+    Anything but plain LoRA linear layers (other peft tuners, LoRA on embeddings), or a model
+    sharded by ZeRO-3, falls back to the model as it is.
     """
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
@@ -371,7 +371,10 @@ def merged_lora(model: nn.Module) -> Iterator[nn.Module]:
     disable = getattr(model, "disable_adapter", None)
     lora = [m for m in model.modules() if isinstance(m, LoraLayer)]
     layers = [m for m in lora if isinstance(m, LoraLinear) and not m.merged]
-    if disable is None or not layers or len(layers) != len(lora):
+    # Under ZeRO-3 a parameter holds only its rank's partition between forwards (DeepSpeed
+    # marks it with ``ds_id``): there is no whole weight to merge into.
+    sharded = any(hasattr(p, "ds_id") for p in model.parameters())
+    if disable is None or not layers or len(layers) != len(lora) or sharded:
         yield model
         return
     swapped: list[tuple[nn.Module, nn.Parameter]] = []
