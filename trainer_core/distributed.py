@@ -322,17 +322,6 @@ def gather_rows(
     return whole.to(values.device)
 
 
-def max_int(d: Distributed, value: int) -> int:
-    """The largest ``value`` of any rank."""
-    if d.world_size == 1:
-        return value
-    import torch.distributed as dist
-
-    top = torch.tensor([value], dtype=torch.int64, device=d.comm_device)
-    dist.all_reduce(top, op=dist.ReduceOp.MAX)
-    return int(top.item())
-
-
 def sum_float(d: Distributed, value: float) -> float:
     """``value`` added up over the ranks (a metric's sum over every rank's rows)."""
     if d.world_size == 1:

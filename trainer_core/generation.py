@@ -8,8 +8,10 @@
   (``generate(num_return_sequences=G)`` would prefill G copies of every prompt).
 - Sampling is HF's: logits / temperature, then top-k, then top-p (the same order and the same
   "keep at least one token" rule as ``TopKLogitsWarper`` / ``TopPLogitsWarper``), then one
-  ``torch.multinomial`` draw per row from ``generator``. Same generator state, same model →
-  the same completions on CPU.
+  ``torch.multinomial`` draw per row from ``generator`` (written out as torch computes one
+  sample on the CPU, the argmax of p / q with q ~ Exp(1), so that a rank of a sharded
+  rollout can keep its own rows' noise: ``RolloutShard``). Same generator state, same model
+  → the same completions on CPU.
 - Positions follow the attention mask (``cumsum - 1``), as ``model.generate`` does with left
   padding, so a padded prompt sees the positions it would have alone.
 - Under LoRA the sampler runs on merged weights W + ΔW swapped in for the duration
@@ -89,13 +91,14 @@ class RolloutShard:
     The N = B·G rows of the whole rollout are numbered prompt-major; ``rows`` are this rank's
     (its prompts' G rows each, in order). Every rank draws the sampling noise of all N rows
     from the same seeded RNG and keeps its own rows', so a row samples the tokens it would
-    in one process. ``longest`` agrees the number of decoding steps over the ranks (the max,
-    a collective): a rank whose rows all ended early draws the noise of the steps the others
-    still take, so that every rank's RNG stays where one process's would be."""
+    in one process. The ranks decode in step: a rank whose rows have all ended goes on
+    (padding) while any rank's have not (``any_running``, a collective each step), so every
+    rank draws the noise one process draws, and runs as many forwards as the others (ZeRO-3
+    gathers each layer's weights in its forward, a collective every rank must join)."""
 
     rows: torch.Tensor  # (n,) long: this rank's rows among the whole rollout's
     total: int  # N, rows of the whole rollout
-    longest: Callable[[int], int]  # decoding steps taken here -> the most any rank took
+    any_running: Callable[[bool], bool]  # rows of this rank still running -> of any rank
 
 
 def eos_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
@@ -323,7 +326,10 @@ def _sample(
         hit = torch.isin(token, eos) & ~done
         is_eos |= hit
         done |= hit
-        if bool(done.all()) or step == max_completion_length - 1:
+        finished = bool(done.all())
+        if shard is not None:
+            finished = not shard.any_running(not finished)
+        if finished or step == max_completion_length - 1:
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(token)[:, None]], dim=1)
         positions = positions + 1
@@ -336,10 +342,6 @@ def _sample(
         )
         cache = out.past_key_values
         next_logits = out.logits[:, -1]  # (N, V)
-    if shard is not None:  # the noise of the steps other ranks still took (``RolloutShard``)
-        for _ in range(shard.longest(len(tokens)) - len(tokens)):
-            noise = torch.empty((shard.total, next_logits.size(-1)), device=device)
-            noise.exponential_(1, generator=generator)
 
     completion_ids = torch.stack(tokens, dim=1)  # (N, C)
     completion_mask = torch.stack(masks, dim=1)  # (N, C)
@@ -403,6 +405,7 @@ def rollout_logps(
     *,
     temperature: float,
     with_entropy: bool = False,
+    share_prompts: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(per_token_logps (N, C), entropies (N, C) | None)`` of the rollout's completion tokens.
 
@@ -417,10 +420,15 @@ def rollout_logps(
     prompt's keys and values through the gather, and the G − 1 copies of every prompt cost
     nothing, forward or backward. Only completion positions reach the LM head. Under gradient
     checkpointing (in training mode) transformers drops the KV cache, so rows run whole.
+
+    ``share_prompts``: take the shared-prompt path even when no prompt repeats (True), for
+    ranks that must all build the same graph (ZeRO); by default, when some prompt repeats.
     """
     prompt_rows = torch.cat([rollout.prompt_ids, rollout.prompt_mask], dim=1)  # (N, 2P)
     unique, inverse = torch.unique(prompt_rows, dim=0, return_inverse=True)  # (U, 2P), (N,)
-    if unique.size(0) == prompt_rows.size(0) or checkpointing(model):
+    if share_prompts is None:
+        share_prompts = unique.size(0) < prompt_rows.size(0)
+    if not share_prompts or checkpointing(model):
         logits = _whole_rows_logits(model, rollout)  # (N, C + 1, V)
     else:
         logits = _shared_prompt_logits(model, rollout, unique, inverse)  # (N, C + 1, V)

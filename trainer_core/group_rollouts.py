@@ -31,10 +31,11 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+from torch import nn
 
 from trainer_core import distributed, loop, rollout_report
 from trainer_core.distributed import Distributed
-from trainer_core.generation import Rollout, RolloutShard, sample
+from trainer_core.generation import Rollout, RolloutShard, rollout_logps, sample
 from trainer_core.prompt_data import PromptData, PromptExample, training_prompts
 from trainer_core.reference import ReferenceModel
 from trainer_core.reward_scoring import RewardScorer
@@ -86,6 +87,20 @@ class MicroBatch:
     whole_rows: torch.Tensor  # the micro-batch's rows among the whole rollout's (all ranks)
     split: bool  # split over several ranks: the loss needs the whole micro-batch's size
 
+    def logps(
+        self, model: nn.Module, *, temperature: float, with_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``generation.rollout_logps`` of these rows. Split over ranks, every rank takes the
+        shared-prompt path whatever its share holds: under ZeRO the ranks must build the same
+        graph (ZeRO-3's forwards and ZeRO-2's gradient reduction are collectives)."""
+        return rollout_logps(
+            model,
+            self.rollout,
+            temperature=temperature,
+            with_entropy=with_entropy,
+            share_prompts=True if self.split else None,
+        )
+
 
 def start_run(
     job: loop.Job, hp: Hyperparameters, method: str
@@ -131,7 +146,7 @@ def scored_rollouts(
         total = len(indices) * g
         shard = None
         if d.world_size > 1:
-            shard = RolloutShard(rows, total, partial(distributed.max_int, d))
+            shard = RolloutShard(rows, total, partial(distributed.any_rank, d))
         examples = [data.examples[i] for i in mine]
         with where.autocast():
             rollout = sample(

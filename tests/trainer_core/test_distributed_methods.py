@@ -115,6 +115,11 @@ ONLINE = {
     ),
     # The KL of every row gathered, advantages normalised over the whole rollout.
     "rloo": ("rloo", {"beta": 0.05, "normalize_advantages": True, "num_iterations": 1}),
+    # ZeRO-3: the ranks sample from sharded weights (no merged LoRA weights to swap in).
+    "grpo-zero3": (
+        "grpo",
+        {"loss_type": "dapo", "beta": 0.04, "num_iterations": 1, "scale_rewards": "group"},
+    ),
 }
 GRPO_REST = {"epsilon_high": None, "mask_truncated_completions": False}
 
@@ -150,13 +155,16 @@ def test_online_methods_in_two_processes_match_one_process(
         },
     }
     one = [values for _, values in run_here(spec, tmp_path)]
-    two = run_cli(tmp_path, "two", {**spec, "resources": {"gpus": 2, "zero_stage": 2}}, 2)
+    zero_stage = 3 if case.endswith("zero3") else 2
+    two = run_cli(tmp_path, "two", {**spec, "resources": {"gpus": 2, "zero_stage": zero_stage}}, 2)
     assert len(one) == len(two) >= 6
     # Something was learnt, and the rollouts were not all alike.
     assert len({round(values["reward"], 6) for values in one}) > 2
     for step, (a, b) in enumerate(zip(one, two, strict=True), start=1):
         assert b["num_tokens"] == a["num_tokens"], (case, step)
-        for key in ("train_loss", "reward", "reward_std", "completions/mean_length", "entropy"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (case, step, key)
+        # abs: rloo's loss with normalised advantages at μ = 1 is −mean(A) = 0 up to rounding.
+        keys = ("train_loss", "grad_norm", "reward", "reward_std", "entropy")
+        for key in (*keys, "completions/mean_length"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (case, step, key)
         if "kl" in a:
             assert b["kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-6), (case, step)

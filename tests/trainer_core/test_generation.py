@@ -292,9 +292,10 @@ def test_sharded_sampling_draws_what_one_process_draws(
     model: Any, tokenizer: Any, prompts: Any
 ) -> None:
     """Two "ranks" each sampling their prompts of a rollout (``RolloutShard``: the noise of
-    every row drawn, their own kept, decoding steps agreed) draw the rows one process draws,
-    and leave the RNG where one process leaves it. Run here one after the other, each from
-    the seed; ``longest`` is the agreement the collective would reach."""
+    every row drawn, their own kept, decoding in step) draw the rows one process draws, and
+    leave the RNG where one process leaves it. Run here one after the other, each from the
+    seed; ``any_running`` answers what the collective would: running until the whole
+    rollout's last step."""
     from trainer_core.generation import RolloutShard
 
     g, total = 2, 2 * len(prompts)
@@ -305,6 +306,12 @@ def test_sharded_sampling_draws_what_one_process_draws(
     shares = {0: [0, 2], 1: [1]}  # prompt positions rank::2
     for rank, positions in shares.items():
         rows = torch.tensor([k * g + j for k in positions for j in range(g)])
+        asked: list[bool] = []
+
+        def any_running(mine: bool, asked: list[bool] = asked) -> bool:
+            asked.append(mine)
+            return len(asked) < steps  # the whole rollout stops after its last step
+
         torch.manual_seed(3)
         part = sample(
             model,
@@ -312,11 +319,27 @@ def test_sharded_sampling_draws_what_one_process_draws(
             [prompts[k] for k in positions],
             num_generations=g,
             generator=None,
-            shard=RolloutShard(rows, total, longest=lambda _mine: steps),
+            shard=RolloutShard(rows, total, any_running),
         )
-        c = part.completion_ids.size(1)
-        assert torch.equal(part.completion_ids, whole.completion_ids[rows][:, :c]), rank
-        assert torch.equal(part.completion_mask, whole.completion_mask[rows][:, :c]), rank
-        assert not whole.completion_mask[rows][:, c:].any()  # nothing cut off but padding
+        assert torch.equal(part.completion_ids, whole.completion_ids[rows]), rank
+        assert torch.equal(part.completion_mask, whole.completion_mask[rows]), rank
         assert part.texts == [whole.texts[i] for i in rows.tolist()]
         assert torch.equal(torch.rand(4), after_whole), rank
+
+
+def test_the_written_out_draw_is_torch_multinomial() -> None:
+    """``sample_next`` draws, from the same generator state, the tokens ``torch.multinomial``
+    draws (the numbers sampling gave before it was written out), and consumes as much of the
+    generator."""
+    from trainer_core.generation import sample_next
+
+    logits = torch.randn(6, 500, generator=torch.Generator().manual_seed(1)) * 3
+    logits[0, :250] = float("-inf")
+    ours_gen, torch_gen = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    for _ in range(3):
+        ours = sample_next(logits, temperature=0.7, top_p=1.0, top_k=0, generator=ours_gen)
+        probs = (logits / 0.7).softmax(-1)
+        expected = torch.multinomial(probs, 1, generator=torch_gen).squeeze(-1)
+        assert torch.equal(ours, expected)
+    assert (ours[0] >= 250).item()  # never a token of probability 0
+    assert torch.equal(torch.rand(3, generator=ours_gen), torch.rand(3, generator=torch_gen))

@@ -50,7 +50,6 @@ from __future__ import annotations
 import torch
 
 from trainer_core import distributed, group_rollouts, loop, rollout_report
-from trainer_core.generation import rollout_logps
 from trainer_core.rl_losses import RlStats, add_rl_stats, group_advantages, grpo_loss
 from trainer_core.seams import RunResult
 from trainer_core.specs import GrpoHyperparameters
@@ -84,14 +83,10 @@ def train(job: loop.Job, hp: GrpoHyperparameters) -> RunResult:
             with where.autocast():
                 if mu > 1:
                     with torch.no_grad():
-                        old_logps[k], _ = rollout_logps(
-                            model, batch.rollout, temperature=hp.temperature
-                        )
+                        old_logps[k], _ = batch.logps(model, temperature=hp.temperature)
                 if reference is not None:
                     with reference.scoring() as ref_model:
-                        ref_logps[k], _ = rollout_logps(
-                            ref_model, batch.rollout, temperature=hp.temperature
-                        )
+                        ref_logps[k], _ = batch.logps(ref_model, temperature=hp.temperature)
         rollout_metrics = {
             **whole.metrics(),
             "frac_reward_zero_std": float(is_std_zero.float().mean()),
@@ -111,8 +106,8 @@ def train(job: loop.Job, hp: GrpoHyperparameters) -> RunResult:
                 part = batch.rollout
                 mask = loss_mask[batch.rows][:, : part.completion_ids.size(1)]  # (b, c)
                 with where.autocast():
-                    per_token_logps, entropies = rollout_logps(
-                        model, part, temperature=hp.temperature, with_entropy=True
+                    per_token_logps, entropies = batch.logps(
+                        model, temperature=hp.temperature, with_entropy=True
                     )  # (b, c), (b, c)
                     loss, stats = grpo_loss(
                         per_token_logps,

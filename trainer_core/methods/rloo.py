@@ -36,7 +36,6 @@ from __future__ import annotations
 import torch
 
 from trainer_core import distributed, group_rollouts, loop, rollout_report
-from trainer_core.generation import rollout_logps
 from trainer_core.rl_losses import RlStats, add_rl_stats, rloo_advantages, rloo_loss
 from trainer_core.seams import RunResult
 from trainer_core.specs import RlooHyperparameters
@@ -68,19 +67,17 @@ def train(job: loop.Job, hp: RlooHyperparameters) -> RunResult:
             part = batch.rollout
             with where.autocast():
                 if mu == 1 and len(batches) == 1:
-                    training_forward = rollout_logps(
-                        model, part, temperature=hp.temperature, with_entropy=True
+                    training_forward = batch.logps(
+                        model, temperature=hp.temperature, with_entropy=True
                     )
                     old_per_token = training_forward[0].detach()
                 else:
                     with torch.no_grad():
-                        old_per_token, _ = rollout_logps(model, part, temperature=hp.temperature)
+                        old_per_token, _ = batch.logps(model, temperature=hp.temperature)
                 old_logps[k] = (old_per_token * part.completion_mask).sum(-1)
                 if reference is not None:
                     with reference.scoring() as ref_model:
-                        ref_per_token, _ = rollout_logps(
-                            ref_model, part, temperature=hp.temperature
-                        )
+                        ref_per_token, _ = batch.logps(ref_model, temperature=hp.temperature)
             if reference is not None and batch.weight:
                 per_token_kl = (old_per_token - ref_per_token) * part.completion_mask
                 kl[batch.rows] = per_token_kl.sum(-1).float()  # (b,) k1, sequence-summed
@@ -119,8 +116,8 @@ def train(job: loop.Job, hp: RlooHyperparameters) -> RunResult:
             for k, batch in enumerate(batches):
                 part = batch.rollout
                 with where.autocast():
-                    per_token_logps, entropies = training_forward or rollout_logps(
-                        model, part, temperature=hp.temperature, with_entropy=True
+                    per_token_logps, entropies = training_forward or batch.logps(
+                        model, temperature=hp.temperature, with_entropy=True
                     )  # (b, c), (b, c)
                     training_forward = None
                     logps = (per_token_logps * part.completion_mask).sum(-1)  # (b,)
