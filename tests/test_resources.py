@@ -16,9 +16,11 @@ import pytest
 from sqlalchemy import delete
 
 from api.db import make_engine, make_sessionmaker
+from api.errors import APIError
 from api.models import Job, Worker
 from api.services import Services
 from api.settings import Settings
+from api.workers import check_resources
 from tests.conftest import Api, chat_rows
 from trainer_core.specs import ResourcesSpec
 from worker import registry
@@ -166,25 +168,23 @@ def test_invalid_resources_are_400_naming_the_field(
     assert answer["error"]["code"] == code, answer
 
 
-def test_distributed_only_for_the_distributed_methods(api: Api) -> None:
-    # The registry says which methods run distributed (trainer_core/registry.py); the online
-    # ones do not, and kto/orpo/simpo do (issue #11).
-    prompts = api.upload("".join(json.dumps({"prompt": f"Name {i}?"}) + "\n" for i in range(4)))
-    reward = {"type": "length", "name": "short", "target": 8}
-    grpo = {
-        "model": "tiny",
-        "training_file": prompts["id"],
-        "method": {"type": "grpo", "grpo": {"reward_functions": [reward]}},
-    }
+def test_distributed_only_for_the_distributed_methods(
+    api: Api, db: Any, pg_settings: Settings
+) -> None:
+    # The registry says which methods run distributed (trainer_core/registry.py): every one
+    # but ppo (kto/orpo/simpo since issue #11, grpo/reinforcement/rloo since issue #12).
     for resources, param in (
-        ({"gpus": 2}, "resources.gpus"),
-        ({"zero_stage": 2}, "resources.zero_stage"),
+        (ResourcesSpec(gpus=2), "resources.gpus"),
+        (ResourcesSpec(zero_stage=2), "resources.zero_stage"),
     ):
-        status, answer = create(api, {**grpo, "resources": resources})
-        assert status == 400, answer
-        assert answer["error"]["param"] == param, answer
-        assert answer["error"]["code"] == "unsupported_resources", answer
-        assert "supervised, dpo, reward_model, kto, orpo, simpo" in answer["error"]["message"]
+        with db() as session, pytest.raises(APIError) as refused:
+            check_resources(session, pg_settings, "ppo", resources)
+        assert refused.value.status == 400
+        assert refused.value.param == param
+        assert refused.value.code == "unsupported_resources"
+        assert "supervised, dpo, reward_model, kto, orpo, simpo, grpo, reinforcement, rloo" in (
+            refused.value.message
+        )
     # The same resources on the methods that run distributed are accepted.
     rows = [
         {
@@ -195,13 +195,23 @@ def test_distributed_only_for_the_distributed_methods(api: Api) -> None:
         for i in range(4)
     ]
     pairs = api.upload("".join(json.dumps(row) + "\n" for row in rows))
-    for method in ("dpo", "kto", "orpo", "simpo"):
-        body = {
-            "model": "tiny",
-            "training_file": pairs["id"],
-            "method": {"type": method},
-            "resources": {"gpus": 2, "zero_stage": 2},
-        }
+    prompts = api.upload("".join(json.dumps({"prompt": f"Name {i}?"}) + "\n" for i in range(4)))
+    reward = {"type": "length", "name": "short", "target": 8}
+    methods: list[tuple[str, dict[str, Any]]] = [
+        (method, {"training_file": pairs["id"], "method": {"type": method}})
+        for method in ("dpo", "kto", "orpo", "simpo")
+    ] + [
+        (
+            method,
+            {
+                "training_file": prompts["id"],
+                "method": {"type": method, method: {"reward_functions": [reward]}},
+            },
+        )
+        for method in ("grpo", "rloo")
+    ]
+    for method, fields in methods:
+        body = {"model": "tiny", **fields, "resources": {"gpus": 2, "zero_stage": 2}}
         status, answer = create(api, body)
         assert status == 200, (method, answer)
         assert answer["resources"]["gpus"] == 2 and answer["resources"]["zero_stage"] == 2

@@ -304,6 +304,35 @@ def mean_over_ranks(d: Distributed, values: torch.Tensor, *, weight: float = 1.0
     return (totals[0] / totals[1]).to(dtype=values.dtype, device=values.device)
 
 
+def gather_rows(
+    d: Distributed, values: torch.Tensor, rows: torch.Tensor, total: int, *, weight: float = 1.0
+) -> torch.Tensor:
+    """(total, ...) on every rank: each rank's ``values`` (n, ...) put at its ``rows`` (n,) of
+    the whole (an online rollout's per-row rewards, lengths, KL). The ranks' rows are
+    disjoint; a rank's stand-in rows (``weight`` 0) add nothing. A collective in several
+    processes; in one, ``values`` as they are (its rows are all of them, in order)."""
+    if d.world_size == 1:
+        return values
+    import torch.distributed as dist
+
+    whole = torch.zeros((total, *values.shape[1:]), dtype=values.dtype, device=d.comm_device)
+    if weight:
+        whole[rows.to(d.comm_device)] = values.to(d.comm_device)
+    dist.all_reduce(whole)
+    return whole.to(values.device)
+
+
+def sum_float(d: Distributed, value: float) -> float:
+    """``value`` added up over the ranks (a metric's sum over every rank's rows)."""
+    if d.world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    total = torch.tensor([value], dtype=torch.float64, device=d.comm_device)
+    dist.all_reduce(total)
+    return float(total.item())
+
+
 def sum_int(d: Distributed, value: int) -> int:
     if d.world_size == 1:
         return value

@@ -8,8 +8,10 @@
   (``generate(num_return_sequences=G)`` would prefill G copies of every prompt).
 - Sampling is HF's: logits / temperature, then top-k, then top-p (the same order and the same
   "keep at least one token" rule as ``TopKLogitsWarper`` / ``TopPLogitsWarper``), then one
-  ``torch.multinomial`` draw per row from ``generator``. Same generator state, same model →
-  the same completions on CPU.
+  ``torch.multinomial`` draw per row from ``generator`` (written out as torch computes one
+  sample on the CPU, the argmax of p / q with q ~ Exp(1), so that a rank of a sharded
+  rollout can keep its own rows' noise: ``RolloutShard``). Same generator state, same model
+  → the same completions on CPU.
 - Positions follow the attention mask (``cumsum - 1``), as ``model.generate`` does with left
   padding, so a padded prompt sees the positions it would have alone.
 - Under LoRA the sampler runs on merged weights W + ΔW swapped in for the duration
@@ -29,8 +31,8 @@ completions this runs on that costs more than it saves).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -83,6 +85,23 @@ class Rollout:
         return chunks, [self.select(rows) for rows in chunks]
 
 
+@dataclass(frozen=True)
+class RolloutShard:
+    """This rank's part of a rollout sampled by several ranks (each its own prompts).
+
+    The N = B·G rows of the whole rollout are numbered prompt-major; ``rows`` are this rank's
+    (its prompts' G rows each, in order). Every rank draws the sampling noise of all N rows
+    from the same seeded RNG and keeps its own rows', so a row samples the tokens it would
+    in one process. The ranks decode in step: a rank whose rows have all ended goes on
+    (padding) while any rank's have not (``any_running``, a collective each step), so every
+    rank draws the noise one process draws, and runs as many forwards as the others (ZeRO-3
+    gathers each layer's weights in its forward, a collective every rank must join)."""
+
+    rows: torch.Tensor  # (n,) long: this rank's rows among the whole rollout's
+    total: int  # N, rows of the whole rollout
+    any_running: Callable[[bool], bool]  # rows of this rank still running -> of any rank
+
+
 def eos_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
     """Every id that ends a completion: the generation config's EOS (often a list, e.g. a chat
     model's end-of-turn and end-of-text) and the tokenizer's."""
@@ -125,8 +144,10 @@ def sample_next(
     top_p: float,
     top_k: int,
     generator: torch.Generator | None,
+    shard: RolloutShard | None = None,
 ) -> torch.Tensor:
-    """(B,) one token per row from ``logits`` (B, V), warped as HF's sampling does."""
+    """(B,) one token per row from ``logits`` (B, V), warped as HF's sampling does; under a
+    ``shard``, the B rows are its rows of the whole rollout's."""
     logits = logits.float() / temperature
     if 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
@@ -138,7 +159,15 @@ def sample_next(
         drop[:, -1] = False  # keep at least the most likely token
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     probs = logits.softmax(-1)  # (B, V)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+    # torch.multinomial's own draw for one sample, written out (argmax of p / q, q ~ Exp(1);
+    # the same numbers from the same generator on CPU) so that a rank of a sharded rollout
+    # can draw the noise of every row and keep its own (``RolloutShard``).
+    total = probs.size(0) if shard is None else shard.total
+    noise = torch.empty((total, probs.size(-1)), dtype=probs.dtype, device=probs.device)
+    noise.exponential_(1, generator=generator)  # (N_total, V)
+    if shard is not None:
+        noise = noise[shard.rows.to(probs.device)]  # (B, V)
+    return (probs / noise).argmax(-1)  # (B,)
 
 
 def _prefill(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> Any:
@@ -173,11 +202,16 @@ def generate(
     top_p: float,
     top_k: int,
     generator: torch.Generator | None = None,
+    shard: RolloutShard | None = None,
+    merge_lora: bool = True,
 ) -> Rollout:
     """Sample ``num_generations`` completions of every prompt (see the module docstring).
 
     Rows are prompt-major: prompt i's completions are rows ``i*G .. i*G+G-1``. The model is
-    put in eval mode for the rollout and given back in the mode it came in.
+    put in eval mode for the rollout and given back in the mode it came in (gradient
+    checkpointing, a training-mode feature, is then off and the KV cache works). ``shard``:
+    these prompts are one rank's of a rollout sampled by several (``RolloutShard``).
+    ``merge_lora=False`` samples through peft's unmerged adapter layers (to compare with).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -188,7 +222,7 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        with merged_lora(model) as sampler:
+        with merged_lora(model) if merge_lora else nullcontext(model) as sampler:
             return _sample(
                 sampler,
                 tokenizer,
@@ -201,6 +235,7 @@ def generate(
                 top_p=top_p,
                 top_k=top_k,
                 generator=generator,
+                shard=shard,
             )
     finally:
         model.train(was_training)
@@ -226,6 +261,7 @@ def sample(
     sampling: Sampling,
     *,
     num_generations: int,
+    shard: RolloutShard | None = None,
 ) -> Rollout:
     """``generate`` with a job's ``sampling`` settings: N = B·G rows, prompt-major."""
     return generate(
@@ -237,6 +273,7 @@ def sample(
         temperature=sampling.temperature,
         top_p=sampling.top_p,
         top_k=sampling.top_k,
+        shard=shard,
     )
 
 
@@ -253,6 +290,7 @@ def _sample(
     top_p: float,
     top_k: int,
     generator: torch.Generator | None,
+    shard: RolloutShard | None,
 ) -> Rollout:
     """``generate``'s loop."""
     device = next(model.parameters()).device
@@ -276,7 +314,12 @@ def _sample(
     masks: list[torch.Tensor] = []
     for step in range(max_completion_length):
         token = sample_next(
-            next_logits, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator
+            next_logits,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            generator=generator,
+            shard=shard,
         ).to(device)  # (N,)
         token = token.masked_fill(done, pad_id)
         tokens.append(token)
@@ -284,7 +327,10 @@ def _sample(
         hit = torch.isin(token, eos) & ~done
         is_eos |= hit
         done |= hit
-        if bool(done.all()) or step == max_completion_length - 1:
+        finished = bool(done.all())
+        if shard is not None:
+            finished = not shard.any_running(not finished)
+        if finished or step == max_completion_length - 1:
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(token)[:, None]], dim=1)
         positions = positions + 1
@@ -319,8 +365,8 @@ def merged_lora(model: nn.Module) -> Iterator[nn.Module]:
     runs three matmuls and peft's bookkeeping where a merged one runs one. The merged weights
     are new tensors, swapped in for the base layers' parameter objects and swapped back
     after (the parameters' values are never written, so the base stays bit-identical).
-    Anything but plain LoRA linear layers (other peft tuners, LoRA on embeddings) falls back
-    to the model as it is.
+    Anything but plain LoRA linear layers (other peft tuners, LoRA on embeddings), or a model
+    sharded by ZeRO-3, falls back to the model as it is.
     """
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
@@ -328,7 +374,10 @@ def merged_lora(model: nn.Module) -> Iterator[nn.Module]:
     disable = getattr(model, "disable_adapter", None)
     lora = [m for m in model.modules() if isinstance(m, LoraLayer)]
     layers = [m for m in lora if isinstance(m, LoraLinear) and not m.merged]
-    if disable is None or not layers or len(layers) != len(lora):
+    # Under ZeRO-3 a parameter holds only its rank's partition between forwards (DeepSpeed
+    # marks it with ``ds_id``): there is no whole weight to merge into.
+    sharded = any(hasattr(p, "ds_id") for p in model.parameters())
+    if disable is None or not layers or len(layers) != len(lora) or sharded:
         yield model
         return
     swapped: list[tuple[nn.Module, nn.Parameter]] = []
@@ -357,6 +406,7 @@ def rollout_logps(
     *,
     temperature: float,
     with_entropy: bool = False,
+    share_prompts: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(per_token_logps (N, C), entropies (N, C) | None)`` of the rollout's completion tokens.
 
@@ -371,13 +421,20 @@ def rollout_logps(
     prompt's keys and values through the gather, and the G − 1 copies of every prompt cost
     nothing, forward or backward. Only completion positions reach the LM head, which runs
     chunked over the vocabulary where the model allows (``vocab_chunks``): the (N, C, V)
-    logits are never held at once.
+    logits are never held at once. Under gradient checkpointing (in training mode)
+    transformers drops the KV cache, so rows run whole.
+
+    ``share_prompts``: take the shared-prompt path even when no prompt repeats (True), for
+    ranks that must all build the same graph (ZeRO); by default, when some prompt repeats.
     """
     prompt_rows = torch.cat([rollout.prompt_ids, rollout.prompt_mask], dim=1)  # (N, 2P)
     unique, inverse = torch.unique(prompt_rows, dim=0, return_inverse=True)  # (U, 2P), (N,)
+    if share_prompts is None:
+        share_prompts = unique.size(0) < prompt_rows.size(0)
+    whole_rows = not share_prompts or checkpointing(model)
     parts = causal_lm_parts(model)
     if parts is not None:
-        if unique.size(0) == prompt_rows.size(0):
+        if whole_rows:
             hidden = _whole_rows_hidden(parts, rollout)  # (N, C, H)
         else:
             hidden = _shared_prompt_hidden(parts, rollout, unique, inverse)  # (N, C, H)
@@ -392,7 +449,7 @@ def rollout_logps(
         )
         entropy = scored.entropy.view(n, c) if scored.entropy is not None else None
         return scored.logps.view(n, c), entropy
-    if unique.size(0) == prompt_rows.size(0):  # nothing shared: one forward of whole rows
+    if whole_rows:
         logits = _whole_rows_logits(model, rollout)  # (N, C + 1, V)
     else:
         logits = _shared_prompt_logits(model, rollout, unique, inverse)  # (N, C + 1, V)
@@ -448,6 +505,14 @@ def _shared_prompt_hidden(
     ).last_hidden_state  # (N, C, H)
     # The last completion token predicts nothing (ran all the same: C may be 1).
     return torch.cat([last_prompt, completion[:, :-1]], dim=1)
+
+
+def checkpointing(model: nn.Module) -> bool:
+    """Whether a forward of ``model`` now recomputes its layers in backward (transformers'
+    gradient checkpointing, which applies in training mode only and drops any KV cache)."""
+    return model.training and any(
+        getattr(module, "gradient_checkpointing", False) is True for module in model.modules()
+    )
 
 
 def _whole_rows_logits(model: nn.Module, rollout: Rollout) -> torch.Tensor:

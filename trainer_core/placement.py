@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from trainer_core.kernels import check_liger
-from trainer_core.seams import MetricSink
 from trainer_core.specs import ResourcesSpec
 
 T = TypeVar("T")
@@ -138,17 +137,3 @@ def enable_gradient_checkpointing(model: nn.Module, enabled: bool) -> None:
 def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
     """``loss.backward()``, of the scaled loss under fp16 (``optim.optimizer_step`` unscales)."""
     (scaler.scale(loss) if scaler is not None else loss).backward()
-
-
-def cpu_only(resources: ResourcesSpec, method: str, sink: MetricSink) -> None:
-    """The online methods (grpo, rloo, ppo) do not place their rollouts on a device yet: they
-    refuse the ``resources`` they would otherwise ignore, and say so on a GPU worker."""
-    if resources.precision != "fp32":
-        raise ValueError(f"method {method} trains in fp32 only (precision bf16/fp16: issue #6)")
-    if resources.gradient_checkpointing:
-        raise ValueError(f"method {method} does not support gradient_checkpointing yet (issue #6)")
-    if torch.cuda.is_available():
-        sink.event(
-            f"Method {method} runs on the CPU: its rollouts are not placed on the GPU yet",
-            level="warning",
-        )

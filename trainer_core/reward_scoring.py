@@ -13,16 +13,19 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from trainer_core import graders
+from trainer_core.placement import Placement
 from trainer_core.reward_models import RewardModel, Scorable
 from trainer_core.specs import TrainSpec
 
 
 class RewardScorer:
     """``spec.reward_functions`` through ``graders.score``; a reward model a function names is
-    loaded on first use (``spec.reward_models[name]``) and kept for the run."""
+    loaded on first use (``spec.reward_models[name]``) onto ``where``'s device and kept for
+    the run; it scores under ``where``'s autocast, as the policy computes."""
 
-    def __init__(self, spec: TrainSpec) -> None:
+    def __init__(self, spec: TrainSpec, where: Placement | None = None) -> None:
         self.spec = spec
+        self.where = where or Placement()
         self.models: dict[str, RewardModel] = {}
 
     def __call__(
@@ -41,20 +44,25 @@ class RewardScorer:
         self, name: str, items: Sequence[Mapping[str, Any]], completions: Sequence[str]
     ) -> list[float]:
         if name not in self.models:
-            self.models[name] = named_reward_model(self.spec, name)
+            self.models[name] = named_reward_model(self.spec, name, self.where)
         sequences = [scored_sequence(i, c) for i, c in zip(items, completions, strict=True)]
-        scores: list[float] = self.models[name].score(sequences).tolist()
+        with self.where.autocast():
+            scores: list[float] = self.models[name].score(sequences).tolist()
         return scores
 
 
-def named_reward_model(spec: TrainSpec, name: str) -> RewardModel:
+def named_reward_model(spec: TrainSpec, name: str, where: Placement | None = None) -> RewardModel:
     """The reward model ``name`` of the run, from the folders the worker fetched
-    (``spec.reward_models``)."""
+    (``spec.reward_models``), on ``where``'s device (the CPU by default)."""
     ref = spec.reward_models.get(name)
     if ref is None:
         raise ValueError(f"reward model {name!r} was not provided to this run")
     return RewardModel.load(
-        ref.base, ref.adapter, allow_hub=spec.allow_hub, trust_remote_code=spec.trust_remote_code
+        ref.base,
+        ref.adapter,
+        allow_hub=spec.allow_hub,
+        trust_remote_code=spec.trust_remote_code,
+        device=(where or Placement()).device,
     )
 
 

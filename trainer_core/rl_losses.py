@@ -157,6 +157,8 @@ def aggregate_loss(
     max_completion_length: int,
     num_items_in_batch: float,
     num_micro_batches: int = 1,
+    micro_batch_rows: int | None = None,
+    micro_batch_tokens: float | None = None,
 ) -> torch.Tensor:
     """() One micro-batch's share of the step's loss from ``per_token_loss`` (B, C).
 
@@ -174,16 +176,26 @@ def aggregate_loss(
 
     Example: ℓ = [[1, 2, 3], [4, 0, 0]], m = [[1, 1, 1], [1, 0, 0]], max length 4, M = 1,
     num_items 4: grpo (2 + 4)/2 = 3; bnpo 10/4 = 2.5; dr_grpo 10/8 = 1.25; dapo 10/4 = 2.5.
+
+    A rank's share of a micro-batch split over several ranks passes the whole micro-batch's
+    ``micro_batch_rows`` (B) and ``micro_batch_tokens`` (Σ m): the ranks' losses then add up
+    to the micro-batch's. With the first example's rows on two ranks (2 rows, 4 tokens), grpo
+    gives 2/2 + 4/2 = 3 and bnpo 6/4 + 4/4 = 2.5, as above.
     """
     mask = completion_mask.to(per_token_loss.dtype)
     total = (per_token_loss * mask).sum()
     if loss_type == "grpo":
         per_sequence = (per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+        if micro_batch_rows is not None:
+            return per_sequence.sum() / micro_batch_rows / num_micro_batches
         return per_sequence.mean() / num_micro_batches
     if loss_type == "bnpo":
+        if micro_batch_tokens is not None:
+            return total / max(1.0, micro_batch_tokens) / num_micro_batches
         return total / mask.sum().clamp(min=1.0) / num_micro_batches
     if loss_type == "dr_grpo":
-        return total / (per_token_loss.size(0) * max_completion_length) / num_micro_batches
+        rows = per_token_loss.size(0) if micro_batch_rows is None else micro_batch_rows
+        return total / (rows * max_completion_length) / num_micro_batches
     if loss_type == "dapo":
         return total / max(1.0, float(num_items_in_batch))
     raise ValueError(f"unknown loss_type {loss_type!r}")
@@ -233,6 +245,8 @@ def grpo_loss(
     max_completion_length: int,
     num_items_in_batch: float,
     num_micro_batches: int = 1,
+    micro_batch_rows: int | None = None,
+    micro_batch_tokens: float | None = None,
     beta: float = 0.0,
     ref_per_token_logps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, RlStats]:
@@ -272,6 +286,8 @@ def grpo_loss(
         max_completion_length=max_completion_length,
         num_items_in_batch=num_items_in_batch,
         num_micro_batches=num_micro_batches,
+        micro_batch_rows=micro_batch_rows,
+        micro_batch_tokens=micro_batch_tokens,
     )
     stats = RlStats(
         loss=loss.detach(),
@@ -291,6 +307,7 @@ def rloo_loss(
     epsilon_low: float,
     epsilon_high: float,
     num_micro_batches: int = 1,
+    micro_batch_rows: int | None = None,
 ) -> tuple[torch.Tensor, RlStats]:
     """``(loss (), stats)`` of RLOO on one micro-batch: the clipped surrogate on whole
     sequences, averaged over them (TRL 1.16's ``RLOOTrainer._compute_loss``).
@@ -299,12 +316,16 @@ def rloo_loss(
 
     ``logps`` / ``old_logps`` (B,) are completion sums (masked); ``advantages`` (B,) from
     ``rloo_advantages``. Stats count sequences, not tokens (``kl`` is reported separately,
-    from the rollout).
+    from the rollout). ``micro_batch_rows``: the whole micro-batch's rows when these are one
+    rank's share of it (``aggregate_loss``).
     """
     per_sequence_loss, _, is_low, is_high = clipped_surrogate(
         logps - old_logps, advantages, epsilon_low=epsilon_low, epsilon_high=epsilon_high
     )
-    loss = per_sequence_loss.mean() / num_micro_batches
+    if micro_batch_rows is None:
+        loss = per_sequence_loss.mean() / num_micro_batches
+    else:
+        loss = per_sequence_loss.sum() / micro_batch_rows / num_micro_batches
     stats = RlStats(
         loss=loss.detach(),
         num_tokens=torch.tensor(float(logps.size(0))),

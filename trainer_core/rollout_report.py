@@ -36,11 +36,15 @@ def reward_metrics(
 
 def completion_metrics(rollout: Rollout) -> dict[str, float]:
     """Lengths in tokens (EOS included) and the share of completions cut at the limit."""
-    lengths = rollout.completion_mask.sum(-1).float()  # (N,)
+    return length_metrics(rollout.completion_mask.sum(-1).float(), rollout.is_eos)
+
+
+def length_metrics(lengths: torch.Tensor, is_eos: torch.Tensor) -> dict[str, float]:
+    """``completion_metrics`` of completions with these ``lengths`` (N,) and ``is_eos`` (N,)."""
     return {
-        "completions/mean_length": float(lengths.mean()),
+        "completions/mean_length": float(lengths.float().mean()),
         "completions/max_length": float(lengths.max()),
-        "completions/clipped_ratio": 1.0 - float(rollout.is_eos.float().mean()),
+        "completions/clipped_ratio": 1.0 - float(is_eos.float().mean()),
     }
 
 

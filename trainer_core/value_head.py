@@ -53,9 +53,11 @@ class ValueHead(nn.Module):
         return cls(int(config.hidden_size))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # The head stays fp32 whatever the backbone's dtype: values are regression targets.
+        # The head stays fp32 whatever the backbone's dtype, under autocast too: values are
+        # regression targets, and bf16's 8-bit mantissa would round the returns they chase.
         hidden_states = hidden_states.to(self.summary.weight.dtype)
-        return self.summary(hidden_states).squeeze(-1)  # (B, T, 1) -> (B, T)
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            return self.summary(hidden_states).squeeze(-1)  # (B, T, 1) -> (B, T)
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ import pytest
 
 import trainer_core
 from tests.trainer_core.cli_run import run_cli
-from tests.trainer_core.conftest import write_jsonl
+from tests.trainer_core.conftest import LENGTH_REWARD, write_jsonl
 from tests.trainer_core.hyperparameters import COMMON
 from trainer_core.seams import FolderCheckpointStore, ListSink
 from trainer_core.specs import TrainSpec
@@ -97,3 +97,74 @@ def test_zero2_in_two_processes_matches_one_process(
         assert b["num_tokens"] == a["num_tokens"], (method, step)
         if method == "kto":
             assert b["kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-6), step
+
+
+# The online methods: a rollout's prompts are shared out as whole groups (3 prompts split
+# 2 + 1; the 7th prompt's rollout leaves one rank a weight-0 stand-in group), each rank
+# samples and scores its own, and the loss normalisers are those of the whole micro-batch.
+ONLINE = {
+    # bnpo: each micro-batch's tokens over the ranks; μ = 2: old log-probs; β: the reference.
+    "grpo-bnpo": (
+        "grpo",
+        {"loss_type": "bnpo", "beta": 0.04, "num_iterations": 2, "scale_rewards": "group"},
+    ),
+    # grpo: each micro-batch's rows over the ranks; "batch": the whole rollout's std.
+    "grpo-batch": (
+        "grpo",
+        {"loss_type": "grpo", "beta": 0.0, "num_iterations": 1, "scale_rewards": "batch"},
+    ),
+    # The KL of every row gathered, advantages normalised over the whole rollout.
+    "rloo": ("rloo", {"beta": 0.05, "normalize_advantages": True, "num_iterations": 1}),
+    # ZeRO-3: the ranks sample from sharded weights (no merged LoRA weights to swap in).
+    "grpo-zero3": (
+        "grpo",
+        {"loss_type": "dapo", "beta": 0.04, "num_iterations": 1, "scale_rewards": "group"},
+    ),
+}
+GRPO_REST = {"epsilon_high": None, "mask_truncated_completions": False}
+
+
+@pytest.mark.parametrize("case", list(ONLINE))
+def test_online_methods_in_two_processes_match_one_process(
+    case: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    method, extra = ONLINE[case]
+    prompts = [{"prompt": f"Tell me about number {i}."} for i in range(7)]
+    spec = {
+        "method": method,
+        "model": str(tiny_model),
+        "train_file": str(write_jsonl(tmp_path / "prompts.jsonl", prompts)),
+        "seed": 0,
+        "max_seq_len": 64,
+        "num_threads": 1,
+        "adapter": {"type": "lora", "r": 8, "alpha": 16},
+        "reward_functions": [LENGTH_REWARD],
+        "hyperparameters": {
+            **COMMON,
+            "n_epochs": 2,
+            "batch_size": 3,
+            "gradient_accumulation_steps": 2,
+            "max_completion_length": 12,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "top_k": 0,
+            "num_generations": 2,
+            "epsilon": 0.2,
+            **(GRPO_REST if method == "grpo" else {}),
+            **extra,
+        },
+    }
+    one = [values for _, values in run_here(spec, tmp_path)]
+    zero_stage = 3 if case.endswith("zero3") else 2
+    two = run_cli(tmp_path, "two", {**spec, "resources": {"gpus": 2, "zero_stage": zero_stage}}, 2)
+    assert len(one) == len(two) >= 6
+    # Something was learnt, and the rollouts were not all alike.
+    assert len({round(values["reward"], 6) for values in one}) > 2
+    for step, (a, b) in enumerate(zip(one, two, strict=True), start=1):
+        assert b["num_tokens"] == a["num_tokens"], (case, step)
+        # abs: rloo's loss with normalised advantages at μ = 1 is −mean(A) = 0 up to rounding.
+        keys = ("train_loss", "grad_norm", "reward", "reward_std", "entropy")
+        for key in (*keys, "completions/mean_length"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (case, step, key)
+        if "kl" in a:
+            assert b["kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-6), (case, step)

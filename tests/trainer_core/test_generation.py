@@ -255,3 +255,95 @@ def test_lora_sampling_merges_for_the_rollout_only(
     assert torch.equal(rollout.completion_ids[:1], expected)
     for name, param in policy.named_parameters():
         assert param is before[name][0] and torch.equal(param, before[name][1]), name
+
+
+def test_merged_lora_sampling_equals_unmerged_and_leaves_the_weights(
+    tiny_model: Path, tokenizer: Any, prompts: Any
+) -> None:
+    """Sampled (temperature 1), not greedy: the merged rollout draws the same tokens as peft's
+    unmerged layers from the same generator, their log-probs agree within 1e-5, and every
+    parameter afterwards is the same object with the same bits (training is unchanged)."""
+    from trainer_core.adapters import apply_adapter
+    from trainer_core.generation import merged_lora
+    from trainer_core.specs import AdapterSpec
+
+    policy = apply_adapter(load_model(str(tiny_model)), AdapterSpec(r=4, alpha=8))
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
+    before = {name: (param, param.detach().clone()) for name, param in policy.named_parameters()}
+    merged = sample(policy, tokenizer, prompts, num_generations=3)
+    unmerged = sample(policy, tokenizer, prompts, num_generations=3, merge_lora=False)
+    assert merged.completion_ids.size(1) > 4  # completions long enough to mean something
+    assert torch.equal(merged.completion_ids, unmerged.completion_ids)
+    assert torch.equal(merged.completion_mask, unmerged.completion_mask)
+    with torch.no_grad():
+        unmerged_logps, _ = rollout_logps(policy, merged, temperature=1.0)
+        with merged_lora(policy) as sampler:
+            merged_logps, _ = rollout_logps(sampler, merged, temperature=1.0)
+    mask = merged.completion_mask.bool()
+    torch.testing.assert_close(merged_logps[mask], unmerged_logps[mask], atol=1e-5, rtol=1e-5)
+    # The adapter is on: these are not the base model's log-probs.
+    with torch.no_grad(), policy.disable_adapter():
+        base_logps, _ = rollout_logps(policy, merged, temperature=1.0)
+    assert (base_logps[mask] - unmerged_logps[mask]).abs().max() > 1e-2
+    for name, param in policy.named_parameters():
+        assert param is before[name][0] and torch.equal(param, before[name][1]), name
+
+
+def test_sharded_sampling_draws_what_one_process_draws(
+    model: Any, tokenizer: Any, prompts: Any
+) -> None:
+    """Two "ranks" each sampling their prompts of a rollout (``RolloutShard``: the noise of
+    every row drawn, their own kept, decoding in step) draw the rows one process draws, and
+    leave the RNG where one process leaves it. Run here one after the other, each from the
+    seed; ``any_running`` answers what the collective would: running until the whole
+    rollout's last step."""
+    from trainer_core.generation import RolloutShard
+
+    g, total = 2, 2 * len(prompts)
+    torch.manual_seed(3)
+    whole = sample(model, tokenizer, prompts, num_generations=g, generator=None)
+    after_whole = torch.rand(4)
+    steps = whole.completion_ids.size(1)
+    shares = {0: [0, 2], 1: [1]}  # prompt positions rank::2
+    for rank, positions in shares.items():
+        rows = torch.tensor([k * g + j for k in positions for j in range(g)])
+        asked: list[bool] = []
+
+        def any_running(mine: bool, asked: list[bool] = asked) -> bool:
+            asked.append(mine)
+            return len(asked) < steps  # the whole rollout stops after its last step
+
+        torch.manual_seed(3)
+        part = sample(
+            model,
+            tokenizer,
+            [prompts[k] for k in positions],
+            num_generations=g,
+            generator=None,
+            shard=RolloutShard(rows, total, any_running),
+        )
+        assert torch.equal(part.completion_ids, whole.completion_ids[rows]), rank
+        assert torch.equal(part.completion_mask, whole.completion_mask[rows]), rank
+        assert part.texts == [whole.texts[i] for i in rows.tolist()]
+        assert torch.equal(torch.rand(4), after_whole), rank
+
+
+def test_the_written_out_draw_is_torch_multinomial() -> None:
+    """``sample_next`` draws, from the same generator state, the tokens ``torch.multinomial``
+    draws (the numbers sampling gave before it was written out), and consumes as much of the
+    generator."""
+    from trainer_core.generation import sample_next
+
+    logits = torch.randn(6, 500, generator=torch.Generator().manual_seed(1)) * 3
+    logits[0, :250] = float("-inf")
+    ours_gen, torch_gen = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    for _ in range(3):
+        ours = sample_next(logits, temperature=0.7, top_p=1.0, top_k=0, generator=ours_gen)
+        probs = (logits / 0.7).softmax(-1)
+        expected = torch.multinomial(probs, 1, generator=torch_gen).squeeze(-1)
+        assert torch.equal(ours, expected)
+    assert (ours[0] >= 250).item()  # never a token of probability 0
+    assert torch.equal(torch.rand(3, generator=ours_gen), torch.rand(3, generator=torch_gen))

@@ -34,18 +34,23 @@ run and saved in checkpoints, so a resumed run samples what the uninterrupted on
 
 Deliberately left out: vLLM, GSPO's sequence-level ratio, entropy bonuses and masks, the
 cispo/sapo/vespo/luspo losses, multi-objective "normalize_then_sum", reward weights, tools and
-multi-turn rollouts, syncing the reference, and the device, mixed precision and gradient
-checkpointing: it runs on the CPU in fp32 (``placement.cpu_only``). With a validation file,
-every ``eval_interval`` steps the graders' mean over sampled validation completions is logged
-as ``valid_reward`` (``rollout_validation``; OpenAI's eval pass).
+multi-turn rollouts, and syncing the reference. With a validation file, every
+``eval_interval`` steps the graders' mean over sampled validation completions is logged as
+``valid_reward`` (``rollout_validation``; OpenAI's eval pass).
+
+Where it runs: the job's device, every forward (sampling, old and reference log-probs, the
+training one) and the loss under the run's autocast, backward through the loop's fp16 scaler;
+gradient checkpointing is on in the training forwards, off while sampling (eval mode). Under
+several processes each rank samples, scores and trains whole prompt groups of each rollout,
+with the normalisers of the whole micro-batch, so N ranks compute one process's steps
+(``group_rollouts``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from trainer_core import group_rollouts, loop, rollout_report, rollout_validation
-from trainer_core.generation import rollout_logps
+from trainer_core import distributed, group_rollouts, loop, rollout_report, rollout_validation
 from trainer_core.rl_losses import RlStats, add_rl_stats, group_advantages, grpo_loss
 from trainer_core.seams import RunResult
 from trainer_core.specs import GrpoHyperparameters
@@ -53,42 +58,45 @@ from trainer_core.specs import GrpoHyperparameters
 
 @loop.method(GrpoHyperparameters)  # ReinforcementHyperparameters is one too
 def train(job: loop.Job, hp: GrpoHyperparameters) -> RunResult:
-    # The policy, its reference (β > 0) and the run: one rollout is μ optimizer steps.
+    # The policy (on the device), its reference (β > 0) and the run: a rollout is μ steps.
     run, data, reference = group_rollouts.start_run(job, hp, "grpo")
-    model, mu = run.model, hp.num_iterations
+    model, mu, d, where = run.model, hp.num_iterations, run.dist, run.where
     valid_reward = rollout_validation.RolloutValidation.of(run, hp)  # None: no validation file
 
-    # -- each rollout: G completions of each prompt, and their rewards ---------------------
+    # -- each rollout: G completions of each prompt (this rank's share), and their rewards --
     for scored in group_rollouts.scored_rollouts(run, data, hp):
-        rollout, rewards = scored.rollout, scored.rewards  # N = B·G rows; (N,)
-        advantages, is_std_zero = group_advantages(
-            rewards, hp.num_generations, hp.scale_rewards
+        rollout, whole = scored.rollout, scored.whole  # n = b·G rows here, N = B·G in all
+        whole_advantages, is_std_zero = group_advantages(
+            whole.rewards, hp.num_generations, hp.scale_rewards
         )  # (N,), (N,)
-        loss_mask = rollout.completion_mask  # (N, C)
+        advantages = whole_advantages[scored.rows.to(whole_advantages.device)]  # (n,)
+        loss_mask = rollout.completion_mask  # (n, C)
+        loss_lengths = whole.completion_lengths  # (N,)
         if hp.mask_truncated_completions:  # DAPO: no signal from cut-off completions
             loss_mask = loss_mask * rollout.is_eos.unsqueeze(1)
-        num_items = float(loss_mask.sum())  # dapo's normaliser: the rollout's tokens
+            loss_lengths = loss_lengths * whole.is_eos
+        num_items = float(loss_lengths.sum())  # dapo's normaliser: the rollout's tokens
 
         # -- old (μ > 1) and reference (β > 0) log-probs, once per rollout --------------------
-        chunks, parts = rollout.micro_batches(hp.gradient_accumulation_steps)
-        old_logps: list[torch.Tensor | None] = [None] * len(parts)
-        ref_logps: list[torch.Tensor | None] = [None] * len(parts)
-        for k, part in enumerate(parts):
-            if mu > 1:
-                with torch.no_grad():
-                    old_logps[k], _ = rollout_logps(model, part, temperature=hp.temperature)
-            if reference is not None:
-                with reference.scoring() as ref_model:
-                    ref_logps[k], _ = rollout_logps(ref_model, part, temperature=hp.temperature)
+        batches = group_rollouts.micro_batches(scored, hp.gradient_accumulation_steps, d)
+        old_logps: list[torch.Tensor | None] = [None] * len(batches)
+        ref_logps: list[torch.Tensor | None] = [None] * len(batches)
+        for k, batch in enumerate(batches):
+            with where.autocast():
+                if mu > 1:
+                    with torch.no_grad():
+                        old_logps[k], _ = batch.logps(model, temperature=hp.temperature)
+                if reference is not None:
+                    with reference.scoring() as ref_model:
+                        ref_logps[k], _ = batch.logps(ref_model, temperature=hp.temperature)
         rollout_metrics = {
-            **rollout_report.reward_metrics(rewards, scored.per_function),
+            **whole.metrics(),
             "frac_reward_zero_std": float(is_std_zero.float().mean()),
-            **rollout_report.completion_metrics(rollout),
         }
         # TRL's num_tokens: prompt and completion tokens sampled (once per rollout); the loss
         # counts the completion tokens.
         run.count(
-            trained=int(rollout.prompt_mask.sum() + rollout.completion_mask.sum()),
+            trained=int(whole.prompt_lengths.sum() + whole.completion_lengths.sum()),
             loss=int(num_items),
         )
 
@@ -96,46 +104,59 @@ def train(job: loop.Job, hp: GrpoHyperparameters) -> RunResult:
         for _ in range(mu):
             micro_stats: list[RlStats] = []
             entropy_sum = 0.0
-            for k, (rows, part) in enumerate(zip(chunks, parts, strict=True)):
-                per_token_logps, entropies = rollout_logps(
-                    model, part, temperature=hp.temperature, with_entropy=True
-                )  # (b, c), (b, c)
-                mask = loss_mask[rows][:, : part.completion_ids.size(1)]  # (b, c)
-                loss, stats = grpo_loss(
-                    per_token_logps,
-                    old_logps[k],
-                    advantages[rows],
-                    mask,
-                    epsilon_low=hp.epsilon,
-                    epsilon_high=hp.epsilon_high if hp.epsilon_high is not None else hp.epsilon,
-                    loss_type=hp.loss_type,
-                    max_completion_length=hp.max_completion_length,
-                    num_items_in_batch=num_items,
-                    num_micro_batches=len(parts),
-                    beta=hp.beta,
-                    ref_per_token_logps=ref_logps[k],
-                )
-                run.backward(loss, last=k == len(parts) - 1)
-                micro_stats.append(stats)
+            for k, batch in enumerate(batches):
+                part = batch.rollout
+                mask = loss_mask[batch.rows][:, : part.completion_ids.size(1)]  # (b, c)
+                with where.autocast():
+                    per_token_logps, entropies = batch.logps(
+                        model, temperature=hp.temperature, with_entropy=True
+                    )  # (b, c), (b, c)
+                    loss, stats = grpo_loss(
+                        per_token_logps,
+                        old_logps[k],
+                        advantages[batch.rows],
+                        mask,
+                        epsilon_low=hp.epsilon,
+                        epsilon_high=hp.epsilon_high if hp.epsilon_high is not None else hp.epsilon,
+                        loss_type=hp.loss_type,
+                        max_completion_length=hp.max_completion_length,
+                        num_items_in_batch=num_items,
+                        num_micro_batches=len(batches),
+                        # Split over ranks: the normalisers of the whole micro-batch.
+                        micro_batch_rows=batch.whole_rows.numel() if batch.split else None,
+                        micro_batch_tokens=float(loss_lengths[batch.whole_rows].sum())
+                        if batch.split
+                        else None,
+                        beta=hp.beta,
+                        ref_per_token_logps=ref_logps[k],
+                    )
+                run.backward(loss * batch.weight, last=k == len(batches) - 1)
+                micro_stats.append(stats if batch.weight else distributed.nothing(stats))
                 assert entropies is not None
-                entropy_sum += float((entropies * mask).sum())
+                entropy_sum += batch.weight * float((entropies * mask).sum())
             grad_norm, learning_rate = run.optimizer_step()
 
-            # -- metrics ---------------------------------------------------------------------
-            total = add_rl_stats(micro_stats)
+            # -- metrics (over every rank's rows) --------------------------------------------
+            total = distributed.all_reduce_sum(d, add_rl_stats(micro_stats))
             means = total.means()
             step_metrics = {
                 "train_loss": float(total.loss),
                 **rollout_metrics,
                 **({"kl": means["kl"]} if hp.beta > 0 else {}),
                 "clip_ratio": means["clip_ratio"],
-                "entropy": entropy_sum / max(1.0, float(total.num_tokens)),
+                "entropy": distributed.sum_float(d, entropy_sum)
+                / max(1.0, float(total.num_tokens)),
                 **(valid_reward(run) if valid_reward is not None else {}),
             }
             run.record(step_metrics, grad_norm=grad_norm, learning_rate=learning_rate)
             if run.step == 1 or run.step % rollout_report.SAMPLES_EVERY == 0:
                 rollout_report.report_samples(
-                    run.sink, run.step, run.tokenizer, scored.examples, rollout, reward=rewards
+                    run.sink,
+                    run.step,
+                    run.tokenizer,
+                    scored.examples,
+                    rollout,
+                    reward=scored.rewards,
                 )
 
     return run.result()

@@ -34,8 +34,13 @@ losses are token means over the whole rollout, so accumulation is exact.
 
 Deliberately left out: the k3 KL estimator and an adaptive KL controller, several mini-batches
 per PPO epoch (TRL's ``num_mini_batches``), more than one completion per prompt, entropy
-metrics, a validation pass, tools, and the device, mixed precision and gradient checkpointing:
-it runs on the CPU in fp32 (``placement.cpu_only``).
+metrics, a validation pass, tools, and several processes (the value head trains beside the
+model, which DeepSpeed is not given).
+
+Where it runs: the policy, reference, value head and reward model on the job's device; the
+rollout, the reward model's scores, the old/reference forwards and the training forwards under
+the run's autocast (the value head itself in fp32), backward through the loop's fp16 scaler;
+gradient checkpointing in the training forwards only (sampling is in eval mode).
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from torch import nn
 
 from trainer_core import loop
 from trainer_core.generation import rollout_logps, sample
-from trainer_core.placement import Placement, cpu_only
+from trainer_core.placement import Placement
 from trainer_core.ppo_losses import PpoStats, gae, kl_penalty_rewards, masked_whiten, ppo_loss
 from trainer_core.preference_losses import add_stats
 from trainer_core.prompt_data import training_prompts
@@ -64,14 +69,11 @@ from trainer_core.value_head import ValueHead, WithValueHead, completion_forward
 
 @loop.method(PpoHyperparameters)
 def train(job: loop.Job, hp: PpoHyperparameters) -> RunResult:
-    cpu_only(job.spec.resources, "ppo", job.sink)  # see docs/methods.md
-    # Rollouts are not placed on a device yet: the CPU in fp32, whatever the job's resources.
-    job = replace(job, dist=replace(job.dist, placement=Placement()))
-
-    # -- model, prompts, reward model, reference, value head -------------------------------
+    # -- model, prompts, reward model, reference, value head: all on the job's device -------
+    where = job.where
     base, tokenizer = job.load_base()
     data = training_prompts(job.spec, tokenizer, job.sink)
-    reward_model = load_reward_model(job.spec)
+    reward_model = load_reward_model(job.spec, where)
     model = job.policy(base)
     reference = ReferenceModel.of(model, job.spec.adapter.type)  # before any weight moves
     value_head = ValueHead.for_model(model).to(next(model.parameters()).device)
@@ -94,24 +96,27 @@ def train(job: loop.Job, hp: PpoHyperparameters) -> RunResult:
     for (indices,) in run.steps():
         # -- rollout: one completion per prompt, scored by the reward model -----------------
         examples = [data.examples[i] for i in indices]
-        rollout = sample(
-            model, tokenizer, [e.prompt_ids for e in examples], hp, num_generations=1
-        )  # N = B rows
-        sequences = [
-            scored_sequence(e.item, text) for e, text in zip(examples, rollout.texts, strict=True)
-        ]
+        with where.autocast():
+            rollout = sample(
+                model, tokenizer, [e.prompt_ids for e in examples], hp, num_generations=1
+            )  # N = B rows
+            sequences = [
+                scored_sequence(e.item, text)
+                for e, text in zip(examples, rollout.texts, strict=True)
+            ]
+            raw_scores = reward_model.score(sequences, batch_size=hp.batch_size)  # (N,) fp32
         mask = rollout.completion_mask  # (N, C)
-        raw_scores = reward_model.score(sequences, batch_size=hp.batch_size).to(mask.device)
+        raw_scores = raw_scores.to(mask.device)
 
         # -- old log-probs and values, reference log-probs (no grad) -----------------------
         chunks, parts = rollout.micro_batches(hp.gradient_accumulation_steps)
-        with torch.no_grad():
+        with torch.no_grad(), where.autocast():
             scored = [
                 completion_forward(model, value_head, p, temperature=hp.temperature) for p in parts
             ]
             old_logps = stitch([lp for lp, _ in scored], chunks, mask.shape)  # (N, C)
             values = stitch([v for _, v in scored], chunks, mask.shape)  # (N, C)
-        with reference.scoring() as ref_model:
+        with where.autocast(), reference.scoring() as ref_model:
             ref_logps = stitch(
                 [rollout_logps(ref_model, p, temperature=hp.temperature)[0] for p in parts],
                 chunks,
@@ -140,9 +145,10 @@ def train(job: loop.Job, hp: PpoHyperparameters) -> RunResult:
         for ppo_epoch in range(hp.num_ppo_epochs):
             for k, (rows, part) in enumerate(zip(chunks, parts, strict=True)):
                 c = part.completion_ids.size(1)  # this micro-batch's longest completion
-                new_logps, new_values = completion_forward(
-                    model, value_head, part, temperature=hp.temperature
-                )  # (b, c), (b, c)
+                with where.autocast():
+                    new_logps, new_values = completion_forward(
+                        model, value_head, part, temperature=hp.temperature
+                    )  # (b, c), (b, c)
                 loss, stats = ppo_loss(
                     new_logps,
                     old_logps[rows][:, :c],
@@ -191,11 +197,12 @@ def train(job: loop.Job, hp: PpoHyperparameters) -> RunResult:
     return run.result()
 
 
-def load_reward_model(spec: TrainSpec) -> RewardModel:
-    """The reward model ``spec.reward_model`` names, from the folders the worker fetched."""
+def load_reward_model(spec: TrainSpec, where: Placement | None = None) -> RewardModel:
+    """The reward model ``spec.reward_model`` names, from the folders the worker fetched, on
+    ``where``'s device."""
     if spec.reward_model is None:
         raise ValueError("ppo needs a reward_model")
-    return named_reward_model(spec, spec.reward_model)
+    return named_reward_model(spec, spec.reward_model, where)
 
 
 def stitch(

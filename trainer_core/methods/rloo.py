@@ -23,17 +23,19 @@ stops on rollout boundaries), the same reference (``reference.ReferenceModel``) 
 metrics (``rollout_report``). With β = 0 and μ = 1 the old log-probs are π_θ.detach() and
 their forward is skipped.
 
+Where it runs, and how several processes share a rollout: as GRPO (``group_rollouts``); the
+KL of every row is gathered before the advantages, so normalised advantages are the whole
+rollout's.
+
 Deliberately left out: reward clipping (``reward_clip_range``), ε_high ≠ ε, vLLM, tools,
-syncing the reference, a validation pass, and the device, mixed precision and gradient
-checkpointing: it runs on the CPU in fp32 (``placement.cpu_only``).
+syncing the reference, and a validation pass.
 """
 
 from __future__ import annotations
 
 import torch
 
-from trainer_core import group_rollouts, loop, rollout_report
-from trainer_core.generation import rollout_logps
+from trainer_core import distributed, group_rollouts, loop, rollout_report
 from trainer_core.rl_losses import RlStats, add_rl_stats, rloo_advantages, rloo_loss
 from trainer_core.seams import RunResult
 from trainer_core.specs import RlooHyperparameters
@@ -41,100 +43,118 @@ from trainer_core.specs import RlooHyperparameters
 
 @loop.method(RlooHyperparameters)
 def train(job: loop.Job, hp: RlooHyperparameters) -> RunResult:
-    # The policy, its reference (β > 0) and the run: one rollout is μ optimizer steps.
+    # The policy (on the device), its reference (β > 0) and the run: a rollout is μ steps.
     run, data, reference = group_rollouts.start_run(job, hp, "rloo")
-    model, mu = run.model, hp.num_iterations
+    model, mu, d, where = run.model, hp.num_iterations, run.dist, run.where
 
-    # -- each rollout: G completions of each prompt, and their rewards ---------------------
+    # -- each rollout: G completions of each prompt (this rank's share), and their rewards --
     for scored in group_rollouts.scored_rollouts(run, data, hp):
-        rollout, rewards = scored.rollout, scored.rewards  # N = B·G rows; (N,)
-        chunks, parts = rollout.micro_batches(hp.gradient_accumulation_steps)
+        rollout, whole = scored.rollout, scored.whole  # n = b·G rows here, N = B·G in all
+        batches = group_rollouts.micro_batches(scored, hp.gradient_accumulation_steps, d)
 
         # -- old and reference log-probs (sequence sums) and the KL per sequence ----------------
         need_old = hp.beta > 0 or mu > 1
-        old_logps: list[torch.Tensor | None] = [None] * len(parts)  # (b,) each
-        kl_parts, kl_token_sum = [], 0.0
+        old_logps: list[torch.Tensor | None] = [None] * len(batches)  # (b,) each
+        kl = torch.zeros(rollout.completion_ids.size(0), device=whole.rewards.device)  # (n,)
+        kl_token_sum = 0.0
         # With one optimizer step on one micro-batch, the step's own forward (with grad) is
         # the sampling policy's: run it once here and take the old log-probs from it detached,
         # rather than a second, no-grad pass (the same numbers, one fewer forward per rollout).
         training_forward = None
-        for k, part in enumerate(parts):
+        for k, batch in enumerate(batches):
             if not need_old:
                 continue
-            if mu == 1 and len(parts) == 1:
-                training_forward = rollout_logps(
-                    model, part, temperature=hp.temperature, with_entropy=True
-                )
-                old_per_token = training_forward[0].detach()
-            else:
-                with torch.no_grad():
-                    old_per_token, _ = rollout_logps(model, part, temperature=hp.temperature)
-            old_logps[k] = (old_per_token * part.completion_mask).sum(-1)
-            if reference is not None:
-                with reference.scoring() as ref_model:
-                    ref_per_token, _ = rollout_logps(ref_model, part, temperature=hp.temperature)
+            part = batch.rollout
+            with where.autocast():
+                if mu == 1 and len(batches) == 1:
+                    training_forward = batch.logps(
+                        model, temperature=hp.temperature, with_entropy=True
+                    )
+                    old_per_token = training_forward[0].detach()
+                else:
+                    with torch.no_grad():
+                        old_per_token, _ = batch.logps(model, temperature=hp.temperature)
+                old_logps[k] = (old_per_token * part.completion_mask).sum(-1)
+                if reference is not None:
+                    with reference.scoring() as ref_model:
+                        ref_per_token, _ = batch.logps(ref_model, temperature=hp.temperature)
+            if reference is not None and batch.weight:
                 per_token_kl = (old_per_token - ref_per_token) * part.completion_mask
-                kl_parts.append(per_token_kl.sum(-1))  # (b,) k1, sequence-summed
+                kl[batch.rows] = per_token_kl.sum(-1).float()  # (b,) k1, sequence-summed
                 kl_token_sum += float(per_token_kl.sum())
-        kl = torch.cat(kl_parts) if kl_parts else None  # (N,)
 
-        # -- KL-penalised leave-one-out advantages --------------------------------------------
-        advantages = rloo_advantages(
-            rewards,
+        # -- KL-penalised leave-one-out advantages, over the whole rollout --------------------
+        whole_kl = None
+        if reference is not None:
+            whole_kl = distributed.gather_rows(
+                d, kl, scored.rows, whole.rewards.numel(), weight=scored.weight
+            )  # (N,)
+        whole_advantages = rloo_advantages(
+            whole.rewards,
             hp.num_generations,
-            kl=kl,
+            kl=whole_kl,
             beta=hp.beta,
             normalize=hp.normalize_advantages,
         )  # (N,)
-        rollout_metrics = {
-            **rollout_report.reward_metrics(rewards, scored.per_function),
-            **({"kl": kl_token_sum / float(rollout.completion_mask.sum())} if kl_parts else {}),
-            **rollout_report.completion_metrics(rollout),
-        }
+        advantages = whole_advantages[scored.rows.to(whole_advantages.device)]  # (n,)
+        completion_tokens = float(whole.completion_lengths.sum())
+        rollout_metrics = whole.metrics()
+        if reference is not None:
+            kl_mean = distributed.sum_float(d, kl_token_sum) / completion_tokens
+            rollout_metrics = {**rollout_metrics, "kl": kl_mean}
         # TRL's num_tokens: prompt and completion tokens sampled (once per rollout); the loss
         # counts the completion tokens.
         run.count(
-            trained=int(rollout.prompt_mask.sum() + rollout.completion_mask.sum()),
-            loss=int(rollout.completion_mask.sum()),
+            trained=int(whole.prompt_lengths.sum() + whole.completion_lengths.sum()),
+            loss=int(completion_tokens),
         )
 
         # -- μ optimizer steps on this rollout -----------------------------------------------
         for _ in range(mu):
             micro_stats: list[RlStats] = []
             entropy_sum = 0.0
-            for k, (rows, part) in enumerate(zip(chunks, parts, strict=True)):
-                per_token_logps, entropies = training_forward or rollout_logps(
-                    model, part, temperature=hp.temperature, with_entropy=True
-                )  # (b, c), (b, c)
-                training_forward = None
-                logps = (per_token_logps * part.completion_mask).sum(-1)  # (b,)
-                old = old_logps[k]
-                loss, stats = rloo_loss(
-                    logps,
-                    logps.detach() if old is None else old,
-                    advantages[rows],
-                    epsilon_low=hp.epsilon,
-                    epsilon_high=hp.epsilon,
-                    num_micro_batches=len(parts),
-                )
-                run.backward(loss, last=k == len(parts) - 1)
-                micro_stats.append(stats)
+            for k, batch in enumerate(batches):
+                part = batch.rollout
+                with where.autocast():
+                    per_token_logps, entropies = training_forward or batch.logps(
+                        model, temperature=hp.temperature, with_entropy=True
+                    )  # (b, c), (b, c)
+                    training_forward = None
+                    logps = (per_token_logps * part.completion_mask).sum(-1)  # (b,)
+                    old = old_logps[k]
+                    loss, stats = rloo_loss(
+                        logps,
+                        logps.detach() if old is None else old,
+                        advantages[batch.rows],
+                        epsilon_low=hp.epsilon,
+                        epsilon_high=hp.epsilon,
+                        num_micro_batches=len(batches),
+                        # Split over ranks: the whole micro-batch's rows normalise.
+                        micro_batch_rows=batch.whole_rows.numel() if batch.split else None,
+                    )
+                run.backward(loss * batch.weight, last=k == len(batches) - 1)
+                micro_stats.append(stats if batch.weight else distributed.nothing(stats))
                 assert entropies is not None
-                entropy_sum += float((entropies * part.completion_mask).sum())
+                entropy_sum += batch.weight * float((entropies * part.completion_mask).sum())
             grad_norm, learning_rate = run.optimizer_step()
 
-            # -- metrics ---------------------------------------------------------------------
-            total = add_rl_stats(micro_stats)
+            # -- metrics (over every rank's rows) --------------------------------------------
+            total = distributed.all_reduce_sum(d, add_rl_stats(micro_stats))
             step_metrics = {
                 "train_loss": float(total.loss),
                 **rollout_metrics,
                 "clip_ratio": total.means()["clip_ratio"],
-                "entropy": entropy_sum / max(1.0, float(rollout.completion_mask.sum())),
+                "entropy": distributed.sum_float(d, entropy_sum) / max(1.0, completion_tokens),
             }
             run.record(step_metrics, grad_norm=grad_norm, learning_rate=learning_rate)
             if run.step == 1 or run.step % rollout_report.SAMPLES_EVERY == 0:
                 rollout_report.report_samples(
-                    run.sink, run.step, run.tokenizer, scored.examples, rollout, reward=rewards
+                    run.sink,
+                    run.step,
+                    run.tokenizer,
+                    scored.examples,
+                    rollout,
+                    reward=scored.rewards,
                 )
 
     return run.result()
