@@ -124,7 +124,7 @@ def test_bf16_trains_under_autocast_with_finite_losses(
     result = json.loads(out.read_text())
     # Every forward with grad (the training ones) and without (sampling, old and reference
     # log-probs, the reward model) ran under bf16 autocast.
-    assert result["logits"] == {"grad": ["torch.bfloat16"], "no_grad": ["torch.bfloat16"]}
+    assert result["linear"] == {"grad": ["torch.bfloat16"], "no_grad": ["torch.bfloat16"]}
     points = result["points"]
     assert len(points) >= 2
     for point in points:
