@@ -228,8 +228,16 @@ def test_old_jobs_get_the_spec_their_worker_built(
     assert (supervised.train_file, supervised.validation_file) == ("file-train", "file-valid")
     assert supervised.hyperparameters.model_dump() == SUPERVISED_HP
     assert supervised.adapter.model_dump() == ADAPTER and supervised.max_seq_len == 256
-    # Stored before resources.deterministic existed: the default (the device decides).
-    assert supervised.resources.model_dump() == {**RESOURCES, "deterministic": None}
+    # Stored before the speed levers and resources.deterministic existed: their defaults
+    # (deterministic None: the device decides).
+    assert supervised.resources.model_dump() == {
+        **RESOURCES,
+        "deterministic": None,
+        "max_tokens_per_batch": None,
+        "padding_free": False,
+        "compile": False,
+        "liger": False,
+    }
     assert supervised.resume_from is None  # the worker's: it unpacks the checkpoint itself
     assert grpo.method == "grpo" and grpo.reward_functions == [REWARD]
     assert grpo.hyperparameters.model_dump() == GRPO_HP
