@@ -127,6 +127,20 @@ def peak_rss_mib() -> float:
 # Our lr_scheduler -> transformers' (ours "constant" keeps the warmup, as theirs with warmup).
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
+# The offline methods' own hyperparameters as both trainers get them in every speed run
+# (bench.speed on the CPU, bench.gpu_speed on a GPU): TRL's defaults, spelt out.
+OFFLINE_EXTRA: dict[str, dict[str, Any]] = {
+    "supervised": {},
+    "dpo": {
+        "beta": 0.1,
+        "loss_type": ["sigmoid"],
+        "loss_weights": None,
+        "label_smoothing": 0.0,
+        "precompute_ref_log_probs": False,
+    },
+    "reward_model": {"center_rewards_coefficient": 0.0},
+}
+
 
 def lora_config(adapter: AdapterSpec, task_type: str = "CAUSAL_LM") -> Any:
     from peft import LoraConfig

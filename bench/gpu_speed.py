@@ -52,6 +52,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.common import OFFLINE_EXTRA
+
 QWEN_05B: dict[str, Any] = {
     "vocab_size": 151936,
     "hidden_size": 896,
@@ -281,15 +283,7 @@ def hyperparameters(case: Case, o: Options, n_steps: int) -> Any:
         "max_grad_norm": 1.0,
     }
     extra: dict[str, Any] = {
-        "supervised": {},
-        "dpo": {
-            "beta": 0.1,
-            "loss_type": ["sigmoid"],
-            "loss_weights": None,
-            "label_smoothing": 0.0,
-            "precompute_ref_log_probs": False,
-        },
-        "reward_model": {"center_rewards_coefficient": 0.0},
+        **OFFLINE_EXTRA,
         "grpo": {
             "batch_size": 1,  # prompts a step: 1 × generations rows, as the kit's check
             "max_completion_length": o.completion,

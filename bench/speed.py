@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.common import preference_rows, sft_rows, tiny_model, write_jsonl
+from bench.common import OFFLINE_EXTRA, preference_rows, sft_rows, tiny_model, write_jsonl
 from bench.contention import Config, measure, speed_parser, table
 from bench.parity import method_exists
 from bench.report import machine, publish, versions
@@ -48,17 +48,7 @@ def spec_for(config: Config, train_file: Path) -> Any:
     from trainer_core.specs import AdapterSpec, TrainSpec
 
     resolved_cls = METHODS[config.method].resolved
-    extra: dict[str, Any] = {
-        "supervised": {},
-        "dpo": {
-            "beta": 0.1,
-            "loss_type": ["sigmoid"],
-            "loss_weights": None,
-            "label_smoothing": 0.0,
-            "precompute_ref_log_probs": False,
-        },
-        "reward_model": {"center_rewards_coefficient": 0.0},
-    }[config.method]
+    extra = OFFLINE_EXTRA[config.method]
     hp = resolved_cls(
         n_epochs=1,
         batch_size=BATCH_SIZE,
