@@ -184,13 +184,11 @@ PPO = {
 }
 
 
-def test_ppo_in_two_processes_matches_one_process(tiny_model: Path, tmp_path: Path) -> None:
-    # ZeRO-0 (plain data parallelism): the value head's gradients are summed over the ranks
-    # with the policy's. 3 prompts split 2 + 1, 2 micro-batches of rows [0, 1] and [2] (rank
-    # 1 runs a stand-in row in the second), and the 7th prompt's rollout leaves rank 1 no
-    # prompt at all. The reward model is the tiny model with an untrained score head.
+def ppo_spec(tiny_model: Path, tmp_path: Path) -> dict[str, Any]:
+    """7 prompts, rollouts of 3 over 2 epochs (6 steps), scored by the tiny model with an
+    untrained score head as the reward model."""
     prompts = [{"prompt": f"Tell me about number {i}."} for i in range(7)]
-    spec = {
+    return {
         "method": "ppo",
         "model": str(tiny_model),
         "train_file": str(write_jsonl(tmp_path / "prompts.jsonl", prompts)),
@@ -212,6 +210,14 @@ def test_ppo_in_two_processes_matches_one_process(tiny_model: Path, tmp_path: Pa
             **PPO,
         },
     }
+
+
+def test_ppo_in_two_processes_matches_one_process(tiny_model: Path, tmp_path: Path) -> None:
+    # ZeRO-0 (plain data parallelism): the value head's gradients are summed over the ranks
+    # with the policy's. 3 prompts split 2 + 1, 2 micro-batches of rows [0, 1] and [2] (rank
+    # 1 runs a stand-in row in the second), and the 7th prompt's rollout leaves rank 1 no
+    # prompt at all.
+    spec = ppo_spec(tiny_model, tmp_path)
     one = [values for _, values in run_here(spec, tmp_path)]
     two = run_cli(tmp_path, "two", {**spec, "resources": {"gpus": 2, "zero_stage": 0}}, 2)
     assert len(one) == len(two) >= 6
