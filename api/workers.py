@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from api.errors import invalid
 from api.models import Job, Worker
 from api.settings import Settings
-from trainer_core.registry import DISTRIBUTED_METHODS
+from trainer_core.registry import DISTRIBUTED_METHODS, METHODS
 from trainer_core.specs import (
     PADDING_FREE_METHODS,
     PRECISIONS,
@@ -78,6 +78,14 @@ def check_resources(
             f"Method '{method_type}' runs in one process: gpus > 1 and zero_stage > 0 are "
             f"available for {', '.join(DISTRIBUTED_METHODS)}.",
             param=param,
+            code="unsupported_resources",
+        )
+    stages = METHODS[method_type].zero_stages
+    if resources.zero_stage not in stages:
+        raise invalid(
+            f"Method '{method_type}' runs under resources.zero_stage "
+            f"{', '.join(map(str, stages))} only, not {resources.zero_stage}.",
+            param="resources.zero_stage",
             code="unsupported_resources",
         )
     for field, asked, methods in (

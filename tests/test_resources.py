@@ -171,20 +171,25 @@ def test_invalid_resources_are_400_naming_the_field(
 def test_distributed_only_for_the_distributed_methods(
     api: Api, db: Any, pg_settings: Settings
 ) -> None:
-    # The registry says which methods run distributed (trainer_core/registry.py): every one
-    # but ppo (kto/orpo/simpo since issue #11, grpo/reinforcement/rloo since issue #12).
-    for resources, param in (
-        (ResourcesSpec(gpus=2), "resources.gpus"),
-        (ResourcesSpec(zero_stage=2), "resources.zero_stage"),
-    ):
-        with db() as session, pytest.raises(APIError) as refused:
-            check_resources(session, pg_settings, "ppo", resources)
-        assert refused.value.status == 400
-        assert refused.value.param == param
-        assert refused.value.code == "unsupported_resources"
-        assert "supervised, dpo, reward_model, kto, orpo, simpo, grpo, reinforcement, rloo" in (
-            refused.value.message
-        )
+    # The registry says which methods run distributed and under which ZeRO stages
+    # (trainer_core/registry.py): every one (kto/orpo/simpo since issue #11, grpo/
+    # reinforcement/rloo and ppo since issue #12), ppo under ZeRO stage 0 only.
+    for stage in (1, 2, 3):
+        for gpus in (1, 2):
+            with db() as session, pytest.raises(APIError) as refused:
+                check_resources(
+                    session, pg_settings, "ppo", ResourcesSpec(gpus=gpus, zero_stage=stage)
+                )
+            assert refused.value.status == 400
+            assert refused.value.param == "resources.zero_stage"
+            assert refused.value.code == "unsupported_resources"
+            assert refused.value.message == (
+                f"Method 'ppo' runs under resources.zero_stage 0 only, not {stage}."
+            )
+    # Two processes in plain data parallelism pass the method's check (the worker checks
+    # follow: this test's queue has no worker, hence the substatus rather than a refusal).
+    with db() as session:
+        check_resources(session, pg_settings, "ppo", ResourcesSpec(gpus=2))
     # The same resources on the methods that run distributed are accepted.
     rows = [
         {

@@ -333,6 +333,18 @@ def sum_float(d: Distributed, value: float) -> float:
     return float(total.item())
 
 
+def all_reduce_tensor(d: Distributed, value: torch.Tensor) -> torch.Tensor:
+    """``value`` added up over the ranks (in float64 on the wire), back in its own dtype and
+    device: a statistic of an online rollout summed over every rank's rows (PPO's whitening)."""
+    if d.world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    total = value.detach().to(device=d.comm_device, dtype=torch.float64)
+    dist.all_reduce(total)
+    return total.to(dtype=value.dtype, device=value.device)
+
+
 def sum_int(d: Distributed, value: int) -> int:
     if d.world_size == 1:
         return value

@@ -622,7 +622,8 @@ def start_run(
     ``trainable``: what the optimizer trains when that is more than ``model`` (PPO's policy
     and its value head, in one ``nn.ModuleList``). Checkpoints and resuming still save and
     load ``model`` (a module beside it keeps itself in the checkpoint through the ``store``),
-    and DeepSpeed is not given it: one process only."""
+    and DeepSpeed is not given it: ZeRO stage 0 only (in several processes
+    ``distributed.optimizer_step`` sums its gradients over the ranks with the model's)."""
     hp = spec.hyperparameters
     if trainable is not None and dist.zero_stage != 0:
         raise ValueError("modules trained beside the model are not handed to DeepSpeed")

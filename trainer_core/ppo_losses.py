@@ -21,13 +21,18 @@ micro-batches equals one big batch; None means the micro-batch's own count), and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 
 def masked_whiten(
-    values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    shift_mean: bool = True,
+    total: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``(x − mean) / sqrt(var + 1e-8)`` over the masked entries of ``values`` (B, C).
 
@@ -37,14 +42,19 @@ def masked_whiten(
     Masked positions come back 0. With one real token there is no spread: it comes back 0
     (shift_mean) or unchanged.
 
+    ``total``: when ``values`` are one rank's rows of a rollout shared out between processes,
+    the sum of a tensor over every rank (``distributed.all_reduce_tensor``), so the mean and
+    variance are the whole rollout's; None sums this process's only.
+
     Worked example: values = [[2, 4, 6, pad]], mask = [[1, 1, 1, 0]] → mean 4,
     var = ((−2)² + 0² + 2²) / (3 − 1) = 4 → [[−1, 0, 1, 0]]; shift_mean=False → [[3, 4, 5, 0]].
     """
+    over = total or (lambda t: t)
     mask = mask.to(values.dtype)
-    n = mask.sum()
-    mean = (values * mask).sum() / n.clamp(min=1)
+    n = over(mask.sum())
+    mean = over((values * mask).sum()) / n.clamp(min=1)
     centred = (values - mean) * mask
-    var = (centred**2).sum() / (n - 1).clamp(min=1)
+    var = over((centred**2).sum()) / (n - 1).clamp(min=1)
     whitened = centred * torch.rsqrt(var + 1e-8) if n > 1 else centred
     if not shift_mean:
         whitened = whitened + mean

@@ -110,6 +110,8 @@ class Method(NamedTuple):
     # The dataset formats (as trainer_core.formats names them) it can train on.
     dataset_formats: tuple[str, ...]
     base_learning_rate: BaseLearningRate
+    # The ZeRO stages it runs under (``resources.zero_stage``), when distributed.
+    zero_stages: tuple[int, ...] = (0, 1, 2, 3)
 
 
 _PREFERENCE_RATE = BaseLearningRate(lora=5e-5, full=1e-6)
@@ -206,9 +208,12 @@ METHODS: dict[str, Method] = {
         PpoHyperparameters,
         RewardModelOptions,
         module="ppo",
-        distributed=False,
+        # Plain data parallelism only: its value head trains beside the model, and DeepSpeed
+        # is given the model alone (methods/ppo.py).
+        distributed=True,
         dataset_formats=_PROMPTS,
         base_learning_rate=_ONLINE_RATE,
+        zero_stages=(0,),
     ),
 }
 

@@ -168,3 +168,64 @@ def test_online_methods_in_two_processes_match_one_process(
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (case, step, key)
         if "kl" in a:
             assert b["kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-6), (case, step)
+
+
+PPO = {
+    "num_ppo_epochs": 2,
+    "gamma": 1.0,
+    "lam": 0.95,
+    "cliprange": 0.2,
+    "cliprange_value": 0.2,
+    "vf_coef": 0.1,
+    "kl_coef": 0.05,
+    # Both whitenings: the rewards' scale and the advantages' mean/var span every rank.
+    "whiten_rewards": True,
+    "missing_eos_penalty": 1.0,
+}
+
+
+def ppo_spec(tiny_model: Path, tmp_path: Path) -> dict[str, Any]:
+    """7 prompts, rollouts of 3 over 2 epochs (6 steps), scored by the tiny model with an
+    untrained score head as the reward model."""
+    prompts = [{"prompt": f"Tell me about number {i}."} for i in range(7)]
+    return {
+        "method": "ppo",
+        "model": str(tiny_model),
+        "train_file": str(write_jsonl(tmp_path / "prompts.jsonl", prompts)),
+        "seed": 0,
+        "max_seq_len": 64,
+        "num_threads": 1,
+        "adapter": {"type": "lora", "r": 8, "alpha": 16},
+        "reward_model": "rm",
+        "reward_models": {"rm": {"base": str(tiny_model)}},
+        "hyperparameters": {
+            **COMMON,
+            "n_epochs": 2,
+            "batch_size": 3,
+            "gradient_accumulation_steps": 2,
+            "max_completion_length": 12,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "top_k": 0,
+            **PPO,
+        },
+    }
+
+
+def test_ppo_in_two_processes_matches_one_process(tiny_model: Path, tmp_path: Path) -> None:
+    # ZeRO-0 (plain data parallelism): the value head's gradients are summed over the ranks
+    # with the policy's. 3 prompts split 2 + 1, 2 micro-batches of rows [0, 1] and [2] (rank
+    # 1 runs a stand-in row in the second), and the 7th prompt's rollout leaves rank 1 no
+    # prompt at all.
+    spec = ppo_spec(tiny_model, tmp_path)
+    one = [values for _, values in run_here(spec, tmp_path)]
+    two = run_cli(tmp_path, "two", {**spec, "resources": {"gpus": 2, "zero_stage": 0}}, 2)
+    assert len(one) == len(two) >= 6
+    # Something was learnt, and the rollouts were not all alike.
+    assert len({round(values["objective/scores"], 6) for values in one}) > 2
+    assert one[-1]["loss/value"] != pytest.approx(one[0]["loss/value"], rel=1e-3)
+    keys = ("train_loss", "grad_norm", "loss/value", "loss/policy", "objective/scores")
+    for step, (a, b) in enumerate(zip(one, two, strict=True), start=1):
+        assert b["num_tokens"] == a["num_tokens"], step
+        for key in (*keys, "objective/kl", "objective/rlhf_reward", "policy/clipfrac"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (step, key)
