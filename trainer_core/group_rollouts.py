@@ -103,15 +103,16 @@ class MicroBatch:
 
 
 def start_run(
-    job: loop.Job, hp: Hyperparameters, method: str
+    job: loop.Job, hp: Hyperparameters, method: str, *, validates: bool = False
 ) -> tuple[loop.Run[dict[str, float]], PromptData, ReferenceModel | None]:
     """The run of a GRPO or RLOO job (``method``, for messages), the prompts it samples, and
     the reference (None when β = 0). A checkpoint keeps the last step's ``train_loss`` and
-    ``reward``."""
+    ``reward``. ``validates``: the method runs an eval pass on the validation file
+    (``rollout_validation``), so it is not warned about as unused."""
     if not job.spec.reward_functions:
         raise ValueError(f"{method} needs at least one reward function")
     base, tokenizer = job.load_base()
-    data = training_prompts(job.spec, tokenizer, job.sink, validated=method == "grpo")
+    data = training_prompts(job.spec, tokenizer, job.sink, validated=validates)
     model = job.policy(base)  # on the device
     reference = (
         ReferenceModel.of(model, job.spec.adapter.type, dist=job.dist) if hp.beta > 0 else None

@@ -11,12 +11,13 @@ import pytest
 
 from tests.trainer_core.conftest import LENGTH_REWARD, method_spec, write_jsonl
 from tests.trainer_core.hyperparameters import COMMON
-from trainer_core.methods import grpo
+from trainer_core.methods import grpo, rloo
 from trainer_core.seams import FolderCheckpointStore, ListSink
 from trainer_core.specs import (
     AdapterSpec,
     GrpoHyperparameters,
     ReinforcementHyperparameters,
+    RlooHyperparameters,
     TrainSpec,
 )
 
@@ -121,3 +122,24 @@ def test_auto_interval_and_a_resumed_run_logs_the_same_values(
     assert [s for s, _ in rest.points] == [3, 4]
     for (_, expected), (_, got) in zip(whole.points[2:], rest.points, strict=True):
         assert got["valid_reward"] == pytest.approx(expected["valid_reward"], rel=1e-6)
+
+
+def test_rloo_has_no_eval_pass_and_says_its_validation_file_is_unused(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    hp = {**SAMPLING, "beta": 0.05, "normalize_advantages": False}
+    hp = {k: v for k, v in hp.items() if k in RlooHyperparameters.model_fields}
+    spec = method_spec(
+        "rloo",
+        tiny_model,
+        prompts(tmp_path / "train.jsonl", ["good", "bad"] * 2),
+        RlooHyperparameters,
+        hp,
+        validation_file=str(prompts(tmp_path / "valid.jsonl", ["good"])),
+        reward_functions=[LABEL_CHECK],
+    )
+    sink = ListSink()
+    result = rloo.train(spec, sink, FolderCheckpointStore(tmp_path / "ckpt"), lambda: False)
+    assert result.status == "completed"
+    assert all("valid_reward" not in values for _, values in sink.points)
+    assert [m for _, m, _ in sink.events if "validation file" in m]

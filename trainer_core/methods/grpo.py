@@ -59,7 +59,7 @@ from trainer_core.specs import GrpoHyperparameters
 @loop.method(GrpoHyperparameters)  # ReinforcementHyperparameters is one too
 def train(job: loop.Job, hp: GrpoHyperparameters) -> RunResult:
     # The policy (on the device), its reference (β > 0) and the run: a rollout is μ steps.
-    run, data, reference = group_rollouts.start_run(job, hp, "grpo")
+    run, data, reference = group_rollouts.start_run(job, hp, "grpo", validates=True)
     model, mu, d, where = run.model, hp.num_iterations, run.dist, run.where
     valid_reward = rollout_validation.RolloutValidation.of(run, hp)  # None: no validation file
 
