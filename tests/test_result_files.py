@@ -7,10 +7,12 @@ import csv
 import io
 import json
 import time
+from pathlib import Path
 
 import openai
 import pytest
 
+from api.artifacts import ArtifactStoreError, LocalArtifactStore
 from api.files import chunk_count, content, delete_file
 from api.models import Checkpoint, File, Job, JobMetric, new_id, now
 from api.results import results_csv, upload_results
@@ -84,6 +86,38 @@ def test_results_csv_columns_cells_and_relogged_steps(pg_settings: Settings) -> 
     with services.sessions() as session, session.begin():
         delete_file(session, job.owner, file_id, services.artifacts)
     assert not in_store.parent.exists()
+
+
+def test_a_results_file_that_cannot_be_stored_or_recorded_leaves_no_row_and_no_object(
+    pg_settings: Settings, tmp_path: Path
+) -> None:
+    services = Services.build(pg_settings)
+    job_id = insert_job(services.sessions, status="running", attempts=1)
+    with services.sessions() as session, session.begin():
+        session.add(
+            JobMetric(job_id=job_id, owner="local", created_at=now(), step=1, values={"x": 1.0})
+        )
+    # A store whose root is a file: the put fails, as a full disk or a lost bucket does; the
+    # worker turns this error into the job's failure (code artifact_store_error).
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    with pytest.raises(ArtifactStoreError):
+        upload_results(services.sessions, LocalArtifactStore(blocked), job_id)
+
+    # Uploaded, but the attempt no longer holds the job: nothing is recorded and the object,
+    # which no row would name, is deleted.
+    stored = upload_results(services.sessions, services.artifacts, job_id)
+    in_store = pg_settings.data_dir / "artifacts" / stored.key
+    assert (
+        in_store.read_bytes() == b"step,train_loss,train_accuracy,valid_loss,"
+        b"valid_mean_token_accuracy,x\n1,,,,,1.0\n"
+    )
+    finish(services, job_id, "succeeded", attempt=2, results=stored)
+    assert not in_store.exists()
+    with services.sessions() as session:
+        job = session.get_one(Job, job_id)
+        assert (job.status, job.result_files) == ("running", [])
+        assert session.get(File, stored.file_id) is None
 
 
 def chunk_count_of(services: Services, file_id: str) -> int:
