@@ -1,4 +1,6 @@
-"""Dataset files: stored in the database in chunks, validated while they stream in."""
+"""Dataset files: stored in the database in chunks, validated while they stream in.
+
+A job's results file is the exception: its bytes are in the artifact store (api/results.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pydantic.json_schema import SkipJsonSchema
 from sqlalchemy import ColumnElement, delete, func, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.artifacts import ArtifactStore
 from api.errors import APIError, invalid, not_found
 from api.models import File, FileChunk, Job, new_id, now
 from api.pagination import ListPage
@@ -207,7 +210,9 @@ def list_files(owner: str, *, purpose: str | None, after: str | None, order: str
     return query.order_by(File.id.desc())
 
 
-def delete_file(session: Session, owner: str, file_id: str) -> FileDeleted:
+def delete_file(
+    session: Session, owner: str, file_id: str, artifacts: ArtifactStore
+) -> FileDeleted:
     row = get_file(session, owner, file_id)
     in_use = session.scalar(
         select(Job.id)
@@ -220,6 +225,8 @@ def delete_file(session: Session, owner: str, file_id: str) -> FileDeleted:
             f"File {file_id} is in use by job {in_use}; cancel the job or wait for it to end.",
             code="file_in_use",
         )
+    if row.artifact_key is not None:  # a results file: its object goes with it
+        artifacts.delete_prefix(f"files/{file_id}")
     session.delete(row)
     return FileDeleted(id=file_id, object="file", deleted=True)
 
@@ -257,6 +264,18 @@ def delete_expired(session: Session) -> list[str]:
 
 def chunk_count(session: Session, file_id: str) -> int:
     return session.scalar(select(func.count()).where(FileChunk.file_id == file_id)) or 0
+
+
+def content(
+    session: Session, sessions: sessionmaker[Session], artifacts: ArtifactStore, row: File
+) -> Iterator[bytes]:
+    """A file's bytes in chunks, from wherever they live: the artifact store for a results
+    file, ``file_chunks`` for an upload."""
+    if row.artifact_key is None:
+        return iter_content(sessions, row.id, chunk_count(session, row.id))
+    if artifacts.stat(row.artifact_key) is None:  # a clean 404, not a broken stream
+        raise not_found("file", row.id)
+    return artifacts.read(row.artifact_key, 0, row.bytes - 1) if row.bytes else iter(())
 
 
 def iter_content(sessions: sessionmaker[Session], file_id: str, chunks: int) -> Iterator[bytes]:

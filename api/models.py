@@ -81,6 +81,10 @@ class File(Base):
     # OpenAI's expires_after: from then on the file is not served, and the sweep deletes it
     # once no active job needs it (api/files.py).
     expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True, index=True)
+    # Set for a job's results file: its bytes are an object in the artifact store (written by
+    # the worker, like the job's adapter), not file_chunks. Uploads stay in file_chunks: they
+    # are validated while they stream in, in the one transaction that records them.
+    artifact_key: Mapped[str | None] = mapped_column(String(512), nullable=True)
 
 
 class FileChunk(Base):

@@ -9,6 +9,9 @@ row of the checkpoint's step, as OpenAI's file has valid_loss only at its evalua
 The reinforcement eval pass (trainer_core/rollout_validation.py) is the exception: its
 ``valid_reward`` is a value of the step's own metric point, so it is a column like any other.
 A cell is empty where the step has no value, or a non-finite one.
+
+The file is an object in the artifact store (``files/<file id>/<filename>``), like the job's
+adapter, and its ``files`` row names it (``artifact_key``); uploads stay in ``file_chunks``.
 """
 
 from __future__ import annotations
@@ -16,11 +19,15 @@ from __future__ import annotations
 import csv
 import io
 import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 
-from sqlalchemy import insert, select
-from sqlalchemy.orm import Session
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
-from api.models import Checkpoint, File, FileChunk, Job, JobMetric, new_id, now
+from api.artifacts import ArtifactStore
+from api.models import Checkpoint, File, Job, JobMetric, new_id, now
 
 PURPOSE = "fine-tune-results"
 # OpenAI's header, and the metric each column reads. Our supervised loop calls the token
@@ -69,27 +76,54 @@ def results_csv(session: Session, job_id: str) -> bytes:
     return out.getvalue().encode()
 
 
-def store_results(session: Session, job: Job, *, chunk_bytes: int) -> File:
-    """Write the job's results file, owned by the job's owner, in chunks as uploads are stored.
+@dataclass(frozen=True)
+class StoredResults:
+    """A results file already in the artifact store, not yet recorded in the database."""
 
-    In the caller's transaction: the file exists exactly when the job is recorded succeeded.
+    file_id: str
+    filename: str
+    key: str
+    size: int
+
+
+def results_key(file_id: str, filename: str) -> str:
+    return f"files/{file_id}/{filename}"
+
+
+def upload_results(
+    sessions: sessionmaker[Session], artifacts: ArtifactStore, job_id: str
+) -> StoredResults:
+    """Build the job's results CSV and put it in the artifact store.
+
+    Called before the transaction that records the job's end, so that no row lock is held
+    during the upload, and so that the file row (``record_results``) only ever names a
+    complete object. A failed put raises ``ArtifactStoreError``: the job fails with
+    ``artifact_store_error``, as when a checkpoint cannot be stored.
     """
-    data = results_csv(session, job.id)
+    with sessions() as session:
+        data = results_csv(session, job_id)
+    file_id = new_id("file")
+    filename = f"{job_id}_results.csv"
+    key = results_key(file_id, filename)
+    with tempfile.TemporaryDirectory(prefix="alignd-results-") as tmp:
+        path = Path(tmp) / filename
+        path.write_bytes(data)
+        artifacts.put_file(key, path)
+    return StoredResults(file_id=file_id, filename=filename, key=key, size=len(data))
+
+
+def record_results(session: Session, job: Job, stored: StoredResults) -> File:
+    """The results file's row, owned by the job's owner, in the caller's transaction (the one
+    that records the job succeeded): the file is listed exactly when the job succeeded."""
     row = File(
-        id=new_id("file"),
+        id=stored.file_id,
         owner=job.owner,
         created_at=now(),
-        filename=f"{job.id}_results.csv",
+        filename=stored.filename,
         purpose=PURPOSE,
-        bytes=len(data),
+        bytes=stored.size,
         status="processed",
+        artifact_key=stored.key,
     )
     session.add(row)
-    session.flush()
-    for index, start in enumerate(range(0, len(data), chunk_bytes)):
-        session.execute(
-            insert(FileChunk).values(
-                file_id=row.id, index=index, data=data[start : start + chunk_bytes]
-            )
-        )
     return row

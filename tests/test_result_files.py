@@ -7,13 +7,15 @@ import csv
 import io
 import json
 import time
+from pathlib import Path
 
 import openai
 import pytest
 
-from api.files import chunk_count, iter_content
+from api.artifacts import ArtifactStoreError, LocalArtifactStore
+from api.files import chunk_count, content, delete_file
 from api.models import Checkpoint, File, Job, JobMetric, new_id, now
-from api.results import results_csv, store_results
+from api.results import results_csv, upload_results
 from api.services import Services
 from api.settings import Settings
 from tests.conftest import Api, WorkerProcess, chat_rows, insert_job
@@ -62,22 +64,60 @@ def test_results_csv_columns_cells_and_relogged_steps(pg_settings: Settings) -> 
         ["3", "", "", "", "", "", "0.0003", ""],
     ]
 
-    # Stored in chunks as uploads are (16 bytes here: several), read back whole.
-    with services.sessions() as session, session.begin():
-        stored = store_results(session, session.get_one(Job, job_id), chunk_bytes=16)
-        stored_id = stored.id
-    assert chunk_count_of(services, stored_id) == -(-len(data) // 16) > 1
-    assert b"".join(iter_content(services.sessions, stored_id, 10**6)) == data
-
-    # finish() stores it with the job's success, in the same transaction, owned by the owner.
-    finish(services, job_id, "succeeded", attempt=1)
+    # The file goes to the artifact store (the local folder under the data dir) first, and
+    # finish() records it with the job's success, in the same transaction, owned by the owner.
+    stored = upload_results(services.sessions, services.artifacts, job_id)
+    finish(services, job_id, "succeeded", attempt=1, results=stored)
     with services.sessions() as session:
         job = session.get_one(Job, job_id)
         [file_id] = job.result_files
         row = session.get_one(File, file_id)
         assert (row.owner, row.purpose, row.status) == (job.owner, "fine-tune-results", "processed")
         assert row.bytes == len(data)
-    assert b"".join(iter_content(services.sessions, file_id, 10**6)) == data
+        assert row.artifact_key == f"files/{file_id}/{job_id}_results.csv"
+    in_store = pg_settings.data_dir / "artifacts" / "files" / file_id / f"{job_id}_results.csv"
+    assert in_store.read_bytes() == data
+    assert chunk_count_of(services, file_id) == 0  # not in file_chunks
+    with services.sessions() as session:
+        streamed = content(session, services.sessions, services.artifacts, row)
+        assert b"".join(streamed) == data
+
+    # Deleting the file deletes its object.
+    with services.sessions() as session, session.begin():
+        delete_file(session, job.owner, file_id, services.artifacts)
+    assert not in_store.parent.exists()
+
+
+def test_a_results_file_that_cannot_be_stored_or_recorded_leaves_no_row_and_no_object(
+    pg_settings: Settings, tmp_path: Path
+) -> None:
+    services = Services.build(pg_settings)
+    job_id = insert_job(services.sessions, status="running", attempts=1)
+    with services.sessions() as session, session.begin():
+        session.add(
+            JobMetric(job_id=job_id, owner="local", created_at=now(), step=1, values={"x": 1.0})
+        )
+    # A store whose root is a file: the put fails, as a full disk or a lost bucket does; the
+    # worker turns this error into the job's failure (code artifact_store_error).
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    with pytest.raises(ArtifactStoreError):
+        upload_results(services.sessions, LocalArtifactStore(blocked), job_id)
+
+    # Uploaded, but the attempt no longer holds the job: nothing is recorded and the object,
+    # which no row would name, is deleted.
+    stored = upload_results(services.sessions, services.artifacts, job_id)
+    in_store = pg_settings.data_dir / "artifacts" / stored.key
+    assert (
+        in_store.read_bytes() == b"step,train_loss,train_accuracy,valid_loss,"
+        b"valid_mean_token_accuracy,x\n1,,,,,1.0\n"
+    )
+    finish(services, job_id, "succeeded", attempt=2, results=stored)
+    assert not in_store.exists()
+    with services.sessions() as session:
+        job = session.get_one(Job, job_id)
+        assert (job.status, job.result_files) == ("running", [])
+        assert session.get(File, stored.file_id) is None
 
 
 def chunk_count_of(services: Services, file_id: str) -> int:

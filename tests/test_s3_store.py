@@ -311,10 +311,15 @@ def test_job_artifacts_land_in_s3_and_download_through_the_api(stack: Stack) -> 
         == client.get_object(Bucket=stack.bucket, Key=f"{base}/step-4/adapter.tar")["Body"].read()
     )
 
-    # The results file (kept in the database with the job's end, docs/operations.md).
+    # The results file is an object in the bucket too, and the API serves exactly its bytes.
     (results_id,) = job["result_files"]
+    results_key = f"{stack.prefix}/files/{results_id}/{job_id}_results.csv"
+    assert keys_under(client, stack.bucket, f"{stack.prefix}/files/{results_id}/") == {results_key}
+    csv_object = client.get_object(Bucket=stack.bucket, Key=results_key)["Body"].read()
     csv = api.http.get(f"files/{results_id}/content")
     assert csv.status_code == 200
+    assert csv.content == csv_object
+    assert int(csv.headers["content-length"]) == len(csv_object)
     rows = csv.text.splitlines()
     assert rows[0].startswith("step,train_loss,train_accuracy,valid_loss")
     assert [row.split(",")[0] for row in rows[1:]] == [str(step) for step in range(1, 9)]
@@ -324,6 +329,9 @@ def test_job_artifacts_land_in_s3_and_download_through_the_api(stack: Stack) -> 
     assert deleted.status_code == 200, deleted.text
     assert keys_under(client, stack.bucket, f"{stack.prefix}/jobs/{job_id}/") == set()
     assert api.http.get(f"fine_tuning/jobs/{job_id}/adapter").status_code == 404
+    # Deleting the results file deletes its object.
+    assert api.http.delete(f"files/{results_id}").status_code == 200
+    assert keys_under(client, stack.bucket, f"{stack.prefix}/files/{results_id}/") == set()
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from api.files import chunk_count, iter_content
 from api.job_events import add_event
 from api.job_queries import succeeded_job_named
 from api.models import Checkpoint, File, Job, JobMetric, now
-from api.results import store_results
+from api.results import StoredResults, record_results, upload_results
 from api.services import Services
 from trainer_core import graders
 from trainer_core.seams import RunResult
@@ -189,6 +189,14 @@ def build_spec(
     return TrainSpec.model_validate(local.model_dump())
 
 
+def discard_results(services: Services, results: StoredResults) -> None:
+    """Delete an uploaded results file that no row will name; a failure only leaves it."""
+    try:
+        services.artifacts.delete_prefix(f"files/{results.file_id}")
+    except ArtifactStoreError as exc:
+        log.warning("could not delete the unrecorded results file %s: %s", results.key, exc)
+
+
 def finish(
     services: Services,
     job_id: str,
@@ -197,15 +205,21 @@ def finish(
     result: RunResult | None = None,
     error: dict[str, str | None] | None = None,
     attempt: int | None = None,
+    results: StoredResults | None = None,
 ) -> None:
     """Record how the job ended. With ``attempt``: only while that attempt still holds the
-    running job (the sweep may have queued it again meanwhile)."""
+    running job (the sweep may have queued it again meanwhile). A success needs ``results``,
+    its results file already in the artifact store (``upload_results``)."""
+    if status == "succeeded" and results is None:
+        raise ValueError("a succeeded job's end needs its uploaded results file")
     with services.sessions() as session, session.begin():
         job = session.get_one(Job, job_id, with_for_update=True)
         if attempt is not None and (job.status != "running" or job.attempts != attempt):
             log.warning(
                 "job %s: attempt %s no longer holds it; not recording its end", job_id, attempt
             )
+            if results is not None:  # no row will name it
+                discard_results(services, results)
             return
         if status == "cancelled" and job.substatus == "pausing":
             status = "paused"  # the stop was a pause: the job waits for a resume
@@ -218,10 +232,9 @@ def finish(
         if result is not None:
             job.trained_tokens = result.trained_tokens
             job.step = result.step
-        if status == "succeeded":
+        if status == "succeeded" and results is not None:  # a success always has it
             job.fine_tuned_model = fine_tuned_name(job)
-            results = store_results(session, job, chunk_bytes=services.settings.upload_chunk_bytes)
-            job.result_files = [results.id]
+            job.result_files = [record_results(session, job, results).id]
             add_event(session, job, f"New fine-tuned model created: {job.fine_tuned_model}")
             add_event(session, job, "The job has successfully completed")
         elif status == "paused":
@@ -305,7 +318,14 @@ def execute(
                 )
         beat.stop()
         status = "cancelled" if result is None or result.status == "stopped" else "succeeded"
-        finish(services, job_id, status, result=result, attempt=job.attempts)
+        # The results file goes to the store before the finishing transaction locks the job's
+        # row; a failed put fails the job below (artifact_store_error), with nothing recorded.
+        results = (
+            upload_results(services.sessions, services.artifacts, job_id)
+            if status == "succeeded"
+            else None
+        )
+        finish(services, job_id, status, result=result, attempt=job.attempts, results=results)
         if result is not None:
             log.info("job %s ended at step %s (%s)", job_id, result.step, result.status)
         else:

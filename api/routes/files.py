@@ -71,9 +71,11 @@ def retrieve_file(session: SessionDep, owner: OwnerDep, file_id: str) -> files.F
 
 
 @router.delete("/{file_id}")
-def delete_file(session: SessionDep, owner: OwnerDep, file_id: str) -> files.FileDeleted:
+def delete_file(
+    services: ServicesDep, session: SessionDep, owner: OwnerDep, file_id: str
+) -> files.FileDeleted:
     with session.begin():
-        return files.delete_file(session, owner, file_id)
+        return files.delete_file(session, owner, file_id, services.artifacts)
 
 
 @router.post("/{file_id}/validate")
@@ -96,9 +98,8 @@ def file_content(
     services: ServicesDep, session: SessionDep, owner: OwnerDep, file_id: str
 ) -> StreamingResponse:
     row = files.get_file(session, owner, file_id)
-    chunks = files.chunk_count(session, file_id)
     return StreamingResponse(
-        files.iter_content(services.sessions, file_id, chunks),
+        files.content(session, services.sessions, services.artifacts, row),
         media_type="application/octet-stream",
         headers={
             "content-length": str(row.bytes),
