@@ -432,12 +432,12 @@ def rollout_logps(
     if share_prompts is None:
         share_prompts = unique.size(0) < prompt_rows.size(0)
     whole_rows = not share_prompts or checkpointing(model)
+    shared = None if whole_rows else (unique, inverse)
     parts = causal_lm_parts(model)
     if parts is not None:
-        if whole_rows:
-            hidden = _whole_rows_hidden(parts, rollout)  # (N, C, H)
-        else:
-            hidden = _shared_prompt_hidden(parts, rollout, unique, inverse)  # (N, C, H)
+        # The states that predict the completion tokens (the last one predicts nothing).
+        hidden = _completion_positions(parts.decoder, rollout, shared, _last_hidden_state)
+        hidden = hidden[:, :-1]  # (N, C, H)
         n, c = rollout.completion_ids.shape
         scored = head_logps(
             hidden.reshape(n * c, -1),
@@ -449,10 +449,9 @@ def rollout_logps(
         )
         entropy = scored.entropy.view(n, c) if scored.entropy is not None else None
         return scored.logps.view(n, c), entropy
-    if whole_rows:
-        logits = _whole_rows_logits(model, rollout)  # (N, C + 1, V)
-    else:
-        logits = _shared_prompt_logits(model, rollout, unique, inverse)  # (N, C + 1, V)
+    logits = _completion_positions(
+        model, rollout, shared, _logits, keep=_accepts_logits_to_keep(model)
+    )  # (N, C + 1, V)
     # Position j of ``logits`` predicts completion token j (j = 0 from the prompt's end).
     logits = logits / temperature
     ids = torch.cat([rollout.prompt_ids[:, -1:], rollout.completion_ids], dim=1)  # (N, C + 1)
@@ -465,48 +464,6 @@ def rollout_logps(
     return per_token_logps, entropies
 
 
-def _whole_rows_hidden(parts: CausalLmParts, rollout: Rollout) -> torch.Tensor:
-    """(N, C, H): the final hidden states of the positions that predict the completion
-    tokens (the last prompt position and every completion one but the last)."""
-    attention_mask = rollout.attention_mask  # (N, P + C)
-    c = rollout.completion_ids.size(1)
-    hidden = parts.hidden_states(
-        input_ids=rollout.input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids(attention_mask),
-        use_cache=False,
-    )  # (N, P + C, H)
-    return hidden[:, -(c + 1) : -1]
-
-
-def _shared_prompt_hidden(
-    parts: CausalLmParts, rollout: Rollout, unique: torch.Tensor, inverse: torch.Tensor
-) -> torch.Tensor:
-    """As ``_whole_rows_hidden``, running each of the U distinct prompts once (see
-    ``_shared_prompt_logits``)."""
-    p = rollout.prompt_ids.size(1)
-    unique_ids, unique_mask = unique[:, :p], unique[:, p:]  # (U, P) each
-    out = parts.decoder(
-        input_ids=unique_ids,
-        attention_mask=unique_mask,
-        position_ids=position_ids(unique_mask),
-        use_cache=True,
-    )
-    cache = out.past_key_values
-    cache.batch_select_indices(inverse)  # (U, ...) -> (N, ...), differentiable
-    last_prompt = out.last_hidden_state[:, -1:][inverse]  # (N, 1, H)
-    attention_mask = rollout.attention_mask  # (N, P + C)
-    completion = parts.decoder(
-        input_ids=rollout.completion_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids(attention_mask)[:, p:],
-        past_key_values=cache,
-        use_cache=True,
-    ).last_hidden_state  # (N, C, H)
-    # The last completion token predicts nothing (ran all the same: C may be 1).
-    return torch.cat([last_prompt, completion[:, :-1]], dim=1)
-
-
 def checkpointing(model: nn.Module) -> bool:
     """Whether a forward of ``model`` now recomputes its layers in backward (transformers'
     gradient checkpointing, which applies in training mode only and drops any KV cache)."""
@@ -515,37 +472,70 @@ def checkpointing(model: nn.Module) -> bool:
     )
 
 
-def _whole_rows_logits(model: nn.Module, rollout: Rollout) -> torch.Tensor:
-    """(N, C + 1, V): the logits of the last prompt position and of every completion one."""
+def _whole_rows_hidden(parts: CausalLmParts, rollout: Rollout) -> torch.Tensor:
+    """(N, C, H): the final hidden states of the positions that predict the completion
+    tokens (the last prompt position and every completion one but the last)."""
+    return _completion_positions(parts.decoder, rollout, None, _last_hidden_state)[:, :-1]
+
+
+def _last_hidden_state(output: Any) -> torch.Tensor:
+    hidden: torch.Tensor = output.last_hidden_state
+    return hidden
+
+
+def _logits(output: Any) -> torch.Tensor:
+    logits: torch.Tensor = output.logits
+    return logits
+
+
+def _completion_positions(
+    forward: nn.Module,
+    rollout: Rollout,
+    shared: tuple[torch.Tensor, torch.Tensor] | None,
+    read: Callable[[Any], torch.Tensor],
+    *,
+    keep: bool = False,
+) -> torch.Tensor:
+    """(N, C + 1, ·): ``read`` of ``forward``'s output (a causal LM's logits, or a decoder's
+    last hidden state) at the last prompt position and at every completion one.
+
+    ``shared`` None: every row runs whole. ``shared`` = ``(unique, inverse)``, the U distinct
+    prompt rows and each row's index among them: each distinct prompt runs once, its KV
+    cache is gathered to one row per completion, and the completions run on top of it.
+    ``keep``: ``forward`` takes ``logits_to_keep``, so that only the positions read reach
+    the LM head.
+    """
     attention_mask = rollout.attention_mask  # (N, P + C)
     c = rollout.completion_ids.size(1)
-    keep = {"logits_to_keep": c + 1} if _accepts_logits_to_keep(model) else {}
-    logits: torch.Tensor = model(
-        input_ids=rollout.input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids(attention_mask),
-        use_cache=False,
-        **keep,
-    ).logits
-    return logits[:, -(c + 1) :]
-
-
-def _shared_prompt_logits(
-    model: nn.Module, rollout: Rollout, unique: torch.Tensor, inverse: torch.Tensor
-) -> torch.Tensor:
-    """As ``_whole_rows_logits``, running each of the U distinct prompts once."""
+    if shared is None:
+        output = forward(
+            input_ids=rollout.input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+            use_cache=False,
+            **({"logits_to_keep": c + 1} if keep else {}),
+        )
+        return read(output)[:, -(c + 1) :]
+    unique, inverse = shared
     p = rollout.prompt_ids.size(1)
     unique_ids, unique_mask = unique[:, :p], unique[:, p:]  # (U, P) each
-    out = _prefill(model, unique_ids, unique_mask)
-    cache = out.past_key_values
-    cache.batch_select_indices(inverse)  # (U, ...) -> (N, ...), differentiable
-    last_prompt_logits = out.logits[:, -1:][inverse]  # (N, 1, V)
-    attention_mask = rollout.attention_mask  # (N, P + C)
-    completion_logits = model(
-        input_ids=rollout.completion_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids(attention_mask)[:, p:],
-        past_key_values=cache,
+    prefill = forward(
+        input_ids=unique_ids,
+        attention_mask=unique_mask,
+        position_ids=position_ids(unique_mask),
         use_cache=True,
-    ).logits  # (N, C, V)
-    return torch.cat([last_prompt_logits, completion_logits], dim=1)
+        **({"logits_to_keep": 1} if keep else {}),
+    )
+    cache = prefill.past_key_values
+    cache.batch_select_indices(inverse)  # (U, ...) -> (N, ...), differentiable
+    last_prompt = read(prefill)[:, -1:][inverse]  # (N, 1, ·)
+    completion = read(
+        forward(
+            input_ids=rollout.completion_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask)[:, p:],
+            past_key_values=cache,
+            use_cache=True,
+        )
+    )  # (N, C, ·)
+    return torch.cat([last_prompt, completion], dim=1)

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+from trainer_core import generation
 from trainer_core.generation import generate, rollout_logps
 from trainer_core.models import load_model
 from trainer_core.prompt_data import load_prompts
@@ -135,14 +136,27 @@ def test_greedy_limits_equal_transformers_greedy_generate(
     assert torch.equal(rollout.completion_ids[1::2], expected)
 
 
+@pytest.mark.parametrize("share_prompts", [None, False], ids=["shared", "whole-rows"])
+@pytest.mark.parametrize("head", ["chunked", "logits"])
 def test_rollout_logps_are_the_sampling_distribution(
-    model: Any, tokenizer: Any, prompts: Any
+    model: Any,
+    tokenizer: Any,
+    prompts: Any,
+    head: str,
+    share_prompts: bool | None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Each row's log-probs equal log_softmax(logits / T) of that row run alone, unpadded,
-    with full logits: the shift, the temperature and the left padding are all right."""
+    with full logits: the shift, the temperature and the left padding are all right. Through
+    the vocabulary-chunked head and through the model's own logits (the fallback where the
+    chunked head does not apply), each prompt run once for its G rows or every row whole."""
+    if head == "logits":
+        monkeypatch.setattr(generation, "causal_lm_parts", lambda model: None)
     rollout = sample(model, tokenizer, prompts, temperature=0.7)
     with torch.no_grad():
-        batched, entropies = rollout_logps(model, rollout, temperature=0.7, with_entropy=True)
+        batched, entropies = rollout_logps(
+            model, rollout, temperature=0.7, with_entropy=True, share_prompts=share_prompts
+        )
         for row in range(rollout.completion_ids.size(0)):
             length = int(rollout.completion_mask[row].sum())
             prompt = prompts[row // 2]
