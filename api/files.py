@@ -17,6 +17,7 @@ from api.artifacts import ArtifactStore
 from api.errors import APIError, invalid, not_found
 from api.models import File, FileChunk, Job, new_id, now
 from api.pagination import ListPage
+from api.results import results_prefix
 from trainer_core.formats import DatasetValidator
 
 # Only fine-tuning datasets are served; OpenAI's other purposes belong to other products.
@@ -226,7 +227,7 @@ def delete_file(
             code="file_in_use",
         )
     if row.artifact_key is not None:  # a results file: its object goes with it
-        artifacts.delete_prefix(f"files/{file_id}")
+        artifacts.delete_prefix(results_prefix(file_id))
     session.delete(row)
     return FileDeleted(id=file_id, object="file", deleted=True)
 

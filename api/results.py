@@ -86,8 +86,13 @@ class StoredResults:
     size: int
 
 
+def results_prefix(file_id: str) -> str:
+    """The folder of a results file's object in the artifact store (deleted as a whole)."""
+    return f"files/{file_id}"
+
+
 def results_key(file_id: str, filename: str) -> str:
-    return f"files/{file_id}/{filename}"
+    return f"{results_prefix(file_id)}/{filename}"
 
 
 def upload_results(

@@ -22,7 +22,7 @@ from api.files import chunk_count, iter_content
 from api.job_events import add_event
 from api.job_queries import succeeded_job_named
 from api.models import Checkpoint, File, Job, JobMetric, now
-from api.results import StoredResults, record_results, upload_results
+from api.results import StoredResults, record_results, results_prefix, upload_results
 from api.services import Services
 from trainer_core import graders
 from trainer_core.seams import RunResult
@@ -192,7 +192,7 @@ def build_spec(
 def discard_results(services: Services, results: StoredResults) -> None:
     """Delete an uploaded results file that no row will name; a failure only leaves it."""
     try:
-        services.artifacts.delete_prefix(f"files/{results.file_id}")
+        services.artifacts.delete_prefix(results_prefix(results.file_id))
     except ArtifactStoreError as exc:
         log.warning("could not delete the unrecorded results file %s: %s", results.key, exc)
 
