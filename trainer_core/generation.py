@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from trainer_core.logprobs import next_token_logps
-from trainer_core.vocab_chunks import CausalLmParts, causal_lm_parts, head_logps
+from trainer_core.vocab_chunks import CausalLmParts, causal_lm_parts
 
 
 @dataclass
@@ -439,10 +439,8 @@ def rollout_logps(
         hidden = _completion_positions(parts.decoder, rollout, shared, _last_hidden_state)
         hidden = hidden[:, :-1]  # (N, C, H)
         n, c = rollout.completion_ids.shape
-        scored = head_logps(
+        scored = parts.token_logps(
             hidden.reshape(n * c, -1),
-            parts.head.weight,
-            parts.head.bias,
             rollout.completion_ids.reshape(-1),
             temperature=temperature,
             with_entropy=with_entropy,

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer_core.vocab_chunks import TokenLogps, causal_lm_parts, head_logps
+from trainer_core.vocab_chunks import TokenLogps, causal_lm_parts
 
 
 def next_token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -111,14 +111,7 @@ def kept_token_logps(
         return logits_token_logps(kept, targets, temperature=temperature, with_entropy=with_entropy)
     hidden = parts.hidden_states(**inputs, use_cache=False)[keep]  # (K, H)
     hidden = hidden if pick is None else hidden[pick]  # (N, H)
-    return head_logps(
-        hidden,
-        parts.head.weight,
-        parts.head.bias,
-        targets,
-        temperature=temperature,
-        with_entropy=with_entropy,
-    )
+    return parts.token_logps(hidden, targets, temperature=temperature, with_entropy=with_entropy)
 
 
 def completion_token_logps(

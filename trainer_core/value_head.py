@@ -32,7 +32,7 @@ from trainer_core.generation import (
 )
 from trainer_core.logprobs import next_token_logps
 from trainer_core.seams import CheckpointStore
-from trainer_core.vocab_chunks import causal_lm_parts, head_logps
+from trainer_core.vocab_chunks import causal_lm_parts
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -99,12 +99,8 @@ def completion_forward(
     parts = causal_lm_parts(model)
     if parts is not None:  # the head chunked over the vocabulary (vocab_chunks)
         states = _whole_rows_hidden(parts, rollout)  # (N, C, H): the states before tokens
-        scored = head_logps(
-            states.reshape(n * c, -1),
-            parts.head.weight,
-            parts.head.bias,
-            rollout.completion_ids.reshape(-1),
-            temperature=temperature,
+        scored = parts.token_logps(
+            states.reshape(n * c, -1), rollout.completion_ids.reshape(-1), temperature=temperature
         )
         return scored.logps.view(n, c), value_head(states)  # (N, C), (N, C)
     keep = {"logits_to_keep": c + 1} if _accepts_logits_to_keep(model) else {}

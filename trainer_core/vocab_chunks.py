@@ -213,6 +213,24 @@ class CausalLmParts:
         hidden: torch.Tensor = self.decoder(**inputs).last_hidden_state
         return hidden
 
+    def token_logps(
+        self,
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        temperature: float = 1.0,
+        with_entropy: bool = False,
+    ) -> TokenLogps:
+        """``head_logps`` of ``hidden`` (N, H) through this model's head."""
+        return head_logps(
+            hidden,
+            self.head.weight,
+            self.head.bias,
+            targets,
+            temperature=temperature,
+            with_entropy=with_entropy,
+        )
+
 
 def causal_lm_parts(model: nn.Module) -> CausalLmParts | None:
     """The decoder and head of a causal LM (a peft model too), or None where the chunked
