@@ -131,13 +131,13 @@ def start_run(
 
 
 def scored_rollouts(
-    run: loop.Run[dict[str, float]], data: PromptData, hp: Hyperparameters
+    run: loop.Run[dict[str, float]], data: PromptData, hp: Hyperparameters, rewards_of: RewardScorer
 ) -> Iterator[ScoredRollout]:
     """For each rollout the run has left: ``batch_size`` prompts (this rank's share of them),
     G completions of each from the policy as it is now, and their rewards
-    (``spec.reward_functions``)."""
+    (``spec.reward_functions``, by ``rewards_of``: the method's one scorer, whose reward
+    models the eval pass shares)."""
     d, where = run.dist, run.where
-    rewards_of = RewardScorer(run.spec, where)
     g = hp.num_generations
     for (indices,) in run.steps():
         mine, weight = distributed.share(d, indices)

@@ -44,8 +44,10 @@ class RolloutValidation:
     scorer: RewardScorer
 
     @classmethod
-    def of(cls, run: loop.Run[Any], hp: GrpoHyperparameters) -> RolloutValidation | None:
-        """The run's pass; None without a validation file."""
+    def of(
+        cls, run: loop.Run[Any], hp: GrpoHyperparameters, scorer: RewardScorer
+    ) -> RolloutValidation | None:
+        """The run's pass, scored by the method's ``scorer``; None without a validation file."""
         spec = run.spec
         if spec.validation_file is None:
             return None
@@ -63,7 +65,7 @@ class RolloutValidation:
             ),
             samples=samples if isinstance(samples, int) else AUTO_SAMPLES,
             hp=hp,
-            scorer=RewardScorer(spec),
+            scorer=scorer,
         )
 
     def __call__(self, run: loop.Run[Any]) -> dict[str, float]:
@@ -76,7 +78,8 @@ class RolloutValidation:
         generator.manual_seed(run.spec.seed * 1_000_003 + run.step)
         total, count = 0.0, 0
         batch = self.hp.batch_size
-        with loop.evaluating(model):
+        # On the job's device and under its autocast, as training samples.
+        with loop.evaluating(model), run.where.autocast():
             for start in range(0, len(self.examples), batch):
                 examples = self.examples[start : start + batch]
                 rollout = generate(

@@ -51,6 +51,7 @@ from __future__ import annotations
 import torch
 
 from trainer_core import distributed, group_rollouts, loop, rollout_report, rollout_validation
+from trainer_core.reward_scoring import RewardScorer
 from trainer_core.rl_losses import RlStats, add_rl_stats, group_advantages, grpo_loss
 from trainer_core.seams import RunResult
 from trainer_core.specs import GrpoHyperparameters
@@ -61,10 +62,12 @@ def train(job: loop.Job, hp: GrpoHyperparameters) -> RunResult:
     # The policy (on the device), its reference (β > 0) and the run: a rollout is μ steps.
     run, data, reference = group_rollouts.start_run(job, hp, "grpo", validates=True)
     model, mu, d, where = run.model, hp.num_iterations, run.dist, run.where
-    valid_reward = rollout_validation.RolloutValidation.of(run, hp)  # None: no validation file
+    # The job's reward functions, their reward models loaded once for training and the eval.
+    scorer = RewardScorer(run.spec, run.where)
+    valid_reward = rollout_validation.RolloutValidation.of(run, hp, scorer)  # None: no file
 
     # -- each rollout: G completions of each prompt (this rank's share), and their rewards --
-    for scored in group_rollouts.scored_rollouts(run, data, hp):
+    for scored in group_rollouts.scored_rollouts(run, data, hp, scorer):
         rollout, whole = scored.rollout, scored.whole  # n = b·G rows here, N = B·G in all
         whole_advantages, is_std_zero = group_advantages(
             whole.rewards, hp.num_generations, hp.scale_rewards

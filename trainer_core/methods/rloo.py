@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from trainer_core import distributed, group_rollouts, loop, rollout_report
+from trainer_core.reward_scoring import RewardScorer
 from trainer_core.rl_losses import RlStats, add_rl_stats, rloo_advantages, rloo_loss
 from trainer_core.seams import RunResult
 from trainer_core.specs import RlooHyperparameters
@@ -48,7 +49,7 @@ def train(job: loop.Job, hp: RlooHyperparameters) -> RunResult:
     model, mu, d, where = run.model, hp.num_iterations, run.dist, run.where
 
     # -- each rollout: G completions of each prompt (this rank's share), and their rewards --
-    for scored in group_rollouts.scored_rollouts(run, data, hp):
+    for scored in group_rollouts.scored_rollouts(run, data, hp, RewardScorer(run.spec, run.where)):
         rollout, whole = scored.rollout, scored.whole  # n = b·G rows here, N = B·G in all
         batches = group_rollouts.micro_batches(scored, hp.gradient_accumulation_steps, d)
 
