@@ -337,8 +337,10 @@ def test_job_artifacts_land_in_s3_and_download_through_the_api(stack: Stack) -> 
 @pytest.mark.slow
 def test_paused_job_resumes_from_its_checkpoint_in_s3(stack: Stack) -> None:
     api = stack.api
-    train = api.upload(chat_rows(16, seed=5))
-    body = job_body(train["id"], n_epochs=3, batch_size=1)  # 48 steps, a checkpoint at 16, 32
+    # 240 steps: a pause sent at step 3 must land before a fast worker could finish (CI's
+    # machine ran 48 steps before the pause arrived).
+    train = api.upload(chat_rows(40, seed=5))
+    body = job_body(train["id"], n_epochs=6, batch_size=1)
     job_id = api.http.post("fine_tuning/jobs", json=body).json()["id"]
     api.wait_for(
         job_id, lambda j: j["status"] == "running" and (j["progress"] or {}).get("step", 0) >= 3
@@ -346,7 +348,7 @@ def test_paused_job_resumes_from_its_checkpoint_in_s3(stack: Stack) -> None:
     assert api.http.post(f"fine_tuning/jobs/{job_id}/pause").status_code == 200
     paused = api.wait_for(job_id, lambda j: j["status"] == "paused", timeout_s=120)
     step = paused["progress"]["step"]
-    assert 3 <= step < 48
+    assert 3 <= step < 240
     checkpoints = api.http.get(f"fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
     assert checkpoints[0]["step_number"] == step
     key = f"{stack.prefix}/jobs/{job_id}/checkpoints/step-{step}/state.tar"
@@ -361,7 +363,7 @@ def test_paused_job_resumes_from_its_checkpoint_in_s3(stack: Stack) -> None:
     assert f"fetched jobs/{job_id}/checkpoints/step-{step}/state.tar" in log, log[-3000:]
     # ... and continued from it: every step once, the ones after the pause logged after it.
     metrics = api.http.get(f"fine_tuning/jobs/{job_id}/metrics").json()
-    assert metrics["step"] == list(range(1, 49)), metrics["step"]
+    assert metrics["step"] == list(range(1, 241)), metrics["step"]
     messages = [event["message"] for event in all_events(api, job_id)]
     paused_at = messages.index(f"Job paused at step {step}; resume it to continue")
     later_steps = [
