@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.artifacts import ArtifactStore, artifact_store
-from api.db import make_engine, make_sessionmaker
+from api.db import make_engine, make_read_sessionmaker, make_sessionmaker
+from api.key_cache import LISTENER_NAME, KeyCache
+from api.keys import Principal
 from api.queue import JobQueue
 from api.settings import Settings
 
@@ -18,8 +21,12 @@ class Services:
     settings: Settings
     engine: Engine
     sessions: sessionmaker[Session]
+    # For routes that only read: autocommit on Postgres (api/db.py). Never for writes.
+    read_sessions: sessionmaker[Session]
     queue: JobQueue
     artifacts: ArtifactStore
+    # Valid API keys remembered by this process (api/key_cache.py); off on SQLite.
+    key_cache: KeyCache[Principal]
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -28,6 +35,18 @@ class Services:
             settings=settings,
             engine=engine,
             sessions=make_sessionmaker(engine),
+            read_sessions=make_read_sessionmaker(engine),
             queue=JobQueue(settings),
             artifacts=artifact_store(settings),
+            key_cache=KeyCache(listener_connect(engine), settings.api_key_cache_s),
         )
+
+
+def listener_connect(engine: Engine) -> Any:
+    """Opens a connection of its own, outside the pool, with the pool's connection arguments:
+    the key cache's listener holds it for the process's life. None where there is no NOTIFY."""
+    if engine.dialect.name != "postgresql":
+        return None
+    cargs, cparams = engine.dialect.create_connect_args(engine.url)
+    cparams = {**cparams, "application_name": LISTENER_NAME}
+    return lambda: engine.dialect.loaded_dbapi.connect(*cargs, **cparams)

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import Response
 
 from api import checkpoint_permissions as permissions
-from api.deps import OwnerDep, ServicesDep, SessionDep
+from api.deps import OwnerDep, ReadSessionDep, ServicesDep, SessionDep
 from api.downloads import artifact_response
 from api.job_rendering import FineTuningJobCheckpoint, render_checkpoint
 from api.openapi import ERROR_RESPONSES, documented_as
@@ -46,7 +46,7 @@ def create_permissions(
 
 @router.get("/{ckpt:path}/permissions")
 def list_permissions(
-    session: SessionDep,
+    session: ReadSessionDep,
     owner: OwnerDep,
     ckpt: str,
     after: str | None = None,
@@ -82,6 +82,8 @@ def download_adapter(
 
 
 @router.get("/{ckpt:path}")
-def retrieve_checkpoint(session: SessionDep, owner: OwnerDep, ckpt: str) -> FineTuningJobCheckpoint:
+def retrieve_checkpoint(
+    session: ReadSessionDep, owner: OwnerDep, ckpt: str
+) -> FineTuningJobCheckpoint:
     job, row = permissions.readable_checkpoint(session, owner, ckpt)
     return render_checkpoint(job, row)

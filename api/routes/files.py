@@ -8,7 +8,7 @@ from fastapi import APIRouter, Body, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 
 from api import files, planning
-from api.deps import OwnerDep, ServicesDep, SessionDep
+from api.deps import OwnerDep, ReadSessionDep, ServicesDep, SessionDep
 from api.downloads import content_disposition
 from api.openapi import ERROR_RESPONSES, documented_as, streamed
 from api.pagination import page
@@ -54,7 +54,7 @@ def create_file(
 
 @router.get("")
 def list_files(
-    session: SessionDep,
+    session: ReadSessionDep,
     owner: OwnerDep,
     purpose: str | None = None,
     after: str | None = None,
@@ -66,7 +66,7 @@ def list_files(
 
 
 @router.get("/{file_id}")
-def retrieve_file(session: SessionDep, owner: OwnerDep, file_id: str) -> files.FileObject:
+def retrieve_file(session: ReadSessionDep, owner: OwnerDep, file_id: str) -> files.FileObject:
     return files.render_file(files.get_file(session, owner, file_id))
 
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Body, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
 from api import job_queries, job_service, planning, streams
-from api.deps import OwnerDep, ServicesDep, SessionDep
+from api.deps import OwnerDep, ReadSessionDep, ServicesDep, SessionDep
 from api.downloads import artifact_response
 from api.errors import APIError
 from api.job_rendering import (
@@ -58,7 +58,7 @@ def estimate_job(
 @router.get("")
 def list_jobs(
     request: Request,
-    session: SessionDep,
+    session: ReadSessionDep,
     owner: OwnerDep,
     after: str | None = None,
     limit: Annotated[int, Query()] = 20,
@@ -86,14 +86,14 @@ def _metadata_filter(request: Request) -> dict[str, str] | None:
 
 
 @router.get("/{job_id}")
-def retrieve_job(session: SessionDep, owner: OwnerDep, job_id: str) -> FineTuningJob:
-    job = job_queries.get_job(session, owner, job_id)
+def retrieve_job(session: ReadSessionDep, owner: OwnerDep, job_id: str) -> FineTuningJob:
+    job = job_queries.get_job(session, owner, job_id, with_spec=False)
     position = job_queries.queue_positions(session).get(job.id) if job.status == "queued" else None
     return render_job(job, position)
 
 
 @router.get("/{job_id}/spec")
-def job_spec(session: SessionDep, owner: OwnerDep, job_id: str) -> FineTuningJobSpec:
+def job_spec(session: ReadSessionDep, owner: OwnerDep, job_id: str) -> FineTuningJobSpec:
     """Ours: the body as submitted beside the spec as resolved (the dashboard shows both)."""
     job = job_queries.get_job(session, owner, job_id)
     return FineTuningJobSpec(
@@ -139,7 +139,7 @@ def resume_job(services: ServicesDep, owner: OwnerDep, job_id: str) -> FineTunin
 def list_events(
     request: Request,
     services: ServicesDep,
-    session: SessionDep,
+    session: ReadSessionDep,
     owner: OwnerDep,
     job_id: str,
     after: str | None = None,
@@ -151,14 +151,14 @@ def list_events(
         return streams.stream_response(
             request, services, owner, job_id, last_event_id or after, "events"
         )
-    job = job_queries.get_job(session, owner, job_id)
+    job = job_queries.get_job(session, owner, job_id, with_spec=False)
     query = job_queries.events_query(session, job, after)
     return page(session, query, limit, render_event, FineTuningJobEventList)
 
 
 @router.get("/{job_id}/checkpoints")
 def list_checkpoints(
-    session: SessionDep,
+    session: ReadSessionDep,
     owner: OwnerDep,
     job_id: str,
     after: str | None = None,

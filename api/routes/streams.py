@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
 from api import streams
-from api.deps import OwnerDep, ServicesDep, SessionDep
+from api.deps import OwnerDep, ReadSessionDep, ServicesDep
 from api.errors import invalid
 from api.job_queries import get_job
 from api.openapi import ERROR_RESPONSES, streamed
@@ -114,7 +114,7 @@ def stream_metrics(
 
 @router.get("/{job_id}/metrics")
 def get_metrics(
-    session: SessionDep,
+    session: ReadSessionDep,
     owner: OwnerDep,
     job_id: str,
     keys: str | None = None,

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Query
 
 from api import webhooks
-from api.deps import OwnerDep, ServicesDep, SessionDep
+from api.deps import OwnerDep, ReadSessionDep, ServicesDep, SessionDep
 from api.openapi import ERROR_RESPONSES, documented_as
 from api.pagination import page
 from api.webhook_schemas import (
@@ -37,7 +37,7 @@ def create_endpoint(
 
 @router.get("/v1/webhook_endpoints")
 def list_endpoints(
-    session: SessionDep,
+    session: ReadSessionDep,
     owner: OwnerDep,
     after: str | None = None,
     limit: Annotated[int, Query()] = 20,
@@ -48,7 +48,7 @@ def list_endpoints(
 
 @router.get("/v1/webhook_endpoints/{endpoint_id}")
 def retrieve_endpoint(
-    session: SessionDep, owner: OwnerDep, endpoint_id: str
+    session: ReadSessionDep, owner: OwnerDep, endpoint_id: str
 ) -> WebhookEndpointObject:
     return webhooks.render_endpoint(webhooks.get_endpoint(session, owner, endpoint_id))
 
@@ -98,7 +98,7 @@ def test_endpoint(
 
 @router.get("/v1/webhook_endpoints/{endpoint_id}/deliveries")
 def list_deliveries(
-    session: SessionDep,
+    session: ReadSessionDep,
     owner: OwnerDep,
     endpoint_id: str,
     after: str | None = None,

@@ -1,0 +1,85 @@
+"""The API's database pool (api/db.py) against a real Postgres: a connection that idled is
+pinged before use and replaced when the server closed it; one in steady use is not pinged;
+read sessions run in autocommit, with no transaction around their statements."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.exc import OperationalError
+
+from api.db import make_engine, make_read_sessionmaker, make_sessionmaker
+from api.settings import Settings
+
+
+def pool_engine(settings: Settings, ping_idle_s: float) -> Engine:
+    # One pooled connection, so that every checkout gets the same one while it lives.
+    return make_engine(
+        settings.model_copy(
+            update={"db_ping_idle_s": ping_idle_s, "db_pool_size": 1, "db_max_overflow": 0}
+        )
+    )
+
+
+def backend_pid(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+
+def terminate(settings: Settings, pid: int) -> None:
+    admin = create_engine(settings.resolved_database_url)
+    with admin.connect() as conn:
+        assert conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar()
+    admin.dispose()
+
+
+def test_an_idle_connection_closed_by_the_server_is_replaced_before_use(
+    pg_settings: Settings,
+) -> None:
+    engine = pool_engine(pg_settings, ping_idle_s=0.2)
+    try:
+        first = backend_pid(engine)
+        assert backend_pid(engine) == first  # the pool keeps it
+        terminate(pg_settings, first)
+        time.sleep(0.3)  # idle past db_ping_idle_s: pinged at checkout, found dead
+        second = backend_pid(engine)  # no error: the pool opened another
+        assert second != first
+    finally:
+        engine.dispose()
+
+
+def test_a_connection_in_steady_use_is_not_pinged(pg_settings: Settings) -> None:
+    # Idle less than db_ping_idle_s: no ping, so a connection killed under it fails its next
+    # statement (SQLAlchemy then discards it, and the one after gets a new connection).
+    engine = pool_engine(pg_settings, ping_idle_s=3600)
+    try:
+        first = backend_pid(engine)
+        terminate(pg_settings, first)
+        with pytest.raises(OperationalError):
+            backend_pid(engine)
+        assert backend_pid(engine) != first
+    finally:
+        engine.dispose()
+
+
+def test_read_sessions_run_in_autocommit_and_write_sessions_in_a_transaction(
+    pg_settings: Settings,
+) -> None:
+    engine = pool_engine(pg_settings, ping_idle_s=1.0)
+    try:
+        status = text("SELECT now() = statement_timestamp()")
+        with make_read_sessionmaker(engine)() as session:
+            # In autocommit each statement is its own transaction: its start is the statement's.
+            time.sleep(0.01)
+            assert session.execute(status).scalar() is True
+        with make_sessionmaker(engine)() as session:
+            session.execute(text("SELECT 1"))
+            time.sleep(0.01)
+            assert session.execute(status).scalar() is False  # now(): when BEGIN ran
+        # The shared connection went back to the pool out of autocommit for the writers.
+        with make_sessionmaker(engine)() as session:
+            assert session.connection().connection.dbapi_connection.autocommit is False  # type: ignore[union-attr]
+    finally:
+        engine.dispose()
