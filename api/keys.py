@@ -17,12 +17,13 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import APIError, invalid
+from api.key_cache import CHANNEL, KeyCache
 from api.models import ApiKey, new_id, now
 from api.rate_limit import RateLimiter
 from api.settings import LOCAL_OWNER, Settings
@@ -84,10 +85,15 @@ def list_keys(session: Session, owner: str | None = None) -> list[ApiKey]:
 
 
 def revoke_key(session: Session, key_id: str) -> ApiKey | None:
-    """Revoke a key (idempotent); None when there is no such key. Rows are kept for audit."""
+    """Revoke a key (idempotent); None when there is no such key. Rows are kept for audit.
+
+    On Postgres the revocation also tells every API process to forget the keys it holds
+    valid (api/key_cache.py); a NOTIFY is sent when the caller commits, never before."""
     row = session.get(ApiKey, key_id)
     if row is not None and row.revoked_at is None:
         row.revoked_at = now()
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(select(func.pg_notify(CHANNEL, row.id)))
     return row
 
 
@@ -108,8 +114,24 @@ def bearer_token(authorization: str | None) -> str | None:
     return match.group(1) if match else None
 
 
-def authenticate(sessions: sessionmaker[Session], authorization: str | None) -> Principal:
-    """Resolve an ``Authorization`` header to its principal, or raise the 401."""
+def cached_principal(
+    cache: KeyCache[Principal] | None, authorization: str | None
+) -> Principal | None:
+    """The principal of a key found valid moments ago (api/key_cache.py), or None: look it up."""
+    if cache is None or not cache.enabled:
+        return None
+    token = bearer_token(authorization)
+    return cache.get(hash_key(token)) if token is not None else None
+
+
+def authenticate(
+    sessions: sessionmaker[Session],
+    authorization: str | None,
+    cache: KeyCache[Principal] | None = None,
+) -> Principal:
+    """Resolve an ``Authorization`` header to its principal, or raise the 401. A valid key is
+    remembered in ``cache``; a cached key was last looked up at most ``ttl_s`` ago, which
+    is also how stale its ``last_used_at`` may be beyond LAST_USED_GRANULARITY_S."""
     token = bearer_token(authorization)
     if token is None:
         raise unauthorized(
@@ -117,6 +139,7 @@ def authenticate(sessions: sessionmaker[Session], authorization: str | None) -> 
             if not authorization
             else "Malformed Authorization header; expected 'Bearer <API key>'."
         )
+    generation = cache.generation() if cache is not None else 0
     with sessions() as session:
         row = lookup(session, token)
         if row is None:
@@ -135,6 +158,8 @@ def authenticate(sessions: sessionmaker[Session], authorization: str | None) -> 
                 .values(last_used_at=current)
             )
             session.commit()
+    if cache is not None and cache.enabled:
+        cache.put(hash_key(token), principal, generation)
     return principal
 
 
@@ -220,10 +245,17 @@ class AuthMiddleware:
     ``/healthz``, ``/readyz``, ``/metrics`` and the dashboard are outside ``/v1``: open.
     """
 
-    def __init__(self, app: ASGIApp, sessions: sessionmaker[Session], settings: Settings) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        sessions: sessionmaker[Session],
+        settings: Settings,
+        cache: KeyCache[Principal] | None = None,
+    ) -> None:
         self.app = app
         self.sessions = sessions
         self.limiter = RateLimiter(settings.rate_limit_per_minute)
+        self.cache = cache
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not is_api_path(scope["path"]):
@@ -235,7 +267,12 @@ class AuthMiddleware:
                 authorization = value.decode("latin-1")
                 break
         try:
-            principal = await run_in_threadpool(authenticate, self.sessions, authorization)
+            # A key found valid moments ago is known in the event loop: no thread, no query.
+            principal = cached_principal(self.cache, authorization)
+            if principal is None:
+                principal = await run_in_threadpool(
+                    authenticate, self.sessions, authorization, self.cache
+                )
         except APIError as exc:
             await send_error(send, exc, [(b"www-authenticate", b"Bearer")])
             return

@@ -11,7 +11,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -22,7 +22,8 @@ from sqlalchemy import create_engine, text
 from alignd.processes import free_port, start_alignd
 from api.db import make_engine, make_sessionmaker
 from api.errors import APIError
-from api.keys import authenticate, ensure_local_key, revoke_key
+from api.key_cache import CHANNEL, LISTENER_NAME, KeyCache
+from api.keys import Principal, authenticate, ensure_local_key, revoke_key
 from api.migration import upgrade
 from api.rate_limit import RateLimiter
 from api.settings import Settings
@@ -91,7 +92,9 @@ def test_cli_create_list_revoke(pg_settings: Settings, pg_api: Api) -> None:
 
     revoked = run_cli(env, "keys", "revoke", key_id)
     assert revoked.returncode == 0, revoked.stderr
-    error = assert_401(acme.get("files"))
+    # The API remembers the key as valid (api/key_cache.py) for 10 s; the revocation's NOTIFY
+    # reaches it in milliseconds, but on another thread than this request's.
+    error = assert_401(first_refusal(acme))
     assert "revoked" in error["message"]
     assert "revoked" in run_cli(env, "keys", "list", "--owner", "acme").stdout
     missing = run_cli(env, "keys", "revoke", "key-nope")
@@ -174,13 +177,111 @@ def test_last_used_at_is_written_at_most_once_a_minute(pg_settings: Settings, pg
             )
         engine.dispose()
 
+    # A lookup writes it; the API's key cache is emptied first so that each request looks up.
     recent = int(time.time()) - 30
     set_last_used(recent)
+    forget_keys(pg_settings, pg_api)
     assert client.get("files").status_code == 200
     assert db_rows(pg_settings, sql, h=digest)[0]["last_used_at"] == recent
     set_last_used(int(time.time()) - 61)
+    forget_keys(pg_settings, pg_api)
     assert client.get("files").status_code == 200
     assert db_rows(pg_settings, sql, h=digest)[0]["last_used_at"] >= int(time.time()) - 2  # type: ignore[operator]
+
+
+def first_refusal(client: httpx.Client, within_s: float = 2.0) -> httpx.Response:
+    """The first answer to GET /files that is not a 200, within ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while True:
+        response = client.get("files")
+        if response.status_code != 200 or time.monotonic() > deadline:
+            return response
+        time.sleep(0.01)
+
+
+def key_cache(api: Api) -> KeyCache[Principal]:
+    """The key cache of the app ``api`` serves (it runs in this process: its state is ours
+    to read, to know when its listener has done its work)."""
+    cache: KeyCache[Principal] = api.server.config.app.state.services.key_cache
+    return cache
+
+
+def wait_until(what: str, ok: Callable[[], bool], within_s: float = 10.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not ok():
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.01)
+
+
+def forget_keys(settings: Settings, api: Api) -> None:
+    """What a revocation does: a NOTIFY on the keys' channel; returns once the API's listener
+    has emptied its cache."""
+    cache = key_cache(api)
+    before = cache.generation()
+    engine = create_engine(settings.resolved_database_url)
+    with engine.begin() as conn:  # a NOTIFY is sent when its transaction commits
+        conn.execute(text("SELECT pg_notify(:channel, 'test')"), {"channel": CHANNEL})
+    engine.dispose()
+    wait_until("the listener empties the cache", lambda: cache.generation() > before)
+
+
+def revoke_quietly(settings: Settings, key: str) -> None:
+    """Revoke ``key`` in the database without the NOTIFY (as a lost notice would leave it)."""
+    engine = create_engine(settings.resolved_database_url)
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE api_keys SET revoked_at = 1 WHERE key_hash = :h"),
+            {"h": hashlib.sha256(key.encode()).hexdigest()},
+        )
+    engine.dispose()
+
+
+def test_valid_keys_are_remembered_until_a_revocation_notice(
+    pg_settings: Settings, pg_api: Api
+) -> None:
+    cache = key_cache(pg_api)
+    assert cache.enabled and pg_settings.api_key_cache_s == 10.0
+    wait_until("the listener listens", lambda: cache.listening)
+    key = create_api_key(pg_settings, "cached")
+    client = pg_api.client(key)
+    assert client.get("files").status_code == 200
+    # Revoked behind the API's back (no NOTIFY): the remembered key still serves, so no
+    # request looked it up ...
+    revoke_quietly(pg_settings, key)
+    for _ in range(5):
+        assert client.get("files").status_code == 200
+    # ... until a notice on the channel: then it is looked up, found revoked, refused.
+    forget_keys(pg_settings, pg_api)
+    error = assert_401(client.get("files"))
+    assert "revoked" in error["message"]
+
+
+def test_a_lost_listener_connection_empties_the_cache_until_it_listens_again(
+    pg_settings: Settings, pg_api: Api
+) -> None:
+    cache = key_cache(pg_api)
+    wait_until("the listener listens", lambda: cache.listening)
+    key = create_api_key(pg_settings, "listener")
+    client = pg_api.client(key)
+    assert client.get("files").status_code == 200
+    before = cache.generation()
+    # The listener's connection is killed by the server (what a Postgres restart does to it).
+    killed = db_rows(
+        pg_settings,
+        "SELECT pg_terminate_backend(pid) AS killed FROM pg_stat_activity "
+        "WHERE application_name = :name AND datname = current_database()",
+        name=LISTENER_NAME,
+    )
+    assert killed and all(row["killed"] for row in killed)
+    # It reconnects by itself (a reset when the connection fails, another when it listens).
+    wait_until(
+        "the listener listens again", lambda: cache.generation() >= before + 2 and cache.listening
+    )
+    # Whatever was revoked while nobody listened is not served from memory: the cache
+    # started over when the listener came back.
+    revoke_quietly(pg_settings, key)
+    error = assert_401(client.get("files"))
+    assert "revoked" in error["message"]
 
 
 @pytest.fixture()
