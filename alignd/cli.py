@@ -72,13 +72,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             # Each process builds its app (and its pool, threads and admission limit) from the
             # same environment; the Python code of a request runs under one process's GIL, so
             # more processes are how one machine serves more requests (docs/operations.md).
-            from alignd.serving import NoDelayH11Protocol
+            from alignd.serving import NoDelayHttpToolsProtocol
 
             uvicorn.run(
                 "api.app:create_app",
                 factory=True,
                 workers=workers,
-                http=NoDelayH11Protocol,
+                http=NoDelayHttpToolsProtocol,
                 host=args.host or settings.host,
                 port=args.port or settings.port,
                 log_level=args.log_level,

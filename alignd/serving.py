@@ -1,4 +1,4 @@
-"""uvicorn's HTTP protocol with ``TCP_NODELAY`` on every connection, for ``serve --workers``.
+"""uvicorn's HTTP protocol (httptools) with ``TCP_NODELAY`` on every connection, for ``serve --workers``.
 
 With ``workers`` > 1 uvicorn binds the listening socket itself with ``socket.socket(family)``,
 whose ``proto`` is 0, and asyncio sets ``TCP_NODELAY`` on accepted sockets only when
@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 
-class NoDelayH11Protocol(H11Protocol):
+class NoDelayHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):

@@ -3,8 +3,10 @@
 Sync routes run in a thread pool and take a pooled connection; under load (issue 13: 128
 clients, 40 threads, 10 + 10 connections) threads waited 30 s for connections while the
 requests holding connections waited for threads, and clients got 500s and timeouts. Here a
-request first takes one of ``db_pool_size + db_max_overflow`` places, waiting in the event
-loop (where waiting costs no thread and no connection) for at most ``api_queue_timeout_s``;
+request first takes one of ``api_concurrency`` places (never more than
+``db_pool_size + db_max_overflow``; 4 by default, because the requests' Python shares one GIL
+and more threads only queue for it), waiting in the event loop, in arrival order (where
+waiting costs no thread and no connection) for at most ``api_queue_timeout_s``;
 a request holds at most one connection at a time (auth, then idempotency, then the route,
 whose session closes before the response is sent: ``api.deps.get_session``), so an admitted
 request always finds a free connection. One that finds no place in time is answered 503

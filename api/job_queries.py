@@ -6,14 +6,19 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import Select, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from api.errors import invalid, not_found
 from api.models import Checkpoint, Job, JobEvent
 
+# What a job object shows (api/job_rendering.py) needs no resolved spec, the largest JSON of a
+# row: pages and lookups that only render leave it unread (a lookup that uses it after all
+# loads it then, in the same session).
+WITHOUT_SPEC = (defer(Job.spec),)
 
-def get_job(session: Session, owner: str, job_id: str) -> Job:
-    job = session.get(Job, job_id)
+
+def get_job(session: Session, owner: str, job_id: str, *, with_spec: bool = True) -> Job:
+    job = session.get(Job, job_id, options=() if with_spec else WITHOUT_SPEC)
     if job is None or job.owner != owner:
         raise not_found("fine-tuning job", job_id, param="fine_tuning_job_id")
     return job
@@ -44,7 +49,7 @@ def list_jobs_query(
     """Newest first. ``metadata``: OpenAI's ``metadata[k]=v`` filter (all pairs must match);
     an empty dict selects jobs without metadata (the SDK's ``metadata=null``). ``status``:
     ours, jobs in that status only (the dashboard's filter)."""
-    query = select(Job).where(Job.owner == owner)
+    query = select(Job).options(*WITHOUT_SPEC).where(Job.owner == owner)
     if status is not None:
         query = query.where(Job.status == status)
     if metadata == {}:

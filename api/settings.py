@@ -142,6 +142,20 @@ class Settings(BaseSettings):
     # admission limit: streams, health checks). Workers keep SQLAlchemy's 30 s.
     db_pool_timeout_s: float = Field(3.0, gt=0)
     api_queue_timeout_s: float = Field(3.0, gt=0)
+    # How many /v1 requests one API process runs at once (at most the pool's capacity). Their
+    # Python shares one GIL: past a few, more threads only queue for it, and the event loop
+    # that reads and answers requests queues with them (measured in docs/benchmarks.md, "API
+    # under load": 4 places gave 897 req/s and p99 133 ms at 64 clients on 2 cores, 20 gave
+    # 700 req/s and p99 291 ms). The others wait in the event loop, in arrival order.
+    api_concurrency: int = Field(4, ge=1)
+    # A pooled connection idle this long is pinged before use; one in steady use is not
+    # (api/db.py). 0 pings on every checkout.
+    db_ping_idle_s: float = Field(1.0, ge=0)
+    # API keys found valid are remembered this long in each API process, so that a request
+    # costs no key lookup (api/key_cache.py). A revocation clears every process's memory at
+    # once through a Postgres NOTIFY; this is the bound if that notice could not arrive.
+    # 0: look every key up. SQLite (the embedded default) always looks up.
+    api_key_cache_s: float = Field(10.0, ge=0)
 
     max_upload_bytes: int = 8 * 1024 * 1024 * 1024
     # Any request body but a file upload's (JSON above all) is refused with 413 past this
@@ -213,8 +227,14 @@ class Settings(BaseSettings):
 
     @property
     def db_pool_capacity(self) -> int:
-        """Connections one process's pool may open: the most /v1 requests served at once."""
+        """Connections one process's pool may open."""
         return self.db_pool_size + self.db_max_overflow
+
+    @property
+    def api_places(self) -> int:
+        """The most /v1 requests one API process serves at once: each holds at most one
+        connection at a time, so no more than the pool can open (api/admission.py)."""
+        return min(self.api_concurrency, self.db_pool_capacity)
 
     @cached_property
     def resolved_database_url(self) -> str:
