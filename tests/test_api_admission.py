@@ -186,3 +186,10 @@ def test_serve_runs_several_api_processes(pg_settings: Settings, tmp_path: Path)
             assert sorted(took)[4] < 0.03, took
         finally:
             stop_process_group(proc)
+
+
+def test_places_are_api_concurrency_capped_by_the_pool() -> None:
+    # Each admitted request holds at most one connection: never more places than connections.
+    assert Settings().api_places == 4
+    assert Settings(api_concurrency=50).api_places == 20  # 10 + 10 connections
+    assert Settings(db_pool_size=1, db_max_overflow=0).api_places == 1
