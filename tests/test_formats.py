@@ -13,6 +13,9 @@ from trainer_core.formats import (
     DatasetValidator,
     LineError,
     ValidationReport,
+    _checked_messages,
+    _plain_chat,
+    _Row,
     classify_row,
     validate_bytes,
 )
@@ -334,3 +337,35 @@ def test_imports_only_the_standard_library() -> None:
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_the_plain_chat_fast_path_agrees_with_the_full_checks() -> None:
+    # Every small conversation over these roles, contents and extra keys: where the fast
+    # path gives a shape, the full checks give the same one and find no problem; and it
+    # gives one for the plain rows, so that it is used at all.
+    roles = ["system", "user", "assistant", "tool", "developer", "bogus", None]
+    contents: list[object] = ["hi", "  ", "", None, 5, [{"type": "text", "text": "a"}]]
+    extras: list[dict[str, object]] = [{}, {"weight": 0}, {"weight": 1}, {"name": "x"}]
+    messages = [
+        {**({"role": role} if role else {}), "content": content, **extra}
+        for role in roles
+        for content in contents
+        for extra in extras
+    ]
+    messages += ["not a message", {"role": "assistant", "tool_calls": [{"id": "1"}]}]
+    conversations: list[object] = [[], "text", *([m] for m in messages)]
+    plain = [m for m in messages if isinstance(m, dict) and set(m) == {"role", "content"}]
+    conversations += [[a, b] for a in plain for b in plain]
+    accepted = 0
+    for conversation in conversations:
+        shape = _plain_chat(conversation)
+        if shape is None:
+            continue
+        accepted += 1
+        row = _Row()
+        assert _checked_messages(row, {"messages": conversation}) == shape, conversation
+        assert row.problems == [], conversation
+    assert accepted >= 16  # the plain rows: four roles with text, alone and in pairs
+    assert _plain_chat([USER, ASSISTANT]) == ("chat", (), False)
+    assert _plain_chat([SYSTEM, USER]) == ("prompt_only", (), True)
+    assert _plain_chat([USER, ASSISTANT, USER]) == ("chat", ("prompt_only",), False)
