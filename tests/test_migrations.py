@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy as sa
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, text
 
 from api.migration import downgrade, upgrade
 from api.models import Base
@@ -81,6 +81,30 @@ def pg_database(tmp_path: Path) -> Iterator[Settings]:
 
 def test_upgrade_downgrade_upgrade_postgres(pg_database: Settings) -> None:
     round_trip(pg_database)
+
+
+def chunk_compression(settings: Settings) -> dict[str, str]:
+    engine = create_engine(settings.resolved_database_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT attrelid::regclass::text AS tab, attcompression AS comp FROM pg_attribute "
+                    "WHERE attrelid IN ('file_chunks'::regclass, 'upload_part_chunks'::regclass) "
+                    "AND attname = 'data'"
+                )
+            )
+            return {row.tab: row.comp for row in rows}
+    finally:
+        engine.dispose()
+
+
+def test_chunks_are_compressed_with_lz4_on_postgres(pg_database: Settings) -> None:
+    # 'l' is lz4, '' the server default (pglz); this Postgres (Debian's 15) has lz4.
+    upgrade(pg_database)
+    assert chunk_compression(pg_database) == {"file_chunks": "l", "upload_part_chunks": "l"}
+    downgrade(pg_database, "0010")
+    assert chunk_compression(pg_database) == {"file_chunks": "", "upload_part_chunks": ""}
 
 
 def test_upgrade_downgrade_upgrade_sqlite(tmp_path: Path) -> None:
