@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, defer
 
 from api.errors import invalid, not_found
@@ -61,14 +61,19 @@ def list_jobs_query(
     return query.order_by(Job.id.desc())
 
 
-def events_query(session: Session, job: Job, after: str | None) -> Select[Any]:
-    query = select(JobEvent).where(JobEvent.job_id == job.id)
+def events_query(session: Session, owner: str, job_id: str, after: str | None) -> Select[Any]:
+    """The owner's events of a job, newest first. Events carry their job's owner, so no job
+    lookup comes first: a page that comes back empty is checked with :func:`job_exists`."""
+    query = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.owner == owner)
     if after:
         seq = session.scalar(
-            select(JobEvent.seq).where(JobEvent.id == after, JobEvent.job_id == job.id)
+            select(JobEvent.seq).where(
+                JobEvent.id == after, JobEvent.job_id == job_id, JobEvent.owner == owner
+            )
         )
         if seq is None:
-            raise invalid(f"No event '{after}' in job {job.id}.", param="after")
+            get_job(session, owner, job_id, with_spec=False)  # no such job: 404 first
+            raise invalid(f"No event '{after}' in job {job_id}.", param="after")
         query = query.where(JobEvent.seq < seq)
     return query.order_by(JobEvent.seq.desc())
 
@@ -78,6 +83,15 @@ def checkpoints_query(job: Job, after: str | None) -> Select[Any]:
     if after:
         query = query.where(Checkpoint.id < after)
     return query.order_by(Checkpoint.id.desc())
+
+
+def queue_position(session: Session, job: Job) -> int | None:
+    """``job``'s 1-based place in the queue (as :func:`queue_positions`), None unless queued:
+    one count, where the whole queue's ids were read for one job."""
+    if job.status != "queued":
+        return None
+    ahead = select(func.count()).select_from(Job).where(Job.status == "queued", Job.id <= job.id)
+    return session.scalar(ahead)
 
 
 def queue_positions(session: Session) -> dict[str, int]:

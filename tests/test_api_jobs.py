@@ -225,6 +225,28 @@ def test_cancel_queued_job_at_once_then_400(pg_api: Api, train_file: str) -> Non
     assert all(event["object"] == "fine_tuning.job.event" for event in events)
 
 
+def test_event_pages_follow_the_cursor_and_refuse_an_unknown_one(
+    pg_api: Api, train_file: str
+) -> None:
+    job = create(pg_api, {"model": "tiny", "training_file": train_file}).json()
+    assert pg_api.http.post(f"fine_tuning/jobs/{job['id']}/cancel").status_code == 200
+    events = f"fine_tuning/jobs/{job['id']}/events"
+    newest = pg_api.http.get(events, params={"limit": 1}).json()
+    assert [e["message"] for e in newest["data"]] == ["Job cancelled"] and newest["has_more"]
+    older = pg_api.http.get(events, params={"after": newest["last_id"]}).json()
+    assert [e["message"] for e in older["data"]] == [f"Created fine-tuning job: {job['id']}"]
+    assert older["has_more"] is False
+    # Past the last event: an empty page of a job that exists, not a 404.
+    assert pg_api.http.get(events, params={"after": older["last_id"]}).json()["data"] == []
+    unknown = error_of(pg_api.http.get(events, params={"after": "ftevent-nope"}))
+    assert unknown["param"] == "after"
+    # Another owner's job is not found, with a cursor or without.
+    other = pg_api.as_owner("someone-else")
+    for params in ({}, {"after": newest["last_id"]}):
+        error = error_of(other.get(events, params=params), status=404)
+        assert error["code"] == "not_found"
+
+
 def test_unknown_job_is_404_everywhere(pg_api: Api) -> None:
     for path in ("", "/events", "/checkpoints", "/adapter", "/spec", "/cancel"):
         method = pg_api.http.post if path == "/cancel" else pg_api.http.get

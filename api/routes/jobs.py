@@ -88,8 +88,7 @@ def _metadata_filter(request: Request) -> dict[str, str] | None:
 @router.get("/{job_id}")
 def retrieve_job(session: ReadSessionDep, owner: OwnerDep, job_id: str) -> FineTuningJob:
     job = job_queries.get_job(session, owner, job_id, with_spec=False)
-    position = job_queries.queue_positions(session).get(job.id) if job.status == "queued" else None
-    return render_job(job, position)
+    return render_job(job, job_queries.queue_position(session, job))
 
 
 @router.get("/{job_id}/spec")
@@ -151,9 +150,11 @@ def list_events(
         return streams.stream_response(
             request, services, owner, job_id, last_event_id or after, "events"
         )
-    job = job_queries.get_job(session, owner, job_id, with_spec=False)
-    query = job_queries.events_query(session, job, after)
-    return page(session, query, limit, render_event, FineTuningJobEventList)
+    query = job_queries.events_query(session, owner, job_id, after)
+    events = page(session, query, limit, render_event, FineTuningJobEventList)
+    if not events.data:  # no event of this owner's: is there such a job at all?
+        job_queries.get_job(session, owner, job_id, with_spec=False)
+    return events
 
 
 @router.get("/{job_id}/checkpoints")
