@@ -4,9 +4,10 @@ Sync routes run in a thread pool and take a pooled connection; under load (issue
 clients, 40 threads, 10 + 10 connections) threads waited 30 s for connections while the
 requests holding connections waited for threads, and clients got 500s and timeouts. Here a
 request first takes one of ``api_concurrency`` places (never more than
-``db_pool_size + db_max_overflow``; 4 by default, because the requests' Python shares one GIL
-and more threads only queue for it), waiting in the event loop, in arrival order (where
-waiting costs no thread and no connection) for at most ``api_queue_timeout_s``;
+``db_pool_size + db_max_overflow``; 2 by default, because the requests' Python shares one GIL
+and more threads only queue for it), or an upload one of ``api_upload_concurrency`` places
+of its own, waiting in the event loop, in arrival order (where waiting costs no thread and
+no connection) for at most ``api_queue_timeout_s``;
 a request holds at most one connection at a time (auth, then idempotency, then the route,
 whose session closes before the response is sent: ``api.deps.get_session``), so an admitted
 request always finds a free connection. One that finds no place in time is answered 503
@@ -21,6 +22,7 @@ and the request gets the same 503 (``api.errors``).
 from __future__ import annotations
 
 import math
+import re
 
 import anyio
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -29,26 +31,40 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.errors import RETRY_AFTER_S, server_busy
 from api.keys import is_api_path, send_error
 
+# Requests that carry a file's bytes: they hold a place while the client sends them, for as
+# long as its connection takes (minutes for a slow one), and store and validate hundreds of
+# MB. They take places of their own, so that uploads never keep reads out, nor reads uploads.
+_UPLOAD = re.compile(r"^/v1/(files|uploads/[^/]+/(parts|complete))$")
+
+
+def is_upload(scope: Scope) -> bool:
+    return scope["method"] == "POST" and _UPLOAD.match(scope["path"]) is not None
+
 
 def retry_after() -> list[tuple[bytes, bytes]]:
     return [(b"retry-after", str(RETRY_AFTER_S).encode())]
 
 
 class AdmissionMiddleware:
-    def __init__(self, app: ASGIApp, capacity: int, queue_timeout_s: float) -> None:
+    def __init__(
+        self, app: ASGIApp, capacity: int, upload_capacity: int, queue_timeout_s: float
+    ) -> None:
         self.app = app
         self.capacity = capacity
+        self.upload_capacity = upload_capacity
         self.queue_timeout_s = queue_timeout_s
         # Made in the event loop on first use: anyio primitives belong to a running loop.
         self._places: anyio.Semaphore | None = None
+        self._upload_places: anyio.Semaphore | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not is_api_path(scope["path"]):
             await self.app(scope, receive, send)
             return
-        if self._places is None:
+        if self._places is None or self._upload_places is None:
             self._places = anyio.Semaphore(self.capacity)
-        places = self._places
+            self._upload_places = anyio.Semaphore(self.upload_capacity)
+        places = self._upload_places if is_upload(scope) else self._places
         with anyio.move_on_after(self.queue_timeout_s) as waited:
             await places.acquire()
         if waited.cancelled_caught:

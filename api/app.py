@@ -34,7 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # admitted request (api/admission.py), plus headroom for the work outside admission
         # (stream polls and chunk reads, health checks). 20 + 20 is anyio's own default, 40.
         limiter = anyio.to_thread.current_default_thread_limiter()
-        limiter.total_tokens = settings.api_places + THREAD_HEADROOM
+        limiter.total_tokens = settings.api_places + settings.api_upload_places + THREAD_HEADROOM
         services.key_cache.start()
         # What is alive now (modules, routes, schemas, the pool) lives as long as the
         # process: out of the collector's sight, a full collection no longer walks it while
@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         AdmissionMiddleware,
         capacity=settings.api_places,
+        upload_capacity=settings.api_upload_places,
         queue_timeout_s=settings.api_queue_timeout_s,
     )
     # Before auth: an oversized body is refused from its Content-Length, whoever sends it.

@@ -143,11 +143,16 @@ class Settings(BaseSettings):
     db_pool_timeout_s: float = Field(3.0, gt=0)
     api_queue_timeout_s: float = Field(3.0, gt=0)
     # How many /v1 requests one API process runs at once (at most the pool's capacity). Their
-    # Python shares one GIL: past a few, more threads only queue for it, and the event loop
-    # that reads and answers requests queues with them (measured in docs/benchmarks.md, "API
-    # under load": 4 places gave 897 req/s and p99 133 ms at 64 clients on 2 cores, 20 gave
-    # 700 req/s and p99 291 ms). The others wait in the event loop, in arrival order.
-    api_concurrency: int = Field(4, ge=1)
+    # Python shares one GIL: each of N requests at once runs N times slower, so the heavy
+    # ones stretch the tail, and the event loop that reads and answers requests queues with
+    # them. The others wait in the event loop, in arrival order. Measured (docs/benchmarks.md,
+    # "API under load", 64 clients, 2 processes on 2 cores): 1 place p99 72-75 ms, 2 places
+    # 83-84 ms, 4 places 89-102 ms, at the same ~1,050 req/s. 2, not 1: one slow request
+    # (a list of 10,000 jobs) then halves a process's reads instead of stopping them.
+    api_concurrency: int = Field(2, ge=1)
+    # Uploads (POST /v1/files, an Upload's parts and completion) take places of their own:
+    # each holds one while its client sends the bytes, however slowly (api/admission.py).
+    api_upload_concurrency: int = Field(2, ge=1)
     # A pooled connection idle this long is pinged before use; one in steady use is not
     # (api/db.py). 0 pings on every checkout.
     db_ping_idle_s: float = Field(1.0, ge=0)
@@ -232,9 +237,14 @@ class Settings(BaseSettings):
 
     @property
     def api_places(self) -> int:
-        """The most /v1 requests one API process serves at once: each holds at most one
-        connection at a time, so no more than the pool can open (api/admission.py)."""
+        """The most /v1 requests but uploads one API process serves at once: each holds at
+        most one connection at a time, so no more than the pool can open (api/admission.py)."""
         return min(self.api_concurrency, self.db_pool_capacity)
+
+    @property
+    def api_upload_places(self) -> int:
+        """The most uploads one API process takes in at once (api/admission.py)."""
+        return min(self.api_upload_concurrency, self.db_pool_capacity)
 
     @cached_property
     def resolved_database_url(self) -> str:

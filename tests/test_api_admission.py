@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -152,6 +153,85 @@ def test_streamed_download_does_not_hold_a_place(tiny_pool_server: Server, tmp_p
         assert elapsed < WAIT_S
 
 
+@pytest.fixture(scope="module")
+def one_place_server(
+    pg_settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """One place for reads and one for uploads (api/admission.py), a one-second wait."""
+    port = free_port()
+    env = {
+        **settings_env(pg_settings),
+        "ALIGND_API_CONCURRENCY": "1",
+        "ALIGND_API_UPLOAD_CONCURRENCY": "1",
+        "ALIGND_API_QUEUE_TIMEOUT_S": str(WAIT_S),
+        "ALIGND_RATE_LIMIT_PER_MINUTE": "0",
+    }
+    log = (tmp_path_factory.mktemp("serve") / "serve.log").open("wb")
+    proc = start_alignd(
+        ["serve", "--no-worker", "--port", str(port), "--log-level", "warning"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
+        server = Server(f"http://127.0.0.1:{port}", create_api_key(pg_settings))
+        yield server
+        server.http.close()
+    finally:
+        stop_process_group(proc)
+        log.close()
+
+
+ROW = b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+BOUNDARY = "alignd-test-boundary"
+
+
+def slow_upload_body(started: threading.Event, parts: int, pause_s: float) -> Iterator[bytes]:
+    """A multipart body (purpose, then a JSONL file) sent in pieces ``pause_s`` apart, as a
+    client on a slow link sends it."""
+    yield (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; '
+        f'filename="slow.jsonl"\r\nContent-Type: application/jsonl\r\n\r\n'
+    ).encode()
+    started.set()
+    for _ in range(parts):
+        time.sleep(pause_s)
+        yield ROW * 100
+    yield f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+def test_a_slow_upload_keeps_neither_reads_nor_itself_waiting(one_place_server: Server) -> None:
+    server = one_place_server
+    started = threading.Event()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        slow = pool.submit(
+            server.http.post,
+            "/v1/files",
+            content=slow_upload_body(started, parts=12, pause_s=0.25),
+            headers={"content-type": f"multipart/form-data; boundary={BOUNDARY}"},
+        )
+        assert started.wait(10)
+        time.sleep(0.3)  # the upload holds its place, sending
+        # Reads have a place of their own: answered at once, however long the upload takes.
+        for _ in range(5):
+            response, elapsed = timed_get(server, "/v1/files")
+            assert response.status_code == 200, response.text
+            assert elapsed < WAIT_S / 2, elapsed
+        # A second upload waits for the only upload place, and is told so after the wait.
+        started_at = time.monotonic()
+        second = server.http.post(
+            "/v1/files", data={"purpose": "fine-tune"}, files={"file": ("b.jsonl", ROW)}
+        )
+        assert_busy(second, time.monotonic() - started_at)
+        assert not slow.done()
+        uploaded = slow.result(timeout=60)
+    assert uploaded.status_code == 200, uploaded.text
+    assert uploaded.json()["status"] == "processed"
+    assert uploaded.json()["bytes"] == len(ROW) * 100 * 12
+
+
 def test_serve_runs_several_api_processes(pg_settings: Settings, tmp_path: Path) -> None:
     # One process's Python runs under one GIL: more API processes on one port is how a
     # machine with more cores serves more requests (docs/operations.md, "Load").
@@ -190,6 +270,8 @@ def test_serve_runs_several_api_processes(pg_settings: Settings, tmp_path: Path)
 
 def test_places_are_api_concurrency_capped_by_the_pool() -> None:
     # Each admitted request holds at most one connection: never more places than connections.
-    assert Settings().api_places == 4
-    assert Settings(api_concurrency=50).api_places == 20  # 10 + 10 connections
-    assert Settings(db_pool_size=1, db_max_overflow=0).api_places == 1
+    assert (Settings().api_places, Settings().api_upload_places) == (2, 2)
+    wide = Settings(api_concurrency=50, api_upload_concurrency=30)
+    assert (wide.api_places, wide.api_upload_places) == (20, 20)  # 10 + 10 connections
+    tiny = Settings(db_pool_size=1, db_max_overflow=0)
+    assert (tiny.api_places, tiny.api_upload_places) == (1, 1)
