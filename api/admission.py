@@ -4,7 +4,7 @@ Sync routes run in a thread pool and take a pooled connection; under load (issue
 clients, 40 threads, 10 + 10 connections) threads waited 30 s for connections while the
 requests holding connections waited for threads, and clients got 500s and timeouts. Here a
 request first takes one of ``api_concurrency`` places (never more than
-``db_pool_size + db_max_overflow``; 2 by default, because the requests' Python shares one GIL
+``db_pool_size + db_max_overflow``; 4 by default, because the requests' Python shares one GIL
 and more threads only queue for it), or an upload one of ``api_upload_concurrency`` places
 of its own, waiting in the event loop, in arrival order (where waiting costs no thread and
 no connection) for at most ``api_queue_timeout_s``;

@@ -142,14 +142,15 @@ class Settings(BaseSettings):
     # admission limit: streams, health checks). Workers keep SQLAlchemy's 30 s.
     db_pool_timeout_s: float = Field(3.0, gt=0)
     api_queue_timeout_s: float = Field(3.0, gt=0)
-    # How many /v1 requests one API process runs at once (at most the pool's capacity). Their
-    # Python shares one GIL: each of N requests at once runs N times slower, so the heavy
-    # ones stretch the tail, and the event loop that reads and answers requests queues with
-    # them. The others wait in the event loop, in arrival order. Measured (docs/benchmarks.md,
-    # "API under load", 64 clients, 2 processes on 2 cores): 1 place p99 72-75 ms, 2 places
-    # 83-84 ms, 4 places 89-102 ms, at the same ~1,050 req/s. 2, not 1: one slow request
-    # (a list of 10,000 jobs) then halves a process's reads instead of stopping them.
-    api_concurrency: int = Field(2, ge=1)
+    # How many /v1 requests but uploads one API process runs at once (at most the pool's
+    # capacity). Their Python shares one GIL: past a few, more threads only queue for it, and
+    # the event loop that reads and answers requests queues with them. The others wait in the
+    # event loop, in arrival order. Measured (docs/benchmarks.md, "API under load"), 64
+    # clients on 2 cores: 20 places gave p99 291 ms where 4 gave 133 (before the other
+    # changes of that section); after them 1, 2 and 4 places were alike within the runs'
+    # noise (p99 80-104 ms at ~1,050 req/s, 2 processes). 4: a slow request (a list of
+    # 10,000 jobs) then takes a quarter of a process's reads, not all of them.
+    api_concurrency: int = Field(4, ge=1)
     # Uploads (POST /v1/files, an Upload's parts and completion) take places of their own:
     # each holds one while its client sends the bytes, however slowly (api/admission.py).
     api_upload_concurrency: int = Field(2, ge=1)

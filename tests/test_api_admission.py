@@ -270,7 +270,7 @@ def test_serve_runs_several_api_processes(pg_settings: Settings, tmp_path: Path)
 
 def test_places_are_api_concurrency_capped_by_the_pool() -> None:
     # Each admitted request holds at most one connection: never more places than connections.
-    assert (Settings().api_places, Settings().api_upload_places) == (2, 2)
+    assert (Settings().api_places, Settings().api_upload_places) == (4, 2)
     wide = Settings(api_concurrency=50, api_upload_concurrency=30)
     assert (wide.api_places, wide.api_upload_places) == (20, 20)  # 10 + 10 connections
     tiny = Settings(db_pool_size=1, db_max_overflow=0)
