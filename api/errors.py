@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -95,6 +95,20 @@ def invalid(message: str, *, param: str | None = None, code: str = "invalid_valu
 
 # A 503 tells the client to come back: the openai SDK retries it, honouring Retry-After.
 RETRY_AFTER_S = 1
+
+
+def database_unavailable(exc: DBAPIError) -> APIError | None:
+    """The 503 for a database that went away under a request (a restart or an outage: the
+    connection was lost, or could not be made), which the client should retry like a busy
+    server's; None for any other database error. Send it with ``Retry-After``."""
+    if not (exc.connection_invalidated or isinstance(exc, OperationalError)):
+        return None
+    log.warning("database unavailable: %s", exc.orig)
+    return APIError(
+        503,
+        f"The database is unavailable; retry after {RETRY_AFTER_S} s.",
+        code="database_unavailable",
+    )
 
 
 def server_busy(what: str) -> APIError:
@@ -179,6 +193,15 @@ def install_handlers(app: FastAPI) -> None:
         # No connection came free within ALIGND_DB_POOL_TIMEOUT_S: the server is overloaded,
         # which the client should retry, not a bug (a 500) (api/admission.py).
         err = server_busy("no database connection free")
+        return JSONResponse(
+            err.body(), status_code=503, headers={"retry-after": str(RETRY_AFTER_S)}
+        )
+
+    @app.exception_handler(DBAPIError)
+    async def _database(_request: Request, exc: DBAPIError) -> JSONResponse:
+        err = database_unavailable(exc)
+        if err is None:
+            raise exc  # any other database error is a bug of ours: a 500 (api/request_id.py)
         return JSONResponse(
             err.body(), status_code=503, headers={"retry-after": str(RETRY_AFTER_S)}
         )

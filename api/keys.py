@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import func, or_, select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import APIError, invalid
+from api.errors import RETRY_AFTER_S, APIError, database_unavailable, invalid
 from api.key_cache import CHANNEL, KeyCache
 from api.models import ApiKey, new_id, now
 from api.rate_limit import RateLimiter
@@ -275,6 +276,12 @@ class AuthMiddleware:
                 )
         except APIError as exc:
             await send_error(send, exc, [(b"www-authenticate", b"Bearer")])
+            return
+        except DBAPIError as exc:  # outside the routes' exception handlers (api/errors.py)
+            unavailable = database_unavailable(exc)
+            if unavailable is None:
+                raise
+            await send_error(send, unavailable, [(b"retry-after", str(RETRY_AFTER_S).encode())])
             return
         decision = self.limiter.acquire(principal.key_id)
         if not decision.allowed:

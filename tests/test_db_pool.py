@@ -1,6 +1,7 @@
 """The API's database pool (api/db.py) against a real Postgres: a connection that idled is
-pinged before use and replaced when the server closed it; one in steady use is not pinged;
-read sessions run in autocommit, with no transaction around their statements."""
+pinged before use and replaced when the server closed it; one in steady use is not pinged,
+and a request that finds it closed is a 503 to retry; read sessions run in autocommit, with
+no transaction around their statements."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from sqlalchemy.exc import OperationalError
 
 from api.db import make_engine, make_read_sessionmaker, make_sessionmaker
 from api.settings import Settings
+from tests.conftest import Api
 
 
 def pool_engine(settings: Settings, ping_idle_s: float) -> Engine:
@@ -83,3 +85,37 @@ def test_read_sessions_run_in_autocommit_and_write_sessions_in_a_transaction(
             assert session.connection().connection.dbapi_connection.autocommit is False  # type: ignore[union-attr]
     finally:
         engine.dispose()
+
+
+def test_a_connection_lost_under_the_api_is_a_503_to_retry_then_served(
+    pg_settings: Settings,
+) -> None:
+    # One pooled connection, never pinged: the server closing it is seen by the next request.
+    settings = pg_settings.model_copy(
+        update={"db_pool_size": 1, "db_max_overflow": 0, "db_ping_idle_s": 3600.0}
+    )
+    api = Api(settings)
+    try:
+        engine: Engine = api.server.config.app.state.services.engine
+
+        def lose_the_connection() -> None:
+            terminate(pg_settings, backend_pid(engine))  # the pool's only connection
+
+        assert api.http.get("files").status_code == 200  # its key is now remembered
+        lose_the_connection()
+        # In a route: the statement fails, the connection is discarded, the client is told
+        # to come back (the openai SDK retries a 503 after Retry-After).
+        lost = api.http.get("files")
+        assert lost.status_code == 503, lost.text
+        assert lost.headers["retry-after"] == "1"
+        assert lost.json()["error"]["code"] == "database_unavailable"
+        assert api.http.get("files").status_code == 200  # a new connection
+        # In the key lookup (a key not seen before), before any route: the same answer.
+        fresh = api.as_owner("db-pool")
+        lose_the_connection()
+        lost = fresh.get("files")
+        assert lost.status_code == 503, lost.text
+        assert lost.json()["error"]["code"] == "database_unavailable"
+        assert fresh.get("files").status_code == 200
+    finally:
+        api.stop()
