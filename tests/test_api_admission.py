@@ -37,34 +37,39 @@ class Server:
         )
 
 
+@contextlib.contextmanager
+def serving(settings: Settings, folder: Path, env: dict[str, str]) -> Iterator[Server]:
+    """A real ``alignd serve --no-worker`` with ``env`` on top of the test settings."""
+    port = free_port()
+    env = {**settings_env(settings), "ALIGND_RATE_LIMIT_PER_MINUTE": "0", **env}
+    with (folder / "serve.log").open("wb") as log:
+        proc = start_alignd(
+            ["serve", "--no-worker", "--port", str(port), "--log-level", "warning"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_healthy(f"http://127.0.0.1:{port}", proc)
+            server = Server(f"http://127.0.0.1:{port}", create_api_key(settings))
+            yield server
+            server.http.close()
+        finally:
+            stop_process_group(proc)
+
+
 @pytest.fixture(scope="module")
 def tiny_pool_server(
     pg_settings: Settings, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
-    port = free_port()
     env = {
-        **settings_env(pg_settings),
         "ALIGND_DB_POOL_SIZE": "1",
         "ALIGND_DB_MAX_OVERFLOW": "0",
         "ALIGND_DB_POOL_TIMEOUT_S": str(WAIT_S),
         "ALIGND_API_QUEUE_TIMEOUT_S": str(WAIT_S),
-        "ALIGND_RATE_LIMIT_PER_MINUTE": "0",
     }
-    log = (tmp_path_factory.mktemp("serve") / "serve.log").open("wb")
-    proc = start_alignd(
-        ["serve", "--no-worker", "--port", str(port), "--log-level", "warning"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}", proc)
-        server = Server(f"http://127.0.0.1:{port}", create_api_key(pg_settings))
+    with serving(pg_settings, tmp_path_factory.mktemp("serve"), env) as server:
         yield server
-        server.http.close()
-    finally:
-        stop_process_group(proc)
-        log.close()
 
 
 def lock_jobs(pg_settings: Settings) -> psycopg.Connection[tuple[object, ...]]:
@@ -158,29 +163,13 @@ def one_place_server(
     pg_settings: Settings, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     """One place for reads and one for uploads (api/admission.py), a one-second wait."""
-    port = free_port()
     env = {
-        **settings_env(pg_settings),
         "ALIGND_API_CONCURRENCY": "1",
         "ALIGND_API_UPLOAD_CONCURRENCY": "1",
         "ALIGND_API_QUEUE_TIMEOUT_S": str(WAIT_S),
-        "ALIGND_RATE_LIMIT_PER_MINUTE": "0",
     }
-    log = (tmp_path_factory.mktemp("serve") / "serve.log").open("wb")
-    proc = start_alignd(
-        ["serve", "--no-worker", "--port", str(port), "--log-level", "warning"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}", proc)
-        server = Server(f"http://127.0.0.1:{port}", create_api_key(pg_settings))
+    with serving(pg_settings, tmp_path_factory.mktemp("serve"), env) as server:
         yield server
-        server.http.close()
-    finally:
-        stop_process_group(proc)
-        log.close()
 
 
 ROW = b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
