@@ -41,7 +41,9 @@ FAST_RECOVERY = {
     "ALIGND_SLOT_RETRY_S": "1",
 }
 # 8 rows in batches of 4: 2 steps an epoch, a checkpoint at the end of each (every 2 steps).
-EPOCHS = 12
+# 60 steps: a kill sent once step 5 is seen must land before a fast machine finishes the job
+# (CI's ran 48 steps of another job in about a second).
+EPOCHS = 30
 
 
 @pytest.fixture(scope="module")
