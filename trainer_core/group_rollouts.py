@@ -165,6 +165,20 @@ def scored_rollouts(
         yield ScoredRollout(examples, rollout, rewards, scores.per_function, rows, weight, whole)
 
 
+def report_samples(run: loop.Run[dict[str, float]], scored: ScoredRollout) -> None:
+    """At the first step and every ``SAMPLES_EVERY``: a few of this rank's completions of the
+    step with their rewards, as an event (``rollout_report``)."""
+    if run.step == 1 or run.step % rollout_report.SAMPLES_EVERY == 0:
+        rollout_report.report_samples(
+            run.sink,
+            run.step,
+            run.tokenizer,
+            scored.examples,
+            scored.rollout,
+            reward=scored.rewards,
+        )
+
+
 def gather(
     d: Distributed,
     rows: torch.Tensor,

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer_core import distributed, group_rollouts, loop, rollout_report
+from trainer_core import distributed, group_rollouts, loop
 from trainer_core.reward_scoring import RewardScorer
 from trainer_core.rl_losses import RlStats, add_rl_stats, rloo_advantages, rloo_loss
 from trainer_core.seams import RunResult
@@ -148,14 +148,6 @@ def train(job: loop.Job, hp: RlooHyperparameters) -> RunResult:
                 "entropy": distributed.sum_float(d, entropy_sum) / max(1.0, completion_tokens),
             }
             run.record(step_metrics, grad_norm=grad_norm, learning_rate=learning_rate)
-            if run.step == 1 or run.step % rollout_report.SAMPLES_EVERY == 0:
-                rollout_report.report_samples(
-                    run.sink,
-                    run.step,
-                    run.tokenizer,
-                    scored.examples,
-                    rollout,
-                    reward=scored.rewards,
-                )
+            group_rollouts.report_samples(run, scored)
 
     return run.result()
