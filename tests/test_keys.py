@@ -60,6 +60,16 @@ def db_rows(settings: Settings, sql: str, **params: object) -> list[dict[str, ob
         engine.dispose()
 
 
+def db_write(settings: Settings, sql: str, **params: object) -> None:
+    """Run ``sql`` in a transaction of its own and commit it (a NOTIFY is sent at commit)."""
+    engine = create_engine(settings.resolved_database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(sql), params)
+    finally:
+        engine.dispose()
+
+
 def test_cli_create_list_revoke(pg_settings: Settings, pg_api: Api) -> None:
     env = settings_env(pg_settings)
     created = run_cli(env, "keys", "create", "--owner", "acme", "--name", "ci")
@@ -169,13 +179,12 @@ def test_last_used_at_is_written_at_most_once_a_minute(pg_settings: Settings, pg
     assert isinstance(first, int) and abs(first - time.time()) < 5
 
     def set_last_used(value: int) -> None:
-        engine = create_engine(pg_settings.resolved_database_url)
-        with engine.begin() as conn:
-            conn.execute(
-                text("UPDATE api_keys SET last_used_at = :v WHERE key_hash = :h"),
-                {"v": value, "h": digest},
-            )
-        engine.dispose()
+        db_write(
+            pg_settings,
+            "UPDATE api_keys SET last_used_at = :v WHERE key_hash = :h",
+            v=value,
+            h=digest,
+        )
 
     # A lookup writes it; the API's key cache is emptied first so that each request looks up.
     recent = int(time.time()) - 30
@@ -218,22 +227,14 @@ def forget_keys(settings: Settings, api: Api) -> None:
     has emptied its cache."""
     cache = key_cache(api)
     before = cache.generation()
-    engine = create_engine(settings.resolved_database_url)
-    with engine.begin() as conn:  # a NOTIFY is sent when its transaction commits
-        conn.execute(text("SELECT pg_notify(:channel, 'test')"), {"channel": CHANNEL})
-    engine.dispose()
+    db_write(settings, "SELECT pg_notify(:channel, 'test')", channel=CHANNEL)
     wait_until("the listener empties the cache", lambda: cache.generation() > before)
 
 
 def revoke_quietly(settings: Settings, key: str) -> None:
     """Revoke ``key`` in the database without the NOTIFY (as a lost notice would leave it)."""
-    engine = create_engine(settings.resolved_database_url)
-    with engine.begin() as conn:
-        conn.execute(
-            text("UPDATE api_keys SET revoked_at = 1 WHERE key_hash = :h"),
-            {"h": hashlib.sha256(key.encode()).hexdigest()},
-        )
-    engine.dispose()
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    db_write(settings, "UPDATE api_keys SET revoked_at = 1 WHERE key_hash = :h", h=digest)
 
 
 def test_valid_keys_are_remembered_until_a_revocation_notice(
