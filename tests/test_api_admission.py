@@ -30,8 +30,9 @@ WAIT_S = 1.0
 
 
 class Server:
-    def __init__(self, url: str, key: str) -> None:
+    def __init__(self, url: str, key: str, pid: int) -> None:
         self.url = url
+        self.pid = pid  # of `alignd serve`, the leader of its process group
         self.http = httpx.Client(
             base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30
         )
@@ -51,7 +52,7 @@ def serving(settings: Settings, folder: Path, env: dict[str, str]) -> Iterator[S
         )
         try:
             wait_healthy(f"http://127.0.0.1:{port}", proc)
-            server = Server(f"http://127.0.0.1:{port}", create_api_key(settings))
+            server = Server(f"http://127.0.0.1:{port}", create_api_key(settings), proc.pid)
             yield server
             server.http.close()
         finally:
@@ -224,37 +225,22 @@ def test_a_slow_upload_keeps_neither_reads_nor_itself_waiting(one_place_server: 
 def test_serve_runs_several_api_processes(pg_settings: Settings, tmp_path: Path) -> None:
     # One process's Python runs under one GIL: more API processes on one port is how a
     # machine with more cores serves more requests (docs/operations.md, "Load").
-    port = free_port()
-    env = {**settings_env(pg_settings), "ALIGND_API_WORKERS": "2"}
-    with (tmp_path / "serve.log").open("wb") as log:
-        proc = start_alignd(
-            ["serve", "--no-worker", "--port", str(port), "--log-level", "warning"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            wait_healthy(f"http://127.0.0.1:{port}", proc)
-            group = []
-            for entry in Path("/proc").iterdir():
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    if entry.name.isdigit() and os.getpgid(int(entry.name)) == proc.pid:
-                        group.append(entry.name)
-            assert len(group) >= 3, group  # the supervisor and two API processes
-            key = create_api_key(pg_settings)
-            headers = {"Authorization": f"Bearer {key}"}
-            took = []
-            with httpx.Client(headers=headers) as http:  # one keep-alive connection
-                for _ in range(9):
-                    started = time.monotonic()
-                    response = http.get(f"http://127.0.0.1:{port}/v1/files")
-                    took.append(time.monotonic() - started)
-                    assert response.status_code == 200, response.text
-            # TCP_NODELAY (alignd/serving.py): without it, every answer waited ~40 ms for
-            # the client's delayed ACK.
-            assert sorted(took)[4] < 0.03, took
-        finally:
-            stop_process_group(proc)
+    with serving(pg_settings, tmp_path, {"ALIGND_API_WORKERS": "2"}) as server:
+        group = []
+        for entry in Path("/proc").iterdir():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if entry.name.isdigit() and os.getpgid(int(entry.name)) == server.pid:
+                    group.append(entry.name)
+        assert len(group) >= 3, group  # the supervisor and two API processes
+        took = []
+        for _ in range(9):  # on the one keep-alive connection of server.http
+            started = time.monotonic()
+            response = server.http.get("/v1/files")
+            took.append(time.monotonic() - started)
+            assert response.status_code == 200, response.text
+        # TCP_NODELAY (alignd/serving.py): without it, every answer waited ~40 ms for the
+        # client's delayed ACK.
+        assert sorted(took)[4] < 0.03, took
 
 
 def test_places_are_api_concurrency_capped_by_the_pool() -> None:
