@@ -28,7 +28,7 @@ import anyio
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import RETRY_AFTER_S, server_busy
+from api.errors import retry_after, server_busy
 from api.keys import is_api_path, send_error
 
 # Requests that carry a file's bytes: they hold a place while the client sends them, for as
@@ -39,10 +39,6 @@ _UPLOAD = re.compile(r"^/v1/(files|uploads/[^/]+/(parts|complete))$")
 
 def is_upload(scope: Scope) -> bool:
     return scope["method"] == "POST" and _UPLOAD.match(scope["path"]) is not None
-
-
-def retry_after() -> list[tuple[bytes, bytes]]:
-    return [(b"retry-after", str(RETRY_AFTER_S).encode())]
 
 
 class AdmissionMiddleware:

@@ -97,6 +97,16 @@ def invalid(message: str, *, param: str | None = None, code: str = "invalid_valu
 RETRY_AFTER_S = 1
 
 
+def retry_after() -> list[tuple[bytes, bytes]]:
+    """The ``Retry-After`` header of a 503, for the middlewares' raw ASGI answers."""
+    return [(b"retry-after", str(RETRY_AFTER_S).encode())]
+
+
+def retry_later(err: APIError) -> JSONResponse:
+    """A 503 the client should retry, with ``Retry-After`` (the openai SDK honours it)."""
+    return JSONResponse(err.body(), status_code=503, headers={"retry-after": str(RETRY_AFTER_S)})
+
+
 def database_unavailable(exc: DBAPIError) -> APIError | None:
     """The 503 for a database that went away under a request (a restart or an outage: the
     connection was lost, or could not be made), which the client should retry like a busy
@@ -193,18 +203,14 @@ def install_handlers(app: FastAPI) -> None:
         # No connection came free within ALIGND_DB_POOL_TIMEOUT_S: the server is overloaded,
         # which the client should retry, not a bug (a 500) (api/admission.py).
         err = server_busy("no database connection free")
-        return JSONResponse(
-            err.body(), status_code=503, headers={"retry-after": str(RETRY_AFTER_S)}
-        )
+        return retry_later(err)
 
     @app.exception_handler(DBAPIError)
     async def _database(_request: Request, exc: DBAPIError) -> JSONResponse:
         err = database_unavailable(exc)
         if err is None:
             raise exc  # any other database error is a bug of ours: a 500 (api/request_id.py)
-        return JSONResponse(
-            err.body(), status_code=503, headers={"retry-after": str(RETRY_AFTER_S)}
-        )
+        return retry_later(err)
 
     @app.exception_handler(ArtifactStoreError)
     async def _artifacts(_request: Request, exc: ArtifactStoreError) -> JSONResponse:
@@ -214,9 +220,7 @@ def install_handlers(app: FastAPI) -> None:
         err = APIError(
             503, "The artifact store is unavailable; retry later.", code="artifact_store_error"
         )
-        return JSONResponse(
-            err.body(), status_code=503, headers={"retry-after": str(RETRY_AFTER_S)}
-        )
+        return retry_later(err)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import RETRY_AFTER_S, APIError, database_unavailable, invalid
+from api.errors import APIError, database_unavailable, invalid, retry_after
 from api.key_cache import CHANNEL, KeyCache
 from api.models import ApiKey, new_id, now
 from api.rate_limit import RateLimiter
@@ -281,7 +281,7 @@ class AuthMiddleware:
             unavailable = database_unavailable(exc)
             if unavailable is None:
                 raise
-            await send_error(send, unavailable, [(b"retry-after", str(RETRY_AFTER_S).encode())])
+            await send_error(send, unavailable, retry_after())
             return
         decision = self.limiter.acquire(principal.key_id)
         if not decision.allowed:
