@@ -326,11 +326,7 @@ def sum_float(d: Distributed, value: float) -> float:
     """``value`` added up over the ranks (a metric's sum over every rank's rows)."""
     if d.world_size == 1:
         return value
-    import torch.distributed as dist
-
-    total = torch.tensor([value], dtype=torch.float64, device=d.comm_device)
-    dist.all_reduce(total)
-    return float(total.item())
+    return float(all_reduce_tensor(d, torch.tensor([value], dtype=torch.float64)).item())
 
 
 def all_reduce_tensor(d: Distributed, value: torch.Tensor) -> torch.Tensor:
