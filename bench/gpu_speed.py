@@ -356,7 +356,7 @@ def run_trl(case: Case, o: Options, tmp: Path, clock: Clock) -> str:
     from transformers.utils import logging as transformers_logging
 
     from bench.common import lora_config, trl_common_args
-    from bench.runs import _TRL_SETUPS
+    from bench.runs import trl_trainer
     from trainer_core.models import load_model, load_tokenizer
     from trainer_core.specs import AdapterSpec
 
@@ -440,15 +440,7 @@ def run_trl(case: Case, o: Options, tmp: Path, clock: Clock) -> str:
             common["padding_free"] = True
             hp = spec.hyperparameters.model_copy(update={"packing": True})
             spec = spec.model_copy(update={"hyperparameters": hp})
-        trainer_cls, args, model = _TRL_SETUPS[case.method](spec, tokenizer, common, load_model)
-        trainer = trainer_cls(
-            model=model,
-            args=args,
-            train_dataset=Dataset.from_list(rows),
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=[marks],
-        )
+        trainer = trl_trainer(spec, tokenizer, common, rows, peft_config, marks)
         note += f" padding_free={common.get('padding_free', False)}"
     trainer.remove_callback(PrinterCallback)
     trainer.train()

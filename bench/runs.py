@@ -148,11 +148,10 @@ def run_trl(
     """TRL on the same spec. With ``capture``: our row order and initial weights, torch's
     plain AdamW; without: TRL's own random order and its default (fused) AdamW."""
     import datasets
-    from datasets import Dataset
     from transformers import PrinterCallback
     from transformers.utils import logging as transformers_logging
 
-    from trainer_core.models import load_model, load_tokenizer
+    from trainer_core.models import load_tokenizer
 
     datasets.disable_progress_bars()
     transformers_logging.set_verbosity_error()
@@ -175,15 +174,7 @@ def run_trl(
         task = "SEQ_CLS" if spec.method == "reward_model" else "CAUSAL_LM"
         peft_config = lora_config(spec.adapter, task)
     recorder = TrlRecorder()
-    trainer_cls, args, model = _TRL_SETUPS[spec.method](spec, tokenizer, common, load_model)
-    trainer = trainer_cls(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[recorder],
-    )
+    trainer = trl_trainer(spec, tokenizer, common, rows, peft_config, recorder)
     trainer.remove_callback(PrinterCallback)  # it prints every log line
     if capture is not None:
         _copy_initial(trainer.model, capture.initial)
@@ -198,6 +189,31 @@ def run_trl(
     ]
     tokens = int(recorder.logs[-1].get("num_tokens", 0)) if recorder.logs else 0
     return Run(steps, recorder.step_times[-1] - recorder.began, tokens, peak_rss_mib())
+
+
+def trl_trainer(
+    spec: Any,
+    tokenizer: Any,
+    common: dict[str, Any],
+    rows: list[dict[str, Any]],
+    peft_config: Any,
+    callback: Any,
+) -> Any:
+    """TRL's trainer for ``spec.method`` (not GRPO) on ``rows``, with ``common`` arguments and
+    one callback: built the same way for the CPU parity/speed runs and the GPU benchmark."""
+    from datasets import Dataset
+
+    from trainer_core.models import load_model
+
+    trainer_cls, args, model = _TRL_SETUPS[spec.method](spec, tokenizer, common, load_model)
+    return trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[callback],
+    )
 
 
 def _copy_initial(model: Any, initial: Mapping[str, torch.Tensor]) -> None:
