@@ -129,31 +129,15 @@ def test_online_methods_in_two_processes_match_one_process(
     case: str, tiny_model: Path, tmp_path: Path
 ) -> None:
     method, extra = ONLINE[case]
-    prompts = [{"prompt": f"Tell me about number {i}."} for i in range(7)]
-    spec = {
-        "method": method,
-        "model": str(tiny_model),
-        "train_file": str(write_jsonl(tmp_path / "prompts.jsonl", prompts)),
-        "seed": 0,
-        "max_seq_len": 64,
-        "num_threads": 1,
-        "adapter": {"type": "lora", "r": 8, "alpha": 16},
-        "reward_functions": [LENGTH_REWARD],
-        "hyperparameters": {
-            **COMMON,
-            "n_epochs": 2,
-            "batch_size": 3,
-            "gradient_accumulation_steps": 2,
-            "max_completion_length": 12,
-            "temperature": 1.0,
-            "top_p": 1.0,
-            "top_k": 0,
-            "num_generations": 2,
-            "epsilon": 0.2,
-            **(GRPO_REST if method == "grpo" else {}),
-            **extra,
-        },
+    hyperparameters = {
+        "num_generations": 2,
+        "epsilon": 0.2,
+        **(GRPO_REST if method == "grpo" else {}),
+        **extra,
     }
+    spec = online_spec(
+        tiny_model, tmp_path, method, hyperparameters, reward_functions=[LENGTH_REWARD]
+    )
     one = [values for _, values in run_here(spec, tmp_path)]
     zero_stage = 3 if case.endswith("zero3") else 2
     two = run_cli(tmp_path, "two", {**spec, "resources": {"gpus": 2, "zero_stage": zero_stage}}, 2)
@@ -184,20 +168,25 @@ PPO = {
 }
 
 
-def ppo_spec(tiny_model: Path, tmp_path: Path) -> dict[str, Any]:
-    """7 prompts, rollouts of 3 over 2 epochs (6 steps), scored by the tiny model with an
-    untrained score head as the reward model."""
+def online_spec(
+    tiny_model: Path,
+    tmp_path: Path,
+    method: str,
+    hyperparameters: dict[str, Any],
+    **fields: Any,
+) -> dict[str, Any]:
+    """An online ``method`` on 7 prompts, rollouts of 3 over 2 epochs (6 steps), LoRA, full
+    sampling; ``hyperparameters`` add to the shared ones, ``fields`` to the spec."""
     prompts = [{"prompt": f"Tell me about number {i}."} for i in range(7)]
     return {
-        "method": "ppo",
+        "method": method,
         "model": str(tiny_model),
         "train_file": str(write_jsonl(tmp_path / "prompts.jsonl", prompts)),
         "seed": 0,
         "max_seq_len": 64,
         "num_threads": 1,
         "adapter": {"type": "lora", "r": 8, "alpha": 16},
-        "reward_model": "rm",
-        "reward_models": {"rm": {"base": str(tiny_model)}},
+        **fields,
         "hyperparameters": {
             **COMMON,
             "n_epochs": 2,
@@ -207,9 +196,21 @@ def ppo_spec(tiny_model: Path, tmp_path: Path) -> dict[str, Any]:
             "temperature": 1.0,
             "top_p": 1.0,
             "top_k": 0,
-            **PPO,
+            **hyperparameters,
         },
     }
+
+
+def ppo_spec(tiny_model: Path, tmp_path: Path) -> dict[str, Any]:
+    """PPO scored by the tiny model with an untrained score head as the reward model."""
+    return online_spec(
+        tiny_model,
+        tmp_path,
+        "ppo",
+        PPO,
+        reward_model="rm",
+        reward_models={"rm": {"base": str(tiny_model)}},
+    )
 
 
 def test_ppo_in_two_processes_matches_one_process(tiny_model: Path, tmp_path: Path) -> None:
