@@ -45,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             services.key_cache.stop()
+            await services.reads.dispose()
 
     app = FastAPI(
         lifespan=lifespan,

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.keys import Principal, authenticate, cached_principal
+from api.reads import Reads
 from api.services import Services
 
 # Dependencies that do no I/O are ``async def``: FastAPI runs a sync one in the thread pool,
@@ -44,8 +45,18 @@ async def get_read_session(services: ServicesDep) -> AsyncIterator[Session]:
         yield session
 
 
-# For GET routes that only read: autocommit on Postgres, two round trips fewer (api/db.py).
+# For GET routes that read in a thread: those that touch files too (the model catalog) or
+# may run long (a job's whole metric series); the others use ReadsDep.
 ReadSessionDep = Annotated[Session, Depends(get_read_session, scope="function")]
+
+
+async def get_reads(services: ServicesDep) -> Reads:
+    return services.reads
+
+
+# For GET routes that only read: ``await reads.run(lambda session: ...)`` (api/reads.py),
+# in the event loop on Postgres.
+ReadsDep = Annotated[Reads, Depends(get_reads)]
 
 
 # Declares the scheme in the OpenAPI document; the header itself is read below.

@@ -1,12 +1,12 @@
 """Reading jobs and what hangs off them, always within one owner: lookups that 404 across
-tenants, the list/event/checkpoint queries the pages run, queue positions."""
+tenants, the list/event/checkpoint queries the pages run, queue places."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Select, func, select
-from sqlalchemy.orm import Session, defer
+from sqlalchemy import ColumnElement, Select, case, func, select
+from sqlalchemy.orm import Session, aliased, defer
 
 from api.errors import invalid, not_found
 from api.models import Checkpoint, Job, JobEvent
@@ -45,11 +45,11 @@ def list_jobs_query(
     after: str | None,
     metadata: dict[str, str] | None = None,
     status: str | None = None,
-) -> Select[Any]:
-    """Newest first. ``metadata``: OpenAI's ``metadata[k]=v`` filter (all pairs must match);
-    an empty dict selects jobs without metadata (the SDK's ``metadata=null``). ``status``:
-    ours, jobs in that status only (the dashboard's filter)."""
-    query = select(Job).options(*WITHOUT_SPEC).where(Job.owner == owner)
+) -> Select[Job, int | None]:
+    """Newest first, each job with its queue place. ``metadata``: OpenAI's ``metadata[k]=v``
+    filter (all pairs must match); an empty dict selects jobs without metadata (the SDK's
+    ``metadata=null``). ``status``: ours, jobs in that status only (the dashboard's filter)."""
+    query = select(Job, QUEUE_PLACE).options(*WITHOUT_SPEC).where(Job.owner == owner)
     if status is not None:
         query = query.where(Job.status == status)
     if metadata == {}:
@@ -85,20 +85,30 @@ def checkpoints_query(job: Job, after: str | None) -> Select[Any]:
     return query.order_by(Checkpoint.id.desc())
 
 
-def queue_position(session: Session, job: Job) -> int | None:
-    """``job``'s 1-based place in the queue (as :func:`queue_positions`), None unless queued:
-    one count, where the whole queue's ids were read for one job."""
-    if job.status != "queued":
-        return None
-    ahead = select(func.count()).select_from(Job).where(Job.status == "queued", Job.id <= job.id)
-    return session.scalar(ahead)
+def _queue_place() -> ColumnElement[int | None]:
+    """A job row's 1-based place in the queue, null unless it is queued: the queued jobs of
+    every owner up to and including it (ids grow with time, so oldest first). Selected beside
+    the job, it costs no round trip of its own; nothing of the other owners' jobs is shown,
+    only how many there are ahead."""
+    ahead = aliased(Job)
+    count = (
+        select(func.count())
+        .select_from(ahead)
+        .where(ahead.status == "queued", ahead.id <= Job.id)
+        .scalar_subquery()
+    )
+    return case((Job.status == "queued", count), else_=None)
 
 
-def queue_positions(session: Session) -> dict[str, int]:
-    """1-based place in the queue of every queued job, across all owners (oldest first).
+# Built once: an alias of a mapped class costs about a millisecond to make.
+QUEUE_PLACE = _queue_place()
 
-    Other owners' jobs count, since they are ahead in the same queue, but nothing of them
-    is shown: a caller only ever sees the positions of its own jobs.
-    """
-    queued = session.scalars(select(Job.id).where(Job.status == "queued").order_by(Job.id))
-    return {job_id: i + 1 for i, job_id in enumerate(queued)}
+
+def get_job_with_place(session: Session, owner: str, job_id: str) -> tuple[Job, int | None]:
+    """The owner's job (spec unread) and its place in the queue, in one query."""
+    row = session.execute(
+        select(Job, QUEUE_PLACE).options(*WITHOUT_SPEC).where(Job.id == job_id, Job.owner == owner)
+    ).first()
+    if row is None:
+        raise not_found("fine-tuning job", job_id, param="fine_tuning_job_id")
+    return row[0], row[1]

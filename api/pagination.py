@@ -41,21 +41,23 @@ def check_limit(limit: int) -> int:
 
 def page(
     session: Session,
-    query: Select[Any],
+    query: Select[*tuple[Any, ...]],
     limit: int,
-    render: Callable[[Any], Any],
+    render: Callable[..., Any],
     page_type: type[Page],
 ) -> Page:
     """Run ``query`` (already filtered by the cursor and ordered) for one page.
 
-    The rows are the listed objects' own rows, so their ``id`` is the public id.
+    Each row's first column is the listed object's own row, so its ``id`` is the public id;
+    ``render`` takes a row's columns as its arguments (the job list selects each job's queue
+    place beside it).
     """
-    rows: Sequence[Any] = session.scalars(query.limit(check_limit(limit) + 1)).all()
+    rows: Sequence[Any] = session.execute(query.limit(check_limit(limit) + 1)).all()
     shown = rows[:limit]
     return page_type(
         object="list",
-        data=[render(row) for row in shown],
+        data=[render(*row) for row in shown],
         has_more=len(rows) > limit,
-        first_id=shown[0].id if shown else None,
-        last_id=shown[-1].id if shown else None,
+        first_id=shown[0][0].id if shown else None,
+        last_id=shown[-1][0].id if shown else None,
     )

@@ -9,10 +9,16 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.artifacts import ArtifactStore, artifact_store
-from api.db import make_engine, make_read_sessionmaker, make_sessionmaker
+from api.db import (
+    make_async_read_engine,
+    make_engine,
+    make_read_sessionmaker,
+    make_sessionmaker,
+)
 from api.key_cache import LISTENER_NAME, KeyCache
 from api.keys import Principal
 from api.queue import JobQueue
+from api.reads import Reads
 from api.settings import Settings
 
 
@@ -21,8 +27,10 @@ class Services:
     settings: Settings
     engine: Engine
     sessions: sessionmaker[Session]
-    # For routes that only read: autocommit on Postgres (api/db.py). Never for writes.
+    # Autocommit on Postgres (api/db.py), never for writes: the key lookups, in a thread.
     read_sessions: sessionmaker[Session]
+    # How the GET routes read: in the event loop on Postgres (api/reads.py).
+    reads: Reads
     queue: JobQueue
     artifacts: ArtifactStore
     # Valid API keys remembered by this process (api/key_cache.py); off on SQLite.
@@ -31,11 +39,13 @@ class Services:
     @classmethod
     def build(cls, settings: Settings) -> Services:
         engine = make_engine(settings, pool_timeout_s=settings.db_pool_timeout_s)
+        read_sessions = make_read_sessionmaker(engine)
         return cls(
             settings=settings,
             engine=engine,
             sessions=make_sessionmaker(engine),
-            read_sessions=make_read_sessionmaker(engine),
+            read_sessions=read_sessions,
+            reads=Reads(make_async_read_engine(settings), read_sessions),
             queue=JobQueue(settings),
             artifacts=artifact_store(settings),
             key_cache=KeyCache(listener_connect(engine), settings.api_key_cache_s),

@@ -3,8 +3,9 @@ quickly is answered 503 with ``Retry-After`` in the error shape, never a 30 s ha
 
 A real ``alignd serve`` process with a pool of one connection and a one-second wait, on
 Postgres. The test holds an exclusive lock on the jobs table, so one request that lists
-jobs takes the only place and the only connection and waits; everything else is measured
-against that.
+models (which reads on a session of the sync pool, in a thread, as work outside /v1 does)
+takes the only place and that pool's only connection and waits; everything else is
+measured against that.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def test_requests_beyond_the_pool_get_503_with_retry_after(
     lock = lock_jobs(pg_settings)
     with ThreadPoolExecutor(max_workers=17) as pool:
         try:
-            slow = pool.submit(timed_get, server, "/v1/fine_tuning/jobs")
+            slow = pool.submit(timed_get, server, "/v1/models")
             wait_for_blocked_query(pg_settings)
             # 16 more /v1 requests at once: no place frees up within the wait.
             others = [pool.submit(timed_get, server, "/v1/files") for _ in range(16)]

@@ -11,9 +11,10 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import Response
+from sqlalchemy.orm import Session
 
 from api import checkpoint_permissions as permissions
-from api.deps import OwnerDep, ReadSessionDep, ServicesDep, SessionDep
+from api.deps import OwnerDep, ReadsDep, ServicesDep, SessionDep
 from api.downloads import artifact_response
 from api.job_rendering import FineTuningJobCheckpoint, render_checkpoint
 from api.openapi import ERROR_RESPONSES, documented_as
@@ -45,8 +46,8 @@ def create_permissions(
 
 
 @router.get("/{ckpt:path}/permissions")
-def list_permissions(
-    session: ReadSessionDep,
+async def list_permissions(
+    reads: ReadsDep,
     owner: OwnerDep,
     ckpt: str,
     after: str | None = None,
@@ -54,10 +55,13 @@ def list_permissions(
     order: Literal["ascending", "descending"] = "descending",
     project_id: str | None = None,
 ) -> permissions.CheckpointPermissionList:
-    query = permissions.list_query(
-        session, owner, ckpt, after=after, order=order, project_id=project_id
-    )
-    return page(session, query, limit, permissions.render, permissions.CheckpointPermissionList)
+    def read(session: Session) -> permissions.CheckpointPermissionList:
+        query = permissions.list_query(
+            session, owner, ckpt, after=after, order=order, project_id=project_id
+        )
+        return page(session, query, limit, permissions.render, permissions.CheckpointPermissionList)
+
+    return await reads.run(read)
 
 
 @router.delete("/{ckpt:path}/permissions/{permission_id}")
@@ -82,8 +86,9 @@ def download_adapter(
 
 
 @router.get("/{ckpt:path}")
-def retrieve_checkpoint(
-    session: ReadSessionDep, owner: OwnerDep, ckpt: str
+async def retrieve_checkpoint(
+    reads: ReadsDep, owner: OwnerDep, ckpt: str
 ) -> FineTuningJobCheckpoint:
-    job, row = permissions.readable_checkpoint(session, owner, ckpt)
-    return render_checkpoint(job, row)
+    return await reads.run(
+        lambda session: render_checkpoint(*permissions.readable_checkpoint(session, owner, ckpt))
+    )

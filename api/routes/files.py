@@ -8,7 +8,7 @@ from fastapi import APIRouter, Body, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 
 from api import files, planning
-from api.deps import OwnerDep, ReadSessionDep, ServicesDep, SessionDep
+from api.deps import OwnerDep, ReadsDep, ServicesDep, SessionDep
 from api.downloads import content_disposition
 from api.openapi import ERROR_RESPONSES, documented_as, streamed
 from api.pagination import page
@@ -53,8 +53,8 @@ def create_file(
 
 
 @router.get("")
-def list_files(
-    session: ReadSessionDep,
+async def list_files(
+    reads: ReadsDep,
     owner: OwnerDep,
     purpose: str | None = None,
     after: str | None = None,
@@ -62,12 +62,16 @@ def list_files(
     order: Literal["asc", "desc"] = "desc",
 ) -> files.FileList:
     query = files.list_files(owner, purpose=purpose, after=after, order=order)
-    return page(session, query, limit, files.render_file, files.FileList)
+    return await reads.run(
+        lambda session: page(session, query, limit, files.render_file, files.FileList)
+    )
 
 
 @router.get("/{file_id}")
-def retrieve_file(session: ReadSessionDep, owner: OwnerDep, file_id: str) -> files.FileObject:
-    return files.render_file(files.get_file(session, owner, file_id))
+async def retrieve_file(reads: ReadsDep, owner: OwnerDep, file_id: str) -> files.FileObject:
+    return await reads.run(
+        lambda session: files.render_file(files.get_file(session, owner, file_id))
+    )
 
 
 @router.delete("/{file_id}")

@@ -6,9 +6,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
+from sqlalchemy.orm import Session
 
 from api import job_queries, job_service, planning, streams
-from api.deps import OwnerDep, ReadSessionDep, ServicesDep, SessionDep
+from api.deps import OwnerDep, ReadsDep, ServicesDep, SessionDep
 from api.downloads import artifact_response
 from api.errors import APIError
 from api.job_rendering import (
@@ -56,9 +57,9 @@ def estimate_job(
 
 
 @router.get("")
-def list_jobs(
+async def list_jobs(
     request: Request,
-    session: ReadSessionDep,
+    reads: ReadsDep,
     owner: OwnerDep,
     after: str | None = None,
     limit: Annotated[int, Query()] = 20,
@@ -66,10 +67,9 @@ def list_jobs(
         JobStatus | None, Query(description="Ours: only the jobs in this status.")
     ] = None,
 ) -> FineTuningJobList:
-    positions = job_queries.queue_positions(session)
     query = job_queries.list_jobs_query(owner, after, _metadata_filter(request), status)
-    return page(
-        session, query, limit, lambda job: render_job(job, positions.get(job.id)), FineTuningJobList
+    return await reads.run(
+        lambda session: page(session, query, limit, render_job, FineTuningJobList)
     )
 
 
@@ -86,21 +86,26 @@ def _metadata_filter(request: Request) -> dict[str, str] | None:
 
 
 @router.get("/{job_id}")
-def retrieve_job(session: ReadSessionDep, owner: OwnerDep, job_id: str) -> FineTuningJob:
-    job = job_queries.get_job(session, owner, job_id, with_spec=False)
-    return render_job(job, job_queries.queue_position(session, job))
+async def retrieve_job(reads: ReadsDep, owner: OwnerDep, job_id: str) -> FineTuningJob:
+    return await reads.run(
+        lambda session: render_job(*job_queries.get_job_with_place(session, owner, job_id))
+    )
 
 
 @router.get("/{job_id}/spec")
-def job_spec(session: ReadSessionDep, owner: OwnerDep, job_id: str) -> FineTuningJobSpec:
+async def job_spec(reads: ReadsDep, owner: OwnerDep, job_id: str) -> FineTuningJobSpec:
     """Ours: the body as submitted beside the spec as resolved (the dashboard shows both)."""
-    job = job_queries.get_job(session, owner, job_id)
-    return FineTuningJobSpec(
-        object="fine_tuning.job.spec",
-        fine_tuning_job_id=job.id,
-        submitted=job.request,
-        resolved=job.spec,
-    )
+
+    def read(session: Session) -> FineTuningJobSpec:
+        job = job_queries.get_job(session, owner, job_id)
+        return FineTuningJobSpec(
+            object="fine_tuning.job.spec",
+            fine_tuning_job_id=job.id,
+            submitted=job.request,
+            resolved=job.spec,
+        )
+
+    return await reads.run(read)
 
 
 @router.post("/{job_id}/cancel")
@@ -135,10 +140,10 @@ def resume_job(services: ServicesDep, owner: OwnerDep, job_id: str) -> FineTunin
         "text/event-stream",
     ),
 )
-def list_events(
+async def list_events(
     request: Request,
     services: ServicesDep,
-    session: ReadSessionDep,
+    reads: ReadsDep,
     owner: OwnerDep,
     job_id: str,
     after: str | None = None,
@@ -150,29 +155,36 @@ def list_events(
         return streams.stream_response(
             request, services, owner, job_id, last_event_id or after, "events"
         )
-    query = job_queries.events_query(session, owner, job_id, after)
-    events = page(session, query, limit, render_event, FineTuningJobEventList)
-    if not events.data:  # no event of this owner's: is there such a job at all?
-        job_queries.get_job(session, owner, job_id, with_spec=False)
-    return events
+
+    def read(session: Session) -> FineTuningJobEventList:
+        query = job_queries.events_query(session, owner, job_id, after)
+        events = page(session, query, limit, render_event, FineTuningJobEventList)
+        if not events.data:  # no event of this owner's: is there such a job at all?
+            job_queries.get_job(session, owner, job_id, with_spec=False)
+        return events
+
+    return await reads.run(read)
 
 
 @router.get("/{job_id}/checkpoints")
-def list_checkpoints(
-    session: ReadSessionDep,
+async def list_checkpoints(
+    reads: ReadsDep,
     owner: OwnerDep,
     job_id: str,
     after: str | None = None,
     limit: Annotated[int, Query()] = 10,
 ) -> FineTuningJobCheckpointList:
-    job = job_queries.get_job(session, owner, job_id)
-    return page(
-        session,
-        job_queries.checkpoints_query(job, after),
-        limit,
-        lambda row: render_checkpoint(job, row),
-        FineTuningJobCheckpointList,
-    )
+    def read(session: Session) -> FineTuningJobCheckpointList:
+        job = job_queries.get_job(session, owner, job_id)
+        return page(
+            session,
+            job_queries.checkpoints_query(job, after),
+            limit,
+            lambda row: render_checkpoint(job, row),
+            FineTuningJobCheckpointList,
+        )
+
+    return await reads.run(read)
 
 
 @router.get("/{job_id}/adapter", response_class=Response, responses=ADAPTER_TAR)

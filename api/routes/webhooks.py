@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query
+from sqlalchemy.orm import Session
 
 from api import webhooks
-from api.deps import OwnerDep, ReadSessionDep, ServicesDep, SessionDep
+from api.deps import OwnerDep, ReadsDep, ServicesDep, SessionDep
 from api.openapi import ERROR_RESPONSES, documented_as
 from api.pagination import page
 from api.webhook_schemas import (
@@ -36,21 +37,25 @@ def create_endpoint(
 
 
 @router.get("/v1/webhook_endpoints")
-def list_endpoints(
-    session: ReadSessionDep,
+async def list_endpoints(
+    reads: ReadsDep,
     owner: OwnerDep,
     after: str | None = None,
     limit: Annotated[int, Query()] = 20,
 ) -> WebhookEndpointList:
     query = webhooks.list_endpoints_query(owner, after)
-    return page(session, query, limit, webhooks.render_endpoint, WebhookEndpointList)
+    return await reads.run(
+        lambda session: page(session, query, limit, webhooks.render_endpoint, WebhookEndpointList)
+    )
 
 
 @router.get("/v1/webhook_endpoints/{endpoint_id}")
-def retrieve_endpoint(
-    session: ReadSessionDep, owner: OwnerDep, endpoint_id: str
+async def retrieve_endpoint(
+    reads: ReadsDep, owner: OwnerDep, endpoint_id: str
 ) -> WebhookEndpointObject:
-    return webhooks.render_endpoint(webhooks.get_endpoint(session, owner, endpoint_id))
+    return await reads.run(
+        lambda session: webhooks.render_endpoint(webhooks.get_endpoint(session, owner, endpoint_id))
+    )
 
 
 @router.post("/v1/webhook_endpoints/{endpoint_id}")
@@ -97,16 +102,19 @@ def test_endpoint(
 
 
 @router.get("/v1/webhook_endpoints/{endpoint_id}/deliveries")
-def list_deliveries(
-    session: ReadSessionDep,
+async def list_deliveries(
+    reads: ReadsDep,
     owner: OwnerDep,
     endpoint_id: str,
     after: str | None = None,
     limit: Annotated[int, Query()] = 20,
 ) -> WebhookDeliveryList:
-    endpoint = webhooks.get_endpoint(session, owner, endpoint_id)
-    query = webhooks.deliveries_query(endpoint, after)
-    return page(session, query, limit, webhooks.render_delivery, WebhookDeliveryList)
+    def read(session: Session) -> WebhookDeliveryList:
+        endpoint = webhooks.get_endpoint(session, owner, endpoint_id)
+        query = webhooks.deliveries_query(endpoint, after)
+        return page(session, query, limit, webhooks.render_delivery, WebhookDeliveryList)
+
+    return await reads.run(read)
 
 
 @router.get("/v1/webhook_event_types")
