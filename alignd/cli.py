@@ -61,6 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, _exit_cleanly)
     workers = args.workers or settings.api_workers
     metrics_dir: str | None = None
+    shares_file: str | None = None
     try:
         if workers > 1:
             # Each process counts its own requests; /metrics sums them all through
@@ -72,13 +73,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
             # Each process builds its app (and its pool, threads and admission limit) from the
             # same environment; the Python code of a request runs under one process's GIL, so
             # more processes are how one machine serves more requests (docs/operations.md).
-            from alignd.serving import NoDelayHttpToolsProtocol
+            # They count their connections in one file, to keep them balanced (serving.py).
+            from alignd import serving
 
+            shares_fd, shares_file = tempfile.mkstemp(prefix="alignd-api-connections-")
+            os.close(shares_fd)
+            serving.create_shares_file(shares_file)
+            os.environ[serving.SHARES_FILE] = shares_file
+            os.environ[serving.SHARES_WORKERS] = str(workers)
             uvicorn.run(
                 "api.app:create_app",
                 factory=True,
                 workers=workers,
-                http=NoDelayHttpToolsProtocol,
+                http=serving.BalancedHttpToolsProtocol,
                 host=args.host or settings.host,
                 port=args.port or settings.port,
                 log_level=args.log_level,
@@ -95,6 +102,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             stop_process_group(worker)
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+        if shares_file is not None:
+            os.unlink(shares_file)
     return 0
 
 
