@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, case, func, select
+from sqlalchemy import ColumnElement, Select, bindparam, case, func, select
 from sqlalchemy.orm import Session, aliased, defer
 
 from api.errors import invalid, not_found
 from api.models import Checkpoint, Job, JobEvent
+from api.pagination import PAGE_LIMIT
 
 # What a job object shows (api/job_rendering.py) needs no resolved spec, the largest JSON of a
 # row: pages and lookups that only render leave it unread (a lookup that uses it after all
@@ -40,51 +41,6 @@ def succeeded_job_named(session: Session, owner: str, fine_tuned_model: str) -> 
     )
 
 
-def list_jobs_query(
-    owner: str,
-    after: str | None,
-    metadata: dict[str, str] | None = None,
-    status: str | None = None,
-) -> Select[Job, int | None]:
-    """Newest first, each job with its queue place. ``metadata``: OpenAI's ``metadata[k]=v``
-    filter (all pairs must match); an empty dict selects jobs without metadata (the SDK's
-    ``metadata=null``). ``status``: ours, jobs in that status only (the dashboard's filter)."""
-    query = select(Job, QUEUE_PLACE).options(*WITHOUT_SPEC).where(Job.owner == owner)
-    if status is not None:
-        query = query.where(Job.status == status)
-    if metadata == {}:
-        query = query.where(Job.user_metadata.is_(None) | (Job.user_metadata.as_string() == "null"))
-    for key, value in (metadata or {}).items():
-        query = query.where(Job.user_metadata[key].as_string() == value)
-    if after:
-        query = query.where(Job.id < after)
-    return query.order_by(Job.id.desc())
-
-
-def events_query(session: Session, owner: str, job_id: str, after: str | None) -> Select[Any]:
-    """The owner's events of a job, newest first. Events carry their job's owner, so no job
-    lookup comes first: a page that comes back empty is checked with :func:`job_exists`."""
-    query = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.owner == owner)
-    if after:
-        seq = session.scalar(
-            select(JobEvent.seq).where(
-                JobEvent.id == after, JobEvent.job_id == job_id, JobEvent.owner == owner
-            )
-        )
-        if seq is None:
-            get_job(session, owner, job_id, with_spec=False)  # no such job: 404 first
-            raise invalid(f"No event '{after}' in job {job_id}.", param="after")
-        query = query.where(JobEvent.seq < seq)
-    return query.order_by(JobEvent.seq.desc())
-
-
-def checkpoints_query(job: Job, after: str | None) -> Select[Any]:
-    query = select(Checkpoint).where(Checkpoint.job_id == job.id)
-    if after:
-        query = query.where(Checkpoint.id < after)
-    return query.order_by(Checkpoint.id.desc())
-
-
 def _queue_place() -> ColumnElement[int | None]:
     """A job row's 1-based place in the queue, null unless it is queued: the queued jobs of
     every owner up to and including it (ids grow with time, so oldest first). Selected beside
@@ -104,11 +60,88 @@ def _queue_place() -> ColumnElement[int | None]:
 QUEUE_PLACE = _queue_place()
 
 
+# The pages read most often, built once with bound parameters (api/pagination.py, page()):
+# a job list with no filter and no cursor, and the newest events of a job.
+_JOBS = (
+    select(Job, QUEUE_PLACE)
+    .options(*WITHOUT_SPEC)
+    .where(Job.owner == bindparam("owner"))
+    .order_by(Job.id.desc())
+    .limit(bindparam(PAGE_LIMIT))
+)
+_EVENTS = (
+    select(JobEvent)
+    .where(JobEvent.job_id == bindparam("job_id"), JobEvent.owner == bindparam("owner"))
+    .order_by(JobEvent.seq.desc())
+    .limit(bindparam(PAGE_LIMIT))
+)
+
+Query = tuple[Select[*tuple[Any, ...]], dict[str, Any] | None]
+
+
+def list_jobs_query(
+    owner: str,
+    after: str | None,
+    metadata: dict[str, str] | None = None,
+    status: str | None = None,
+) -> Query:
+    """Newest first, each job with its queue place, and the parameters for ``page()``.
+    ``metadata``: OpenAI's ``metadata[k]=v`` filter (all pairs must match); an empty dict
+    selects jobs without metadata (the SDK's ``metadata=null``). ``status``: ours, jobs in that
+    status only (the dashboard's filter)."""
+    if not after and metadata is None and status is None:
+        return _JOBS, {"owner": owner}
+    query = select(Job, QUEUE_PLACE).options(*WITHOUT_SPEC).where(Job.owner == owner)
+    if status is not None:
+        query = query.where(Job.status == status)
+    if metadata == {}:
+        query = query.where(Job.user_metadata.is_(None) | (Job.user_metadata.as_string() == "null"))
+    for key, value in (metadata or {}).items():
+        query = query.where(Job.user_metadata[key].as_string() == value)
+    if after:
+        query = query.where(Job.id < after)
+    return query.order_by(Job.id.desc()), None
+
+
+def events_query(session: Session, owner: str, job_id: str, after: str | None) -> Query:
+    """The owner's events of a job, newest first, and the parameters for ``page()``. Events
+    carry their job's owner, so no job lookup comes first: a page that comes back empty is
+    checked by the caller."""
+    if not after:
+        return _EVENTS, {"job_id": job_id, "owner": owner}
+    seq = session.scalar(
+        select(JobEvent.seq).where(
+            JobEvent.id == after, JobEvent.job_id == job_id, JobEvent.owner == owner
+        )
+    )
+    if seq is None:
+        get_job(session, owner, job_id, with_spec=False)  # no such job: 404 first
+        raise invalid(f"No event '{after}' in job {job_id}.", param="after")
+    query = select(JobEvent).where(
+        JobEvent.job_id == job_id, JobEvent.owner == owner, JobEvent.seq < seq
+    )
+    return query.order_by(JobEvent.seq.desc()), None
+
+
+def checkpoints_query(job: Job, after: str | None) -> Select[Any]:
+    query = select(Checkpoint).where(Checkpoint.job_id == job.id)
+    if after:
+        query = query.where(Checkpoint.id < after)
+    return query.order_by(Checkpoint.id.desc())
+
+
+# The most frequent read of all (GET a job, polled by every client waiting on one), built
+# once with bound parameters: SQLAlchemy then reuses its cache key as well as its SQL.
+_JOB_WITH_PLACE = (
+    select(Job, QUEUE_PLACE)
+    .options(*WITHOUT_SPEC)
+    .where(Job.id == bindparam("job_id"), Job.owner == bindparam("owner"))
+)
+
+
 def get_job_with_place(session: Session, owner: str, job_id: str) -> tuple[Job, int | None]:
     """The owner's job (spec unread) and its place in the queue, in one query."""
-    row = session.execute(
-        select(Job, QUEUE_PLACE).options(*WITHOUT_SPEC).where(Job.id == job_id, Job.owner == owner)
-    ).first()
+    row = session.execute(_JOB_WITH_PLACE, {"job_id": job_id, "owner": owner}).first()
     if row is None:
         raise not_found("fine-tuning job", job_id, param="fine_tuning_job_id")
     return row[0], row[1]

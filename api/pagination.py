@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, Field
@@ -14,6 +14,8 @@ from api.errors import invalid
 Item = TypeVar("Item", bound=BaseModel)
 
 MAX_LIMIT = 10_000
+# The bound parameter of the limit in statements built once (see page()).
+PAGE_LIMIT = "page_limit"
 
 
 class ListPage(BaseModel, Generic[Item]):
@@ -45,14 +47,24 @@ def page(
     limit: int,
     render: Callable[..., Any],
     page_type: type[Page],
+    params: Mapping[str, Any] | None = None,
 ) -> Page:
     """Run ``query`` (already filtered by the cursor and ordered) for one page.
 
     Each row's first column is the listed object's own row, so its ``id`` is the public id;
     ``render`` takes a row's columns as its arguments (the job list selects each job's queue
     place beside it).
+
+    ``params``: the bound parameters of a statement built once, at import, that ends in
+    ``.limit(bindparam(PAGE_LIMIT))`` (the pages read most often): SQLAlchemy then reuses its
+    cache key, where building a statement and its key cost more than running it. Without
+    them, ``query`` was built for this request and the limit is added here.
     """
-    rows: Sequence[Any] = session.execute(query.limit(check_limit(limit) + 1)).all()
+    fetch = check_limit(limit) + 1
+    if params is None:
+        rows: Sequence[Any] = session.execute(query.limit(fetch)).all()
+    else:
+        rows = session.execute(query, {**params, PAGE_LIMIT: fetch}).all()
     shown = rows[:limit]
     return page_type(
         object="list",

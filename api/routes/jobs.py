@@ -67,9 +67,9 @@ async def list_jobs(
         JobStatus | None, Query(description="Ours: only the jobs in this status.")
     ] = None,
 ) -> FineTuningJobList:
-    query = job_queries.list_jobs_query(owner, after, _metadata_filter(request), status)
+    query, params = job_queries.list_jobs_query(owner, after, _metadata_filter(request), status)
     return await reads.run(
-        lambda session: page(session, query, limit, render_job, FineTuningJobList)
+        lambda session: page(session, query, limit, render_job, FineTuningJobList, params)
     )
 
 
@@ -157,8 +157,8 @@ async def list_events(
         )
 
     def read(session: Session) -> FineTuningJobEventList:
-        query = job_queries.events_query(session, owner, job_id, after)
-        events = page(session, query, limit, render_event, FineTuningJobEventList)
+        query, params = job_queries.events_query(session, owner, job_id, after)
+        events = page(session, query, limit, render_event, FineTuningJobEventList, params)
         if not events.data:  # no event of this owner's: is there such a job at all?
             job_queries.get_job(session, owner, job_id, with_spec=False)
         return events
