@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -59,14 +58,9 @@ async def get_reads(services: ServicesDep) -> Reads:
 ReadsDep = Annotated[Reads, Depends(get_reads)]
 
 
-# Declares the scheme in the OpenAPI document; the header itself is read below.
-_bearer = HTTPBearer(auto_error=False, description="An alignd API key: sk-alignd-...")
-
-
 async def current_principal(
     request: Request,
     services: ServicesDep,
-    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
     """The bearer key's principal: 401 ``invalid_api_key`` when missing, unknown or revoked.
 

@@ -374,6 +374,21 @@ def test_openapi_describes_the_objects_field_by_field(
         assert {"has_more", "first_id", "last_id"} <= set(properties)
 
 
+def test_openapi_declares_the_api_key_on_every_v1_operation(
+    app_and_schema: tuple[Any, dict[str, Any]],
+) -> None:
+    schema = app_and_schema[1]
+    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    declared = {
+        (path, method): operation.get("security")
+        for path, operations in schema["paths"].items()
+        for method, operation in operations.items()
+    }
+    v1 = {key: value for key, value in declared.items() if key[0].startswith("/v1/")}
+    assert len(v1) > 40 and all(value == [{"HTTPBearer": []}] for value in v1.values())
+    assert declared[("/healthz", "get")] is None  # open, as /readyz and /metrics
+
+
 def test_job_schema_names_every_method_block(app_and_schema: tuple[Any, dict[str, Any]]) -> None:
     # The method block, request and response, comes from the registry: every method is there
     # with its own hyperparameters.
