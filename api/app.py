@@ -15,6 +15,7 @@ from api.errors import install_handlers
 from api.idempotency import IdempotencyMiddleware
 from api.keys import AuthMiddleware
 from api.metrics import MetricsMiddleware, RouteTemplateMiddleware
+from api.openapi import declare_bearer_auth
 from api.request_id import RequestIdMiddleware
 from api.routes import checkpoints, dashboard, files, graders, health, jobs, models, uploads
 from api.routes import streams as stream_routes
@@ -58,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     services = app.state.services = Services.build(settings)
     install_handlers(app)
+    declare_bearer_auth(app)
     # Innermost: it reads the route the router chose, for MetricsMiddleware (api/metrics.py).
     app.add_middleware(RouteTemplateMiddleware)
     # Innermost first: idempotency needs the principal that auth leaves in the scope, and the
@@ -82,7 +84,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)
     # Outermost: every answer counts, a refused one too (api/metrics.py).
     app.add_middleware(MetricsMiddleware)
-    for module in (health, files, uploads, jobs, checkpoints, models, graders):
+    # The router tries these in order, for every request: the job routes, which clients poll,
+    # first (their paths overlap no other router's, so the order changes no match).
+    for module in (jobs, files, uploads, checkpoints, models, graders, health):
         app.include_router(module.router)
     app.include_router(stream_routes.router)
     app.include_router(webhook_routes.router)
