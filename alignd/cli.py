@@ -76,6 +76,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             # They count their connections in one file, to keep them balanced (serving.py).
             from alignd import serving
 
+            if workers > serving.SLOTS:
+                print(f"--workers: at most {serving.SLOTS} API processes", file=sys.stderr)
+                return 2
             shares_fd, shares_file = tempfile.mkstemp(prefix="alignd-api-connections-")
             os.close(shares_fd)
             serving.create_shares_file(shares_file)
