@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         print(create_tiny_model(args.dest, size=args.size, seed=args.seed))
         return 0
 
+    from trainer_core import distributed
     from trainer_core import run as run_training
     from trainer_core.seams import NullSink
 
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_training(
         spec, sink if main_rank else NullSink(), FolderCheckpointStore(args.output)
     )
+    distributed.teardown()
     if not main_rank:
         return 0
     if args.metrics is not None:

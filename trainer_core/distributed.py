@@ -111,6 +111,18 @@ def setup(resources: ResourcesSpec) -> Distributed:
     )
 
 
+def teardown() -> None:
+    """Leave the job's process group, if this process joined one, before it exits. PyTorch
+    asks for it; without it a rank that had finished its run sometimes aborted at exit
+    ("terminate called without an active exception", SIGABRT) while its process group's
+    threads were still being torn down (seen once in a two-process ppo run under
+    `make test`). Only after a run that returned: a peer that died may never answer."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def deepspeed_config(d: Distributed, *, batch_size: int, max_grad_norm: float) -> dict[str, Any]:
     """The DeepSpeed config of a job: ZeRO stage, precision, clipping; accumulation is ours.
 

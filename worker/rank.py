@@ -64,6 +64,9 @@ def main(argv: list[str]) -> int:
             store = FolderCheckpointStore(Path(f"rank-{rank}-unused"))
         with reporting as sink:
             result = trainer_core.run(spec, sink, store, stop.is_set)
+        from trainer_core import distributed
+
+        distributed.teardown()
     except BaseException as exc:
         traceback.print_exc()
         Path(f"rank-{rank}.error").write_text(f"{type(exc).__name__}: {exc}"[:4000])
