@@ -16,6 +16,7 @@ from trainer_core.formats import (
     _checked_messages,
     _plain_chat,
     _Row,
+    _scan_whole,
     classify_row,
     validate_bytes,
 )
@@ -167,6 +168,39 @@ def test_hostile_json_is_an_error_not_a_crash(line: bytes, message: str) -> None
     report = validate_bytes(GOOD + line + b"\n" + GOOD)
     assert [(e.line, e.code) for e in report.errors] == [(2, "invalid_json")]
     assert report.errors[0].message.startswith(message)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b' {"text": "space before"}',
+        b'{"text": "space after"}  ',
+        b'{"text": "a"} {"text": "b"}',
+        b'{"text": "a"}x',
+        b"nul",
+        b'"just a string"',
+        b'{"text": "\\ud800 lone surrogate"}',
+        b'{"text": "nan", "n": NaN, "i": -Infinity}',
+        b"[" * 5000,
+        b'{"n": ' + b"9" * 5000 + b"}",
+        b'{"t": "tab\there"}',
+    ],
+)
+def test_the_validator_parses_each_line_as_json_loads_does(line: bytes) -> None:
+    # The scanner is called directly (formats._scan_whole): what it reads whole is what
+    # json.loads returns, and whatever it does not, json.loads decides. So a line is refused,
+    # or read, exactly as json.loads would.
+    text = line.decode()
+    try:
+        expected: tuple[str, object] = ("ok", json.loads(text))
+    except (ValueError, RecursionError) as error:
+        expected = ("error", type(error).__name__)
+    scanned, end = _scan_whole(text)
+    if end == len(text):
+        assert expected == ("ok", scanned), line
+    report = validate_bytes(GOOD + line + b"\n")
+    refused = [(e.line, e.code) for e in report.errors if e.code == "invalid_json"]
+    assert refused == ([(2, "invalid_json")] if expected[0] == "error" else []), line
 
 
 def test_line_too_long_and_empty_file() -> None:
