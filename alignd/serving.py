@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import mmap
 import os
 import socket
@@ -75,19 +76,13 @@ class ConnectionShares:
         return (mine - 1) * self.workers > sum(self._counts)
 
 
-_shares: ConnectionShares | None = None
-_shares_loaded = False
-
-
+@functools.cache
 def shares() -> ConnectionShares | None:
     """This process's shares, made on first use (in the API process, not in ``serve``)."""
-    global _shares, _shares_loaded
-    if not _shares_loaded:
-        _shares_loaded = True
-        path, workers = os.environ.get(SHARES_FILE), os.environ.get(SHARES_WORKERS)
-        if path and workers and int(workers) > 1:
-            _shares = ConnectionShares(path, int(workers))
-    return _shares
+    path, workers = os.environ.get(SHARES_FILE), os.environ.get(SHARES_WORKERS)
+    if path and workers and int(workers) > 1:
+        return ConnectionShares(path, int(workers))
+    return None
 
 
 class BalancedHttpToolsProtocol(HttpToolsProtocol):

@@ -60,12 +60,15 @@ def _queue_place() -> ColumnElement[int | None]:
 QUEUE_PLACE = _queue_place()
 
 
-# The pages read most often, built once with bound parameters (api/pagination.py, page()):
-# a job list with no filter and no cursor, and the newest events of a job.
+# The reads polled most, built once with bound parameters: SQLAlchemy then reuses their
+# cache keys as well as their SQL, where building a statement and its key cost more than
+# running it. A job with its queue place (spec unread), an owner's jobs newest first, a job's
+# events newest first (pages: api/pagination.py, page()). A filter or a cursor is added to
+# the built statement; its parameters stay the same.
+_JOB_ROWS = select(Job, QUEUE_PLACE).options(*WITHOUT_SPEC)
+_JOB_WITH_PLACE = _JOB_ROWS.where(Job.id == bindparam("job_id"), Job.owner == bindparam("owner"))
 _JOBS = (
-    select(Job, QUEUE_PLACE)
-    .options(*WITHOUT_SPEC)
-    .where(Job.owner == bindparam("owner"))
+    _JOB_ROWS.where(Job.owner == bindparam("owner"))
     .order_by(Job.id.desc())
     .limit(bindparam(PAGE_LIMIT))
 )
@@ -76,7 +79,7 @@ _EVENTS = (
     .limit(bindparam(PAGE_LIMIT))
 )
 
-Query = tuple[Select[*tuple[Any, ...]], dict[str, Any] | None]
+Query = tuple[Select[*tuple[Any, ...]], dict[str, Any]]
 
 
 def list_jobs_query(
@@ -89,9 +92,7 @@ def list_jobs_query(
     ``metadata``: OpenAI's ``metadata[k]=v`` filter (all pairs must match); an empty dict
     selects jobs without metadata (the SDK's ``metadata=null``). ``status``: ours, jobs in that
     status only (the dashboard's filter)."""
-    if not after and metadata is None and status is None:
-        return _JOBS, {"owner": owner}
-    query = select(Job, QUEUE_PLACE).options(*WITHOUT_SPEC).where(Job.owner == owner)
+    query = _JOBS
     if status is not None:
         query = query.where(Job.status == status)
     if metadata == {}:
@@ -100,15 +101,16 @@ def list_jobs_query(
         query = query.where(Job.user_metadata[key].as_string() == value)
     if after:
         query = query.where(Job.id < after)
-    return query.order_by(Job.id.desc()), None
+    return query, {"owner": owner}
 
 
 def events_query(session: Session, owner: str, job_id: str, after: str | None) -> Query:
     """The owner's events of a job, newest first, and the parameters for ``page()``. Events
     carry their job's owner, so no job lookup comes first: a page that comes back empty is
     checked by the caller."""
+    params = {"job_id": job_id, "owner": owner}
     if not after:
-        return _EVENTS, {"job_id": job_id, "owner": owner}
+        return _EVENTS, params
     seq = session.scalar(
         select(JobEvent.seq).where(
             JobEvent.id == after, JobEvent.job_id == job_id, JobEvent.owner == owner
@@ -117,10 +119,7 @@ def events_query(session: Session, owner: str, job_id: str, after: str | None) -
     if seq is None:
         get_job(session, owner, job_id, with_spec=False)  # no such job: 404 first
         raise invalid(f"No event '{after}' in job {job_id}.", param="after")
-    query = select(JobEvent).where(
-        JobEvent.job_id == job_id, JobEvent.owner == owner, JobEvent.seq < seq
-    )
-    return query.order_by(JobEvent.seq.desc()), None
+    return _EVENTS.where(JobEvent.seq < seq), params
 
 
 def checkpoints_query(job: Job, after: str | None) -> Select[Any]:
@@ -128,15 +127,6 @@ def checkpoints_query(job: Job, after: str | None) -> Select[Any]:
     if after:
         query = query.where(Checkpoint.id < after)
     return query.order_by(Checkpoint.id.desc())
-
-
-# The most frequent read of all (GET a job, polled by every client waiting on one), built
-# once with bound parameters: SQLAlchemy then reuses its cache key as well as its SQL.
-_JOB_WITH_PLACE = (
-    select(Job, QUEUE_PLACE)
-    .options(*WITHOUT_SPEC)
-    .where(Job.id == bindparam("job_id"), Job.owner == bindparam("owner"))
-)
 
 
 def get_job_with_place(session: Session, owner: str, job_id: str) -> tuple[Job, int | None]:

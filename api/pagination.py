@@ -55,10 +55,11 @@ def page(
     ``render`` takes a row's columns as its arguments (the job list selects each job's queue
     place beside it).
 
-    ``params``: the bound parameters of a statement built once, at import, that ends in
-    ``.limit(bindparam(PAGE_LIMIT))`` (the pages read most often): SQLAlchemy then reuses its
-    cache key, where building a statement and its key cost more than running it. Without
-    them, ``query`` was built for this request and the limit is added here.
+    ``params``: the bound parameters of a statement built once, at import, with
+    ``.limit(bindparam(PAGE_LIMIT))`` (the pages read most often, api/job_queries.py):
+    SQLAlchemy then reuses its cache key, where building a statement and its key cost more
+    than running it. Without them, ``query`` was built for this request and the limit is
+    added here.
     """
     fetch = check_limit(limit) + 1
     if params is None:
